@@ -1,0 +1,167 @@
+"""The `sweep` command. Thin: parsing, printing and exit codes; the work lives in launch / scheduler / results."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _handle_errors(fn):
+    """UserError -> one line on stderr and exit 2 (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"sweep: error: {e}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (and Ray worker output).")
+@click.version_option(package_name="quant-sweeper")
+def main(debug: bool, verbose: bool) -> None:
+    """Sweep LLM quantizations (models x precisions x compute dtypes) over Ray; results in Parquet."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray cluster address ('auto', 'ray://host:10001'); default: local Ray.")
+@click.option("--results", "results_dir", default=None, help="Results directory (default: results/<study name>).")
+@click.option("--fresh", is_flag=True, help="Start over: move existing results aside (never deleted).")
+@click.option("--dry-run", is_flag=True, help="Print the expanded trial table and exit.")
+@click.option("--gpus-per-trial", type=float, default=None, help="Pin every trial's GPU share (fraction or whole GPUs).")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="At most N trials at once.")
+@click.option("--only", multiple=True, metavar="KEY=VALUE", help="Run only matching cells (model, precision, compute_dtype).")
+@click.option("--limit", type=float, default=None, help="Override the study's lm-eval item limit.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Times a trial is retried when its worker process dies.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray instance.")
+@_handle_errors
+def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max_concurrent, only, limit, retries,
+           num_cpus):
+    """Run every trial of STUDY_FILE that is not done yet (resumes by default)."""
+    from . import launch as L
+    from .tables import render
+
+    verbose = click.get_current_context().find_root().params["verbose"]
+    if dry_run:
+        p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)
+        _print_plan(p, notes, render)
+        click.echo("(dry run: GPU shares shown as on a CPU-only cluster; `auto` shares are computed at launch "
+                   "from each GPU's memory)" if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
+        return
+    from . import scheduler
+    from .lock import LaunchLock
+    from .resources import share_function
+
+    p, _ = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)  # validate before Ray starts
+    with LaunchLock(p.store.root):
+        if fresh:
+            moved = L.move_aside(p.store)
+            if moved:
+                click.echo(f"--fresh: moved old results to {moved}")
+        cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose)
+        share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpus else None
+        p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent,
+                          gpu_share_for=share_for, cluster_has_gpus=cluster.gpus > 0)
+        _print_plan(p, notes, render)
+        click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
+                   + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else ""))
+        L.record_launch(p, sys.argv, address)
+        pending = p.pending
+        if not pending:
+            click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}")
+            return
+        done_before = len(p.trials) - len(pending)
+        click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
+        try:
+            progress = scheduler.run_trials(pending, p.store, emit=click.echo,
+                                            max_concurrent=p.study.resources.max_concurrent, retries=retries,
+                                            baselines_first=p.study.kl)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
+                       "again to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        finally:
+            scheduler.disconnect()
+    status = p.store.trial_status()
+    ids = [t.trial_id for t in p.trials]
+    done = sum(status.get(i) == "done" for i in ids)
+    failed = [i for i in ids if status.get(i) == "failed"]
+    click.echo(f"summary: {done}/{len(ids)} done, {len(failed)} failed, {len(ids) - done - len(failed)} pending; "
+               f"results in {p.store.root}")
+    if len(ids) - done - len(failed) > 0:
+        click.echo(f"interrupted: run `sweep launch {study_file}` again to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if failed:
+        click.echo(f"failed trials: see `sweep status {p.store.root}`")
+    click.echo(f"read them: sweep results {p.store.root}")
+
+
+def _print_plan(p, notes, render) -> None:
+    import polars as pl
+
+    from .launch import trial_table
+
+    for n in notes:
+        click.echo(n)
+    for d in p.dropped:
+        click.echo(f"dropped {d.model} {d.precision} x compute {d.compute_dtype}: {d.reason}")
+    click.echo(f"study {p.study.name}: {len(p.trials)} trial(s), results in {p.store.root}")
+    click.echo(render(pl.DataFrame(trial_table(p))))
+
+
+@main.command()
+@click.argument("study_or_dir")
+@_handle_errors
+def status(study_or_dir):
+    """Counts of done / failed / pending trials, and the failures, of a study file or results dir."""
+    from .status import status_report
+
+    click.echo(status_report(study_or_dir))
+
+
+@main.command()
+@click.argument("dirs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True)
+@_handle_errors
+def results(dirs, fmt):
+    """One row per trial of the results in DIRS (directories or globs)."""
+    from .results import open_results
+    from .tables import render
+
+    click.echo(render(open_results(list(dirs)).summary().collect(), fmt), nl=False)
+
+
+@main.command("precisions")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True)
+def precisions_cmd(fmt):
+    """List the precisions a study can name."""
+    import polars as pl
+
+    from .precisions import table_rows
+    from .tables import render
+
+    click.echo(render(pl.DataFrame(table_rows()), fmt), nl=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""What `sweep launch` does around the scheduler: validate, expand, check the results dir, resume, record.
+
+Kept free of Ray so that the CLI's checks (and --dry-run) are fast and testable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .environment import static_environment
+from .errors import UserError
+from .store import ResultsStore
+from .study import Resources, Study
+from .studyfile import load_study_file
+from .trials import Dropped, TrialSpec, expand
+
+ONLY_KEYS = ("model", "precision", "compute_dtype")
+
+
+@dataclass
+class Plan:
+    study: Study
+    study_path: Path
+    store: ResultsStore
+    trials: list[TrialSpec]  # every trial of the (narrowed) study
+    dropped: list[Dropped]
+    status: dict[str, str]  # trial_id -> done / failed, from the store
+
+    @property
+    def pending(self) -> list[TrialSpec]:
+        return [t for t in self.trials if self.status.get(t.trial_id) != "done"]
+
+
+def apply_overrides(study: Study, limit: float | None, gpus_per_trial: float | None,
+                    max_concurrent: int | None) -> tuple[Study, list[str]]:
+    """CLI overrides of study settings, each reported (never silent)."""
+    notes = []
+    if limit is not None:
+        notes.append(f"--limit {limit:g} overrides study.limit={study.limit}")
+        study = dataclasses.replace(study, limit=limit)
+    res = study.resources
+    if gpus_per_trial is not None:
+        notes.append(f"--gpus-per-trial {gpus_per_trial:g} overrides study.resources.gpus_per_trial={res.gpus_per_trial}")
+        res = dataclasses.replace(res, gpus_per_trial=gpus_per_trial)
+    if max_concurrent is not None:
+        notes.append(f"--max-concurrent {max_concurrent} overrides study.resources.max_concurrent={res.max_concurrent}")
+        res = dataclasses.replace(res, max_concurrent=max_concurrent)
+    return dataclasses.replace(study, resources=Resources(**dataclasses.asdict(res))), notes
+
+
+def parse_only(only: tuple[str, ...]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ONLY_KEYS or not value:
+            raise UserError(f"--only {item!r}: expected KEY=VALUE with KEY one of {', '.join(ONLY_KEYS)}")
+        out.setdefault(key, set()).update(value.split(","))
+    return out
+
+
+def narrow(trials: list[TrialSpec], only: dict[str, set[str]]) -> list[TrialSpec]:
+    def keep(t: TrialSpec) -> bool:
+        values = {"model": {t.model.name, t.model.id}, "precision": {t.precision}, "compute_dtype": {t.compute_dtype}}
+        return all(values[k] & v for k, v in only.items())
+
+    out = [t for t in trials if keep(t)]
+    if not out:
+        given = " ".join(f"{k}={','.join(sorted(v))}" for k, v in only.items())
+        raise UserError(f"--only {given} matches no trial of the study")
+    return out
+
+
+def default_results_dir(study: Study) -> Path:
+    return Path("results") / study.name
+
+
+def check_results_dir(store: ResultsStore, study: Study) -> None:
+    root = store.root
+    if root.exists() and not root.is_dir():
+        raise UserError(f"results dir {root} exists and is not a directory")
+    existing = store.read_study()
+    if existing is not None and existing.get("name") != study.name:
+        raise UserError(f"results dir {root} belongs to study {existing.get('name')!r}, not {study.name!r}; "
+                        "give another --results dir or launch that study")
+    probe_dir = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise UserError(f"results dir {root} is not writable (no write permission on {probe_dir})")
+
+
+def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = (), limit: float | None = None,
+         gpus_per_trial: float | None = None, max_concurrent: int | None = None,
+         gpu_share_for=None, cluster_has_gpus: bool = False) -> tuple[Plan, list[str]]:
+    study = load_study_file(study_path)
+    study, notes = apply_overrides(study, limit, gpus_per_trial, max_concurrent)
+    if study.tasks:  # lm-eval's task index is only built when a study has tasks
+        from .stages.tasks import validate_tasks
+
+        validate_tasks(study.tasks)
+    store = ResultsStore(results or default_results_dir(study))
+    check_results_dir(store, study)
+    trials, dropped = expand(study, gpu_share_for=gpu_share_for, cluster_has_gpus=cluster_has_gpus)
+    if only:
+        trials = narrow(trials, parse_only(only))
+    return Plan(study=study, study_path=Path(study_path), store=store, trials=trials, dropped=dropped,
+                status=store.trial_status()), notes
+
+
+def move_aside(store: ResultsStore) -> Path | None:
+    """--fresh: move existing results to <dir>.old-<timestamp> (never deleted)."""
+    if not store.root.exists():
+        return None
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = store.root.with_name(f"{store.root.name}.old-{stamp}")
+    store.root.rename(dest)
+    return dest
+
+
+def record_launch(p: Plan, argv: list[str], address: str | None) -> None:
+    """study.json: the expanded study as launched, plus the history of launches."""
+    previous = p.store.read_study() or {}
+    launches = previous.get("launches", [])
+    launches.append({"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": argv,
+                     "address": address, "host": socket.gethostname(), "pending": len(p.pending),
+                     **{k: v for k, v in static_environment().items() if k.endswith("_version") or k == "sweeper_git_sha"}})
+    known = {t["trial_id"]: t for t in previous.get("trials", [])}
+    for t in p.trials:
+        known[t.trial_id] = {"trial_id": t.trial_id, "model": t.model.name, "model_id": t.model.id,
+                             "precision": t.precision, "compute_dtype": t.compute_dtype, "is_baseline": t.is_baseline,
+                             "gpu_share": t.gpu_share}
+    doc = {
+        "name": p.study.name, "study_file": str(p.study_path.resolve()),
+        "study_source": p.study_path.read_text(), "study": json.loads(json.dumps(dataclasses.asdict(p.study), default=str)),
+        "trials": list(known.values()), "dropped": [dataclasses.asdict(d) for d in p.dropped], "launches": launches,
+    }
+    p.store.root.mkdir(parents=True, exist_ok=True)
+    p.store.write_study(doc)
+
+
+def trial_table(p: Plan) -> list[dict[str, Any]]:
+    return [{"trial_id": t.trial_id, "model": t.model.name, "precision": t.precision,
+             "compute_dtype": t.compute_dtype, "baseline": "yes" if t.is_baseline else "",
+             "gpu_share": t.gpu_share, "status": p.status.get(t.trial_id, "pending")} for t in p.trials]

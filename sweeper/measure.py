@@ -1,0 +1,157 @@
+"""Measurement helpers shared by the stages: latencies and peak memory of this process.
+
+Following optimum-benchmark: on CUDA, latencies come from CUDA events recorded around the region and read after one
+synchronize; on CPU from perf_counter. Every latency keeps its list of values; summaries carry median, min, max,
+stdev and count. Memory is this process's own (torch's peak allocated on CUDA, peak RSS on CPU), never the device's.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import psutil
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class LatencyRecorder:
+    """Records (start, end) marks; on CUDA as events, read after a single synchronize in :meth:`values_ms`."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._marks: list = []
+
+    def mark(self):
+        if self.device == "cuda":
+            import torch
+
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append(ev)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def elapsed_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.device == "cuda":
+            synchronize(self.device)
+            return [a.elapsed_time(b) for a, b in zip(self._marks, self._marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
+
+
+def time_calls_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 0) -> list[float]:
+    """Run ``fn`` warmup + repeats times; the wall time of each timed call in ms (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(repeats):
+        rec = LatencyRecorder(device)
+        rec.mark()
+        fn()
+        rec.mark()
+        out.extend(rec.elapsed_ms())
+    return out
+
+
+@dataclass
+class Summary:
+    values: list[float]
+    median: float = field(init=False)
+    min: float = field(init=False)
+    max: float = field(init=False)
+    stdev: float | None = field(init=False)
+
+    def __post_init__(self):
+        v = self.values
+        self.median = statistics.median(v)
+        self.min, self.max = min(v), max(v)
+        self.stdev = statistics.stdev(v) if len(v) > 1 else None
+
+    def metric(self, stage: str, name: str, unit: str, batch_size: int | None = None,
+               transform: Callable[[float], float] | None = None) -> dict:
+        """A metric row: value = median; stderr = stdev / sqrt(n) of the transformed values; min / max."""
+        vals = [transform(x) for x in self.values] if transform else self.values
+        s = Summary(vals)
+        return {"stage": stage, "metric": name, "batch_size": batch_size, "value": s.median,
+                "stderr": (s.stdev / len(vals) ** 0.5) if s.stdev is not None else None,
+                "n": len(vals), "min": s.min, "max": s.max, "unit": unit}
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """This process's peak memory over a region: CUDA peak allocated, or peak RSS on CPU.
+
+    CPU: the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs (Linux >= 4.0) so a reused
+    worker reports this region's peak, not its lifetime's; where that is not allowed a 2 ms RSS sampler is used.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device == "cuda" else "cpu_peak_rss"
+        self.peak_bytes: int | None = None
+
+    @contextmanager
+    def track(self) -> Iterator["PeakMemory"]:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            yield self
+            torch.cuda.synchronize()
+            self.peak_bytes = int(torch.cuda.max_memory_allocated())
+            return
+        if _reset_hwm():
+            yield self
+            self.peak_bytes = _read_hwm()
+            return
+        self.kind = "cpu_peak_rss_sampled"
+        stop = threading.Event()
+        peak = [rss_bytes()]
+
+        def sample():
+            while not stop.wait(0.002):
+                peak[0] = max(peak[0], rss_bytes())
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            t.join()
+            self.peak_bytes = max(peak[0], rss_bytes())
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as fh:
+            fh.write("5")
+        return _read_hwm() is not None
+    except OSError:
+        return False
+
+
+def _read_hwm() -> int | None:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

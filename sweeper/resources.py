@@ -1,0 +1,101 @@
+"""GPU shares from a memory estimate of a trial's peak.
+
+estimate = quantized linear weights at the precision's bytes per parameter
+         + what stays unquantized (embeddings, lm head, norms) at the compute dtype
+         + KV cache of the largest benchmark batch at prompt + new tokens
+         + logits / activations of the largest forward (prefill, perplexity window, batch decode)
+         + a fixed allowance for the CUDA context and allocator slack.
+The share is estimate / GPU memory, rounded up to the next 0.05, at least 0.05 and at most 1 (a whole GPU).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from . import precisions
+from .study import Model, Study
+
+log = logging.getLogger(__name__)
+
+CONTEXT_ALLOWANCE_BYTES = 1.0e9  # CUDA context, cuBLAS workspaces, allocator slack
+_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @property
+    def linear_params(self) -> int:
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        return self.layers * (attn + mlp)
+
+    @property
+    def unquantized_params(self) -> int:
+        # bitsandbytes keeps the embeddings and the lm head in the compute dtype
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
+def model_shape(model: Model) -> ModelShape | None:
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model.id, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except Exception as e:  # no network / unknown architecture: the caller falls back to a whole GPU
+        log.warning("cannot read the config of %s (%s); its trials get a whole GPU", model.id, e)
+        return None
+    cfg = cfg.get_text_config()
+    heads = cfg.num_attention_heads
+    hidden = cfg.hidden_size
+    return ModelShape(
+        vocab=cfg.vocab_size, hidden=hidden, layers=cfg.num_hidden_layers,
+        intermediate=getattr(cfg, "intermediate_size", 4 * hidden), heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
+        tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+    )
+
+
+def estimate_peak_bytes(study: Study, shape: ModelShape, precision: str, compute_dtype: str) -> float:
+    p = precisions.get(precision)
+    act = _DTYPE_BYTES[compute_dtype]
+    weights = shape.linear_params * p.bytes_per_param + shape.unquantized_params * act
+    b = max(study.benchmark.batch_sizes)
+    seq = study.benchmark.prompt_tokens + study.benchmark.new_tokens
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * b * act
+    windows = [study.benchmark.prompt_tokens]
+    if study.perplexity is not None:
+        windows.append(study.perplexity.context)
+    longest = max(windows)
+    # full-sequence logits in fp32 (perplexity / prefill) and hidden activations of the longest forward
+    activations = longest * shape.vocab * 4 * 2 + b * longest * shape.intermediate * act * 4
+    return weights + kv + activations + CONTEXT_ALLOWANCE_BYTES
+
+
+def gpu_share(estimate_bytes: float, gpu_memory_bytes: float) -> float:
+    share = math.ceil(estimate_bytes / gpu_memory_bytes / 0.05) * 0.05
+    return round(min(1.0, max(0.05, share)), 2)
+
+
+def share_function(gpu_memory_bytes: float):
+    """A ``gpu_share_for(study, model, precision, compute_dtype)`` for :func:`sweeper.trials.expand`."""
+    shapes: dict[str, ModelShape | None] = {}
+
+    def share_for(study: Study, model: Model, precision: str, compute_dtype: str) -> float:
+        if model.id not in shapes:
+            shapes[model.id] = model_shape(model)
+        shape = shapes[model.id]
+        if shape is None:
+            return 1.0
+        return gpu_share(estimate_peak_bytes(study, shape, precision, compute_dtype), gpu_memory_bytes)
+
+    return share_for

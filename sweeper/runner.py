@@ -1,0 +1,134 @@
+"""Running one trial in the current process: stages in order, failures isolated into the trial row, results written.
+
+No Ray here: the scheduler calls :func:`run_trial` inside a Ray Tune trial; tests call it directly.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import logging
+import time
+import traceback
+from typing import Any
+
+from .environment import device_environment, static_environment
+from .errors import StageError
+from .store import ResultsStore
+from .trials import TrialSpec
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def classify_error(exc: BaseException) -> str:
+    import torch
+
+    if isinstance(exc, StageError):
+        return exc.error_type
+    if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return "OutOfMemory"
+    if isinstance(exc, MemoryError):
+        return "OutOfMemory"
+    if isinstance(exc, OSError) and ("does not appear to have" in str(exc) or "not a valid model identifier" in str(exc)
+                                      or "Can't load" in str(exc) or "is not a local folder" in str(exc)):
+        return "ModelNotFound"
+    return type(exc).__name__
+
+
+def config_row(spec: TrialSpec) -> dict[str, Any]:
+    return {
+        "trial_id": spec.trial_id, "study": spec.study, "model": spec.model.name, "model_id": spec.model.id,
+        "model_revision": spec.model.revision, "model_fingerprint": spec.model_fingerprint,
+        "precision": spec.precision, "precision_options": spec.precision_options, "compute_dtype": spec.compute_dtype,
+        "is_baseline": spec.is_baseline, "baseline_id": spec.baseline_id, "gpu_share": spec.gpu_share,
+        "cpus": spec.cpus, "tasks": [t.name for t in spec.tasks], "config": spec.to_dict(),
+    }
+
+
+def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: str | None = None) -> dict[str, Any]:
+    """Run every stage of ``spec``, write its files atomically, and return its trial row.
+
+    A failing stage ends the trial: the row gets status "failed" with the stage, error type and message; metrics
+    measured before the failure are kept. Exceptions other than stage failures (KeyboardInterrupt) propagate.
+    """
+    import torch
+
+    device = device or pick_device()
+    torch.manual_seed(spec.seed)
+    if device == "cuda" and spec.gpu_share and spec.gpu_share < 1:
+        # One trial's excess becomes its own OOM, not its neighbour's.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_share))
+    row: dict[str, Any] = {**config_row(spec), **static_environment(), **device_environment(device),
+                           "attempt": attempt, "started_at": _now(), "status": "done", "error_stage": None,
+                           "error_type": None, "error": None, "error_traceback": None}
+    metrics: list[dict] = []
+    samples = None
+    stage = "setup"
+    t_trial = time.perf_counter()
+    loaded = None
+    try:
+        from .stages.load import load_model
+
+        stage = "load"
+        t0 = time.perf_counter()
+        loaded = load_model(spec, device)
+        metrics += loaded.metrics
+        row["stage_load_s"] = time.perf_counter() - t0
+        for stage, fn in _stages(spec):
+            t0 = time.perf_counter()
+            out = fn(spec, loaded, store)
+            if out:
+                new_metrics, new_row, new_samples = out
+                metrics += new_metrics
+                row.update(new_row)
+                if new_samples is not None:
+                    samples = new_samples
+            row[f"stage_{stage}_s"] = time.perf_counter() - t0
+    except Exception as exc:  # isolate the failure in this trial's row
+        row.update(status="failed", error_stage=stage, error_type=classify_error(exc),
+                   error=f"{type(exc).__name__}: {exc}".splitlines()[0][:1000],
+                   error_traceback="".join(traceback.format_exception(exc))[-8000:])
+        log.warning("trial %s (%s) failed in %s: %s", spec.trial_id, spec.cell, stage, row["error"])
+    finally:
+        if loaded is not None:
+            del loaded
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    row["finished_at"] = _now()
+    row["duration_s"] = time.perf_counter() - t_trial
+    for m in metrics:
+        m["trial_id"] = spec.trial_id
+    store.write_trial(row, metrics, samples)
+    return row
+
+
+def _benchmark(spec, loaded, store):
+    from .stages.benchmark import run_benchmark
+
+    if not spec.benchmark.enabled:
+        return None
+    rows, kind = run_benchmark(loaded.model, loaded.tokenizer, spec.benchmark, loaded.device, spec.seed)
+    return rows, {"peak_memory_kind": kind}, None
+
+
+def _perplexity(spec, loaded, store):
+    from .stages.perplexity import token_perplexity
+
+    if spec.perplexity is None:
+        return None
+    return token_perplexity(loaded.model, loaded.tokenizer, spec.perplexity), {}, None
+
+
+def _stages(spec: TrialSpec):
+    """The stages after load, in order: (name, fn(spec, loaded, store) -> (metrics, row updates, samples) | None)."""
+    return [("benchmark", _benchmark), ("perplexity", _perplexity)]

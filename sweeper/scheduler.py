@@ -1,0 +1,212 @@
+"""Scheduling trials with Ray Tune: the only module that imports Ray.
+
+Each pending trial becomes one Tune trial with its own resources (a GPU share, or CPUs on a CPU-only cluster). The
+trainable is idempotent: it re-checks the results store and skips a trial that is already done, so nothing finished
+ever runs twice, whichever launch or retry reaches it. Baseline trials run in a first phase when the study needs
+their references (KL), so the ordering survives any interruption: a relaunch sees which baselines are done.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+from .store import ResultsStore
+from .trials import TrialSpec
+
+log = logging.getLogger(__name__)
+
+# Tune's per-trial CSV/JSON/TensorBoard loggers: the results store already keeps everything.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
+# The legacy reporter honours verbose=0; the sweep prints its own progress lines.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# With the loggers off, Tune's result grid cannot find per-trial metrics files and warns about every trial.
+logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+@dataclass
+class ClusterInfo:
+    address: str | None
+    nodes: int
+    cpus: float
+    gpus: float
+    gpu_memory_bytes: float | None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> ClusterInfo:
+    """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001", "host:6379")."""
+    import ray
+
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, ignore_reinit_error=True,
+                                  logging_level=logging.INFO if verbose else logging.WARNING,
+                                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}})
+    if address:
+        kwargs["address"] = address
+    elif num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot connect to the Ray cluster at {address!r}: {str(e).splitlines()[0]}; "
+                        "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    mem = _gpu_memory_bytes() if gpus > 0 else None
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    return ClusterInfo(address=address, nodes=nodes, cpus=float(res.get("CPU", 0)), gpus=gpus, gpu_memory_bytes=mem)
+
+
+def _gpu_memory_bytes() -> float:
+    """Memory of the cluster's smallest GPU, read by a tiny task on a GPU worker."""
+    import ray
+
+    @ray.remote(num_gpus=0.01, num_cpus=0)
+    def probe():
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return float(ray.get(probe.remote()))
+
+
+def disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _trainable(config: dict) -> None:
+    """A Tune trial: run one sweeper trial unless the store says it is done. Runs on a Ray worker."""
+    import torch
+    from ray import tune
+
+    from .runner import run_trial
+
+    spec = TrialSpec.from_dict(config["spec"])
+    store = ResultsStore(config["store"])
+    previous = store.read_trial_row(spec.trial_id)
+    if previous is not None and previous["status"] == "done":
+        tune.report({"status": "skipped"})
+        return
+    torch.set_num_threads(max(1, spec.cpus))
+    attempt = (previous or {}).get("attempt", 0) + 1
+    row = run_trial(spec, store, attempt=attempt)
+    tune.report({"status": row["status"], "error": row["error"] or "", "trial_seconds": row["duration_s"]})
+
+
+@dataclass
+class Progress:
+    """Counts shown while a sweep runs: done / running / failed / pending."""
+
+    total: int
+    labels: dict[str, str]
+    done: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def pending(self) -> int:
+        return self.total - len(self.done) - len(self.failed) - len(self.running)
+
+    def line(self, event: str = "") -> str:
+        el = int(time.time() - self.started)
+        counts = (f"[{el // 60:d}m{el % 60:02d}s] done {len(self.done)}/{self.total}, running {len(self.running)}, "
+                  f"failed {len(self.failed)}, pending {self.pending}")
+        return f"{counts}  {event}" if event else counts
+
+
+def _progress_callback(progress: Progress, emit: Callable[[str], None]):
+    from ray.tune import Callback
+
+    def tid(trial) -> str:
+        return trial.config["spec"]["trial_id"]
+
+    class ProgressCallback(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.running.add(tid(trial))
+            emit(progress.line(f"started {progress.labels[tid(trial)]}"))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            t = tid(trial)
+            progress.running.discard(t)
+            status = result.get("status")
+            if status == "failed":
+                progress.failed.add(t)
+                emit(progress.line(f"FAILED {progress.labels[t]}: {result.get('error', '')}"))
+            else:
+                progress.done.add(t)
+                word = "already done" if status == "skipped" else f"done in {result.get('trial_seconds', 0):.1f}s"
+                emit(progress.line(f"{word}: {progress.labels[t]}"))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            t = tid(trial)
+            progress.running.discard(t)
+            progress.failed.add(t)
+            emit(progress.line(f"FAILED {progress.labels[t]}: the worker process died (see sweep status)"))
+
+    return ProgressCallback()
+
+
+def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str], None],
+               max_concurrent: int | None = None, retries: int = 2, baselines_first: bool = True) -> Progress:
+    """Run ``trials`` (the pending ones) on the connected Ray cluster; results go to ``store``."""
+    progress = Progress(total=len(trials), labels={t.trial_id: t.cell for t in trials})
+    phases = [trials]
+    if baselines_first:
+        base = [t for t in trials if t.is_baseline]
+        rest = [t for t in trials if not t.is_baseline]
+        phases = [p for p in (base, rest) if p]
+    for i, phase in enumerate(phases):
+        _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}")
+    return progress
+
+
+def _trial_name(trial) -> str:
+    return trial.config["spec"]["trial_id"]
+
+
+def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name):
+    from ray import tune
+
+    def resources(config):
+        spec = config["spec"]
+        r = {"cpu": spec["cpus"]}
+        if spec["gpu_share"]:
+            r["gpu"] = spec["gpu_share"]
+        return r
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tuner = tune.Tuner(
+        tune.with_resources(_trainable, resources),
+        param_space={"spec": tune.grid_search([t.to_dict() for t in trials]), "store": str(store.root.resolve())},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=f"{stamp}-{name}", storage_path=str((store.root / "_tune").resolve()), verbose=0,
+            callbacks=[_progress_callback(progress, emit)],
+            failure_config=tune.FailureConfig(max_failures=retries),
+        ),
+    )
+    grid = tuner.fit()
+    # A trial whose worker died more often than ``retries`` allowed has no row: record it as failed.
+    from .runner import config_row
+
+    by_id = {t.trial_id: t for t in trials}
+    for result in grid:
+        if result.error is None:
+            continue
+        tid = result.config["spec"]["trial_id"]
+        if store.read_trial_row(tid) is None:
+            row = {**config_row(by_id[tid]), "status": "failed", "error_stage": "worker", "error_type": "WorkerDied",
+                   "error": f"{type(result.error).__name__}: {str(result.error).splitlines()[0][:500]}",
+                   "attempt": retries + 1}
+            store.write_trial(row, [])

@@ -1,0 +1,110 @@
+"""Benchmark stage: prefill latency, decode speed at batch 1, generation throughput per batch size, peak memory.
+
+Definitions (docs/measurement.md):
+- prefill_ms: one forward pass over ``prompt_tokens`` tokens at batch 1 (KV cache on), median of ``repeats``;
+- decode_ms_per_token / decode_tok_s: time between consecutive generation steps of a batch-1 ``generate`` of
+  ``new_tokens`` tokens, measured by a logits processor that marks every step (the prefill step excluded);
+- sequence_ms: the whole batch-1 ``generate`` (prefill + all new tokens);
+- throughput_tok_s at batch b: b * new_tokens / wall time of ``generate`` at batch b;
+- peak_memory_bytes: this process's peak over the stage (CUDA max allocated, or peak RSS on CPU).
+Generation is greedy and forced to exactly ``new_tokens`` tokens (min_new_tokens), prompts are random token ids
+from a fixed seed, so every precision does the same amount of work.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..errors import StageError
+from ..measure import LatencyRecorder, PeakMemory, Summary, synchronize
+from ..study import Benchmark
+
+log = logging.getLogger(__name__)
+
+
+def _prompts(tokenizer, model, batch: int, length: int, seed: int):
+    import torch
+
+    vocab = min(len(tokenizer), model.config.get_text_config().vocab_size)
+    special = set(tokenizer.all_special_ids)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    for s in special:  # keep special tokens (eos, pad) out of the prompt
+        ids[ids == s] = (s + 7) % vocab if (s + 7) % vocab not in special else 3
+    return ids
+
+
+def _step_marker(recorder: LatencyRecorder):
+    from transformers import LogitsProcessor
+
+    class StepMarker(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            recorder.mark()
+            return scores
+
+    return StepMarker()
+
+
+def run_benchmark(model, tokenizer, settings: Benchmark, device: str, seed: int = 0) -> tuple[list[dict], str]:
+    """Metric rows of the benchmark stage and the kind of peak memory measured."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    dev = model.device
+    gen_kwargs = dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    rows: list[dict] = []
+    peak = PeakMemory(device)
+    with peak.track(), torch.inference_mode():
+        one = _prompts(tokenizer, model, 1, settings.prompt_tokens, seed).to(dev)
+        mask1 = torch.ones_like(one)
+        for _ in range(settings.warmup):
+            model.generate(input_ids=one, attention_mask=mask1, **gen_kwargs)
+        # prefill
+        prefill = []
+        for _ in range(settings.repeats):
+            rec = LatencyRecorder(device)
+            rec.mark()
+            out = model(input_ids=one, attention_mask=mask1, use_cache=True)
+            rec.mark()
+            prefill.extend(rec.elapsed_ms())
+            if not torch.isfinite(out.logits[:, -1]).all():
+                raise StageError("the model produced NaN/inf logits on the benchmark prompt", "NaNLogits")
+            del out
+        rows.append(Summary(prefill).metric("benchmark", "prefill_ms", "ms", 1))
+        # decode at batch 1: per-step marks from a logits processor, plus the whole sequence
+        step_ms, seq_ms = [], []
+        for _ in range(settings.repeats):
+            steps = LatencyRecorder(device)
+            whole = LatencyRecorder(device)
+            whole.mark()
+            model.generate(input_ids=one, attention_mask=mask1, logits_processor=LogitsProcessorList([_step_marker(steps)]),
+                           **gen_kwargs)
+            whole.mark()
+            deltas = steps.elapsed_ms()
+            if deltas:
+                step_ms.append(sum(deltas) / len(deltas))
+            seq_ms.extend(whole.elapsed_ms())
+        if step_ms:
+            rows.append(Summary(step_ms).metric("benchmark", "decode_ms_per_token", "ms", 1))
+            rows.append(Summary(step_ms).metric("benchmark", "decode_tok_s", "tokens/s", 1, transform=lambda ms: 1e3 / ms))
+        rows.append(Summary(seq_ms).metric("benchmark", "sequence_ms", "ms", 1))
+        # throughput per batch size
+        for b in settings.batch_sizes:
+            if b == 1:
+                times = seq_ms
+            else:
+                ids = _prompts(tokenizer, model, b, settings.prompt_tokens, seed + b).to(dev)
+                mask = torch.ones_like(ids)
+                times = []
+                for _ in range(settings.repeats):
+                    rec = LatencyRecorder(device)
+                    rec.mark()
+                    model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                    rec.mark()
+                    times.extend(rec.elapsed_ms())
+            rows.append(Summary(times).metric("benchmark", "throughput_tok_s", "tokens/s", b,
+                                              transform=lambda ms, b=b: b * settings.new_tokens / (ms / 1e3)))
+        synchronize(device)
+    rows.append({"stage": "benchmark", "metric": "peak_memory_bytes", "value": float(peak.peak_bytes),
+                 "unit": f"bytes ({peak.kind})"})
+    return rows, peak.kind

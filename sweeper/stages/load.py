@@ -1,0 +1,109 @@
+"""Load stage: from_pretrained with the precision's arguments, timed to ready, with what it occupies."""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import precisions
+from ..errors import StageError
+from ..measure import rss_bytes, synchronize
+from ..trials import TrialSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: str
+    metrics: list[dict]
+
+
+def device_capability(device: str) -> tuple[int, int] | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
+
+
+def stored_bytes(model) -> int:
+    """Bytes the model's parameters and buffers really occupy (packed quantized storage and its scales included)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key and key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+        qs = getattr(t, "quant_state", None)  # bitsandbytes 4-bit: absmax (and nested state) live beside the weight
+        if qs is not None:
+            for name in ("absmax", "code"):
+                if getattr(qs, name, None) is not None:
+                    add(getattr(qs, name))
+            nested = getattr(qs, "state2", None)
+            if nested is not None and getattr(nested, "absmax", None) is not None:
+                add(nested.absmax)
+        scb = getattr(t, "SCB", None)  # bitsandbytes int8: per-row scales
+        if scb is not None:
+            add(scb)
+    return total
+
+
+def load_tokenizer(spec: TrialSpec):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.model.id, revision=spec.model.revision,
+                                        trust_remote_code=spec.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: TrialSpec, device: str) -> LoadedModel:
+    """Load the trial's model at its precision; metrics: load_s, footprint_bytes, allocated_bytes, weights_bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    precision = precisions.get(spec.precision)
+    problem = precision.hardware_problem(device, device_capability(device))
+    if problem:
+        raise StageError(problem, "PrecisionUnsupported")
+    kwargs = precision.from_pretrained_kwargs(spec.compute_dtype, spec.precision_options)
+    if device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    tokenizer = load_tokenizer(spec)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_bytes()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.model.id, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code, **kwargs)
+    model.eval()
+    synchronize(device)
+    load_s = time.perf_counter() - t0
+    allocated = (torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()) - before
+    n_params = sum(p.numel() for p in model.parameters())
+    unit = "bytes (cuda allocated)" if device == "cuda" else "bytes (rss delta)"
+    metrics = [
+        {"stage": "load", "metric": "load_s", "value": load_s, "n": 1, "unit": "s"},
+        {"stage": "load", "metric": "footprint_bytes", "value": float(model.get_memory_footprint()), "unit": "bytes"},
+        {"stage": "load", "metric": "weights_bytes", "value": float(stored_bytes(model)), "unit": "bytes"},
+        {"stage": "load", "metric": "allocated_bytes", "value": float(allocated), "unit": unit},
+        {"stage": "load", "metric": "num_params", "value": float(n_params), "unit": "count"},
+    ]
+    log.info("loaded %s in %.2fs", spec.cell, load_s)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, metrics=metrics)

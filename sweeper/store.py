@@ -1,0 +1,145 @@
+"""The results store: the source of truth for what is done.
+
+Layout (one study per directory, readable with ``polars.scan_parquet`` and a glob)::
+
+    <root>/study.json                  the expanded study as launched, with versions and launch history
+    <root>/trials/<trial_id>.parquet   one row: config columns, status, error, stage timings, environment
+    <root>/metrics/<trial_id>.parquet  long rows: trial_id, stage, task, metric, batch_size, value, stderr, n, min, max, unit
+    <root>/samples/<trial_id>.parquet  per-item rows of lm-eval tasks (paired statistics)
+    <root>/refs/<ref_id>.parquet       a baseline's reference next-token log-probs for KL
+
+Every file appears atomically: written to a hidden temporary name in the same folder, fsynced, then renamed. A trial's
+metrics and samples are written before its trial row, so a trial row is the marker that the trial's files are whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+METRICS_SCHEMA = pa.schema([
+    ("trial_id", pa.string()),
+    ("stage", pa.string()),
+    ("task", pa.string()),
+    ("metric", pa.string()),
+    ("batch_size", pa.int64()),
+    ("value", pa.float64()),
+    ("stderr", pa.float64()),
+    ("n", pa.int64()),
+    ("min", pa.float64()),
+    ("max", pa.float64()),
+    ("unit", pa.string()),
+])
+
+TRIAL_STATUSES = ("done", "failed")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def metrics_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    cols: dict[str, list] = {f.name: [] for f in METRICS_SCHEMA}
+    for r in rows:
+        unknown = set(r) - set(cols)
+        if unknown:
+            raise ValueError(f"metric row has unknown keys {sorted(unknown)}")
+        for k in cols:
+            cols[k].append(r.get(k))
+    return pa.Table.from_pydict(cols, schema=METRICS_SCHEMA)
+
+
+def _row_table(row: dict[str, Any]) -> pa.Table:
+    # Nested values are stored as JSON strings, so the files stay flat and need no unpickling.
+    flat = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else v) for k, v in row.items()}
+    return pa.Table.from_pylist([flat])
+
+
+class ResultsStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # paths
+    @property
+    def study_json(self) -> Path:
+        return self.root / "study.json"
+
+    def trial_path(self, trial_id: str) -> Path:
+        return self.root / "trials" / f"{trial_id}.parquet"
+
+    def metrics_path(self, trial_id: str) -> Path:
+        return self.root / "metrics" / f"{trial_id}.parquet"
+
+    def samples_path(self, trial_id: str) -> Path:
+        return self.root / "samples" / f"{trial_id}.parquet"
+
+    def ref_path(self, ref_id: str) -> Path:
+        return self.root / "refs" / f"{ref_id}.parquet"
+
+    # writing
+    def write_trial(self, row: dict[str, Any], metrics: list[dict[str, Any]], samples: pa.Table | None = None) -> None:
+        """Write a trial's files; the trial row goes last, so its presence means the rest is whole."""
+        tid = row["trial_id"]
+        assert row.get("status") in TRIAL_STATUSES, row.get("status")
+        atomic_write_table(self.metrics_path(tid), metrics_table(metrics))
+        if samples is not None:
+            atomic_write_table(self.samples_path(tid), samples)
+        atomic_write_table(self.trial_path(tid), _row_table(row))
+
+    def write_study(self, doc: dict[str, Any]) -> None:
+        atomic_write_bytes(self.study_json, (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    # reading
+    def read_study(self) -> dict[str, Any] | None:
+        if not self.study_json.exists():
+            return None
+        try:
+            return json.loads(self.study_json.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.study_json} is not valid JSON ({e}); move it aside or restore it") from None
+
+    def trial_status(self) -> dict[str, str]:
+        """trial_id -> status for every trial row present ("done" or "failed")."""
+        out: dict[str, str] = {}
+        folder = self.root / "trials"
+        if not folder.is_dir():
+            return out
+        for f in folder.glob("*.parquet"):
+            try:
+                status = pq.read_table(f, columns=["status"]).column("status")[0].as_py()
+            except Exception as e:  # a damaged file must never be read as "not there"
+                raise UserError(f"corrupted result file {f}: {type(e).__name__}: {e}") from None
+            out[f.stem] = status
+        return out
+
+    def read_trial_row(self, trial_id: str) -> dict[str, Any] | None:
+        p = self.trial_path(trial_id)
+        if not p.exists():
+            return None
+        return pq.read_table(p).to_pylist()[0]

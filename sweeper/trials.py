@@ -1,0 +1,183 @@
+"""Expansion of a study into trials, and each trial's stable identity.
+
+Rules (documented in README "Study files"):
+- the grid is models x precisions x compute_dtypes, in that order;
+- a plain-dtype precision (fp32, fp16, bf16) fixes its own dtype, so it makes one trial per model whatever the
+  compute dtypes; the other compute dtypes are dropped as duplicates, with a printed reason;
+- for bitsandbytes int8 the compute dtype is the dtype of the non-quantized modules; for nf4/fp4 it is also the 4-bit
+  matmul dtype: each compute dtype is its own trial;
+- ``trial_id`` hashes what determines a trial's numbers (model + revision + local fingerprint, precision + options,
+  effective compute dtype, tasks with their settings, benchmark and perplexity settings, seed, metrics version), not
+  the study name, so the same cell in two studies has the same id, and growing a study runs only the new cells.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import precisions as _precisions
+from .study import Benchmark, Model, Perplexity, Study, Task
+
+# Bump when a metric's definition changes: every trial id changes with it, so old numbers are never mixed in.
+METRICS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a worker needs to run one trial; JSON-serialisable through :meth:`to_dict`."""
+
+    trial_id: str
+    study: str
+    model: Model
+    model_fingerprint: str | None
+    precision: str
+    precision_options: dict[str, Any]
+    compute_dtype: str
+    tasks: tuple[Task, ...]
+    num_fewshot: int | None
+    limit: int | float | None
+    eval_batch_size: int | str
+    benchmark: Benchmark
+    perplexity: Perplexity | None
+    seed: int
+    is_baseline: bool
+    baseline_id: str | None  # the trial id of this model's baseline cell
+    kl: bool
+    gpu_share: float  # 0 on CPU-only clusters
+    cpus: int
+
+    @property
+    def cell(self) -> str:
+        return f"{self.model.name} {self.precision}/{self.compute_dtype}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialSpec":
+        d = dict(d)
+        d["model"] = Model(**d["model"])
+        d["tasks"] = tuple(Task(**t) for t in d["tasks"])
+        d["benchmark"] = Benchmark(**{**d["benchmark"], "batch_sizes": tuple(d["benchmark"]["batch_sizes"])})
+        d["perplexity"] = Perplexity(**d["perplexity"]) if d["perplexity"] else None
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    model: str
+    precision: str
+    compute_dtype: str
+    reason: str
+
+
+def _sha(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def model_fingerprint(model: Model) -> str | None:
+    """For a local folder: a hash of config.json and the weight files' names and sizes (None for hub ids)."""
+    path = Path(model.id)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    cfg = path / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin") and f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def file_fingerprint(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _task_identity(t: Task, study: Study) -> dict[str, Any]:
+    data = t.data
+    if isinstance(data, str):
+        data = {"_": data}
+    fingerprints = {k: file_fingerprint(v) for k, v in (data or {}).items() if os.path.isfile(v)}
+    return {
+        "name": t.name,
+        "num_fewshot": t.num_fewshot if t.num_fewshot is not None else study.num_fewshot,
+        "limit": t.limit if t.limit is not None else study.limit,
+        "data": fingerprints or None,
+    }
+
+
+def trial_identity(study: Study, model: Model, precision: str, compute_dtype: str) -> dict[str, Any]:
+    p = _precisions.get(precision)
+    ppl = None
+    if study.perplexity is not None:
+        ppl = {"context": study.perplexity.context, "max_tokens": study.perplexity.max_tokens,
+               "file": file_fingerprint(study.perplexity.path) if os.path.isfile(study.perplexity.path) else study.perplexity.path}
+    return {
+        "model": model.id if not Path(model.id).is_dir() else os.path.abspath(model.id),
+        "revision": model.revision,
+        "model_fingerprint": model_fingerprint(model),
+        "precision": precision,
+        "options": p.resolve_options(study.precision_options.get(precision)),
+        "compute_dtype": compute_dtype,
+        "tasks": [_task_identity(t, study) for t in study.tasks],
+        "benchmark": asdict(study.benchmark),
+        "perplexity": ppl,
+        "kl": study.kl,
+        "seed": study.seed,
+        "metrics_version": METRICS_VERSION,
+    }
+
+
+def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> tuple[list[TrialSpec], list[Dropped]]:
+    """The study's trials in grid order (each model's baseline first) and the cells dropped, with reasons.
+
+    ``gpu_share_for(study, model, precision, compute_dtype) -> float`` decides GPU shares; without it (or on a
+    CPU-only cluster) shares are 0.
+    """
+    base_precision, base_cd = study.baseline_cell()
+    trials: list[TrialSpec] = []
+    dropped: list[Dropped] = []
+    for model in study.models:
+        seen: dict[tuple[str, str], str] = {}  # (precision, effective dtype) -> the compute dtype that made it
+        cells: list[tuple[str, str]] = []
+        for pname in study.precisions:
+            p = _precisions.get(pname)
+            # a plain dtype keeps the cell whose compute dtype is its own, and drops the others
+            for cd in sorted(study.compute_dtypes, key=lambda c: c != p.effective_compute_dtype(c)):
+                eff = p.effective_compute_dtype(cd)
+                if (pname, eff) in seen:
+                    dropped.append(Dropped(model.name, pname, cd,
+                                           f"{pname} fixes its own dtype ({eff}): compute dtype {cd} gives the same "
+                                           f"trial as compute dtype {seen[(pname, eff)]}"))
+                    continue
+                seen[(pname, eff)] = cd
+                cells.append((pname, eff))
+        if (base_precision, base_cd) not in cells:  # only reachable through an explicit compute dtype mismatch
+            raise AssertionError(f"baseline {base_precision}/{base_cd} missing from grid")
+        fp = model_fingerprint(model)
+        ids = {c: _sha(trial_identity(study, model, *c)) for c in cells}
+        base_id = ids[(base_precision, base_cd)]
+        cells.sort(key=lambda c: c != (base_precision, base_cd))  # baseline first
+        for pname, cd in cells:
+            share = 0.0
+            if cluster_has_gpus:
+                pinned = study.resources.gpus_per_trial
+                share = float(pinned) if pinned != "auto" else (gpu_share_for(study, model, pname, cd) if gpu_share_for else 1.0)
+            trials.append(TrialSpec(
+                trial_id=ids[(pname, cd)], study=study.name, model=model, model_fingerprint=fp, precision=pname,
+                precision_options=_precisions.get(pname).resolve_options(study.precision_options.get(pname)),
+                compute_dtype=cd, tasks=study.tasks, num_fewshot=study.num_fewshot, limit=study.limit,
+                eval_batch_size=study.eval_batch_size, benchmark=study.benchmark, perplexity=study.perplexity,
+                seed=study.seed, is_baseline=(pname, cd) == (base_precision, base_cd), baseline_id=base_id,
+                kl=study.kl, gpu_share=share, cpus=study.resources.cpus_per_trial,
+            ))
+    return trials, dropped

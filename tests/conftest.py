@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models built by the tests, the real small model and data in ../shared/data."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SWEEPER_SHARED_DATA", REPO.parent / "shared" / "data"))
+REAL_MODEL = SHARED_DATA / "models" / "llama-4m"
+
+
+def build_tiny_llama(path: Path, seed: int = 0, hidden: int = 128, layers: int = 2) -> Path:
+    """A random-weight Llama with the byte-level BPE tokenizer of ../shared/data's llama-4m (tokenizer files only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL_MODEL / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    if not REAL_MODEL.is_dir():
+        pytest.skip(f"{REAL_MODEL} not present")
+    return REAL_MODEL
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA

@@ -1,0 +1,34 @@
+"""Helpers for tests that run the `sweep` command as a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+
+
+def sweep(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sweeper.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def sweep_popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sweeper.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def write_study(path: Path, body: str) -> Path:
+    path.write_text("from sweeper import *\n" + textwrap.dedent(body))
+    return path
+
+
+def fast_benchmark() -> str:
+    return "Benchmark(prompt_tokens=16, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=0)"
+
+
+def read_trials(results: Path) -> pl.DataFrame:
+    return pl.read_parquet(str(results / "trials" / "*.parquet"))

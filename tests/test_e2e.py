@@ -1,0 +1,122 @@
+"""End to end through `sweep launch` as a subprocess: real Ray (local), real bitsandbytes, real Parquet."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from helpers import fast_benchmark, read_trials, sweep, sweep_popen, write_study
+
+PRECISIONS = ["fp32", "bf16", "int8", "nf4", "fp4"]
+
+
+@pytest.fixture()
+def study_file(tmp_path, tiny_model, shared_data) -> Path:
+    return write_study(tmp_path / "tiny.py", f"""
+        study = Study(
+            name="tiny",
+            models=[{str(tiny_model)!r}],
+            precisions={PRECISIONS!r},
+            compute_dtypes=["fp32"],
+            benchmark={fast_benchmark()},
+            perplexity=Perplexity({str(shared_data / "wikitext-2" / "test.txt")!r}, context=64, max_tokens=256),
+        )
+    """)
+
+
+def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
+    results = tmp_path / "res"
+    r = sweep("launch", str(study_file), "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "summary: 5/5 done, 0 failed" in r.stdout
+    trials = read_trials(results)
+    assert sorted(trials["precision"].to_list()) == sorted(PRECISIONS)
+    assert set(trials["status"]) == {"done"}
+    assert len(list((results / "trials").glob("*.parquet"))) == 5
+    # metrics: long form, readable with polars.scan_parquet and a glob
+    m = pl.scan_parquet(str(results / "metrics" / "*.parquet")).collect()
+    assert {"trial_id", "stage", "task", "metric", "value", "stderr", "n"} <= set(m.columns)
+    wide = (m.filter(pl.col("stage") == "load").pivot(on="metric", index="trial_id", values="value")
+            .join(trials.select("trial_id", "precision"), on="trial_id"))
+    fp = dict(zip(wide["precision"], wide["footprint_bytes"]))
+    assert fp["nf4"] < fp["int8"] < fp["fp32"]
+    assert fp["fp4"] == fp["nf4"] and fp["bf16"] < fp["fp32"]
+    bench = m.filter(pl.col("stage") == "benchmark")
+    for metric in ("prefill_ms", "decode_tok_s", "sequence_ms", "peak_memory_bytes"):
+        vals = bench.filter(pl.col("metric") == metric)["value"]
+        assert len(vals) == 5 and (vals > 0).all(), metric
+    tput = bench.filter(pl.col("metric") == "throughput_tok_s")
+    assert sorted(set(tput["batch_size"])) == [1, 2]
+    ppl = m.filter(pl.col("metric") == "token_perplexity")["value"]
+    assert len(ppl) == 5 and ppl.is_finite().all() and (ppl > 1).all()
+    assert set(trials["device"]) == {"cpu"}
+    # study.json records the expanded study
+    assert '"name": "tiny"' in (results / "study.json").read_text()
+    # sweep results: one readable row per trial, in every format
+    out = sweep("results", str(results))
+    assert out.returncode == 0, out.stderr
+    for p in PRECISIONS:
+        assert f"| {p} " in out.stdout
+    for col in ("load_s", "footprint_gb", "peak_gb", "prefill_ms", "decode_tok_s", "batch_tok_s", "perplexity"):
+        assert col in out.stdout
+    csv = sweep("results", str(results), "--format", "csv")
+    assert csv.returncode == 0 and len(csv.stdout.strip().splitlines()) == 6
+    # a relaunch redoes nothing
+    again = sweep("launch", str(study_file), "--results", str(results))
+    assert again.returncode == 0 and "nothing to do: all 5 trials are done" in again.stdout
+
+
+def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
+    results = tmp_path / "res"
+    proc = sweep_popen("launch", str(study_file), "--results", str(results), "--max-concurrent", "1")
+    deadline = time.time() + 300
+    first: list[Path] = []
+    while time.time() < deadline and not first:
+        first = list((results / "trials").glob("*.parquet")) if (results / "trials").is_dir() else []
+        time.sleep(0.2)
+    assert first, "no trial finished in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    snapshot = {f.name: f.read_bytes() for f in (results / "trials").glob("*.parquet")}
+    assert 1 <= len(snapshot) < 5
+    r = sweep("launch", str(study_file), "--results", str(results))
+    assert r.returncode == 0, r.stdout + r.stderr
+    trials = read_trials(results)
+    assert trials.height == 5 and set(trials["status"]) == {"done"}
+    assert trials["trial_id"].n_unique() == 5
+    for name, data in snapshot.items():  # what was finished before the kill was not run again
+        assert (results / "trials" / name).read_bytes() == data
+    assert f"({len(snapshot)} already done, skipped)" in r.stdout
+    assert not list(results.rglob(".*.tmp")), "temporary files left visible"
+
+
+def test_dry_run_prints_the_trial_table(study_file, tmp_path):
+    r = sweep("launch", str(study_file), "--results", str(tmp_path / "res"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("| ") and "trial_id" not in l]
+    assert len(lines) == 5
+    assert "study tiny: 5 trial(s)" in r.stdout
+    for col in ("trial_id", "model", "precision", "compute_dtype", "gpu_share"):
+        assert col in r.stdout
+    assert not (tmp_path / "res").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("study = Study(name='x', models=['org/m'], precisions=['int3'])", "unknown precision 'int3'; allowed: fp32, fp16"),
+    ("x = 1", "defines no module-level `study`"),
+    ("study = Study(name='x', models=['org/m'],, precisions=['nf4'])", "syntax error at line"),
+    ("study = Study(name='x', models=['./no/such/model'], precisions=['nf4'])", "model folder './no/such/model' does not exist"),
+    ("study = 3", "`study` must be a sweeper.Study, got int"),
+])
+def test_bad_study_exits_2_with_one_line(tmp_path, body, needle):
+    f = write_study(tmp_path / "bad.py", body)
+    r = sweep("launch", str(f), "--results", str(tmp_path / "res"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and str(f) in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "res").exists()
