@@ -57,7 +57,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
            num_cpus):
     """Run every trial of STUDY_FILE that is not done yet (resumes by default)."""
     from . import launch as L
-    from .tables import render
+    from .query import format_frame as render
 
     verbose = click.get_current_context().find_root().params["verbose"]
     if dry_run:
@@ -124,7 +124,7 @@ def _print_plan(p, notes, render) -> None:
     for d in p.dropped:
         click.echo(f"dropped {d.model} {d.precision} x compute {d.compute_dtype}: {d.reason}")
     click.echo(f"study {p.study.name}: {len(p.trials)} trial(s), results in {p.store.root}")
-    click.echo(render(pl.DataFrame(trial_table(p))))
+    click.echo(render(pl.DataFrame(trial_table(p))), nl=False)
 
 
 @main.command()
@@ -139,15 +139,43 @@ def status(study_or_dir):
 
 @main.command()
 @click.argument("dirs", nargs=-1, required=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+@click.option("--where", default=None, help="Row filter, a SQL expression: \"precision = 'nf4' and decode_tok_s > 10\".")
+@click.option("--sql", default=None, help="A SQL query over the views trials, metrics, samples, summary, compare, ...")
+@click.option("--view", type=click.Choice(["summary", "trials", "metrics", "samples", "compare", "significance",
+                                          "pareto", "recommendations"]), default=None, help="What to show (default: summary).")
+@click.option("--columns", default=None, help="Comma-separated columns to keep (globs like 'speedup_*').")
+@click.option("--sort", default=None, help="Comma-separated sort columns; '-col' sorts descending.")
+@click.option("--pivot", default=None, help="Pivot long rows wide, e.g. --pivot task (seed-style tables).")
+@click.option("--vs-baseline", is_flag=True, help="Add the derived columns against each model's baseline.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table",
               show_default=True)
+@click.option("-o", "--output", default=None, help="Also write the result to FILE (required for parquet).")
+@click.option("--limit", "row_limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
 @_handle_errors
-def results(dirs, fmt):
-    """One row per trial of the results in DIRS (directories or globs)."""
-    from .results import open_results
-    from .tables import render
+def results(dirs, where, sql, view, columns, sort, pivot, vs_baseline, fmt, output, row_limit):
+    """Query the results in DIRS (directories or globs): by default one row per trial."""
+    from .query import run_query
 
-    click.echo(render(open_results(list(dirs)).summary().collect(), fmt), nl=False)
+    out = run_query(list(dirs), where=where, sql=sql, columns=columns, sort=sort, pivot=pivot, fmt=fmt,
+                    vs_baseline=vs_baseline, output=output, view=view, limit=row_limit)
+    if fmt == "parquet":
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(out, nl=False)
+
+
+@main.command()
+@click.argument("dirs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="The report file to write.")
+@click.option("--format", "fmt", type=click.Choice(["html", "markdown"]), default="html", show_default=True)
+@click.option("--title", default=None, help="Report title (default: from the studies).")
+@_handle_errors
+def report(dirs, output, fmt, title):
+    """Write a self-contained HTML (or Markdown) report of the results in DIRS."""
+    from .report import write_report
+
+    path = write_report(list(dirs), output, fmt=fmt, title=title)
+    click.echo(f"wrote {path}")
 
 
 @main.command("precisions")
@@ -158,9 +186,9 @@ def precisions_cmd(fmt):
     import polars as pl
 
     from .precisions import table_rows
-    from .tables import render
+    from .query import format_frame
 
-    click.echo(render(pl.DataFrame(table_rows()), fmt), nl=False)
+    click.echo(format_frame(pl.DataFrame(table_rows()), fmt), nl=False)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import logging
+import os
 import time
 import traceback
 from typing import Any
@@ -17,6 +18,9 @@ from .store import ResultsStore
 from .trials import TrialSpec
 
 log = logging.getLogger(__name__)
+
+
+_PROCESS_TRIALS = [0]  # trials this worker process has run: > 0 means a reused worker (no torch / CUDA start-up)
 
 
 def pick_device() -> str:
@@ -69,23 +73,33 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_share))
     row: dict[str, Any] = {**config_row(spec), **static_environment(), **device_environment(device),
                            "attempt": attempt, "started_at": _now(), "status": "done", "error_stage": None,
-                           "error_type": None, "error": None, "error_traceback": None}
+                           "error_type": None, "error": None, "error_traceback": None,
+                           "worker_pid": os.getpid(), "worker_trial_index": _PROCESS_TRIALS[0]}
+    _PROCESS_TRIALS[0] += 1
     metrics: list[dict] = []
     samples = None
     stage = "setup"
     t_trial = time.perf_counter()
     loaded = None
+    lease = None
     try:
         from .stages.load import load_model
+        from .timing_lease import TimingLease
 
+        if spec.benchmark.enabled and spec.benchmark.exclusive_timing:
+            lease = TimingLease(device)
         stage = "load"
+        row["load_started_at"] = time.time()
         t0 = time.perf_counter()
-        loaded = load_model(spec, device)
+        with (lease.shared() if lease else _nothing()):
+            loaded = load_model(spec, device)
         metrics += loaded.metrics
         row["stage_load_s"] = time.perf_counter() - t0
+        if lease:
+            lease.guard_forwards(loaded.model)
         for stage, fn in _stages(spec):
             t0 = time.perf_counter()
-            out = fn(spec, loaded, store)
+            out = fn(spec, loaded, store, lease)
             if out:
                 new_metrics, new_row, new_samples = out
                 metrics += new_metrics
@@ -99,6 +113,8 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
                    error_traceback="".join(traceback.format_exception(exc))[-8000:])
         log.warning("trial %s (%s) failed in %s: %s", spec.trial_id, spec.cell, stage, row["error"])
     finally:
+        if lease is not None:
+            lease.close()  # closing the files releases any lock a failed forward left held
         if loaded is not None:
             del loaded
         gc.collect()
@@ -112,16 +128,26 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
     return row
 
 
-def _benchmark(spec, loaded, store):
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _benchmark(spec, loaded, store, lease):
     from .stages.benchmark import run_benchmark
 
     if not spec.benchmark.enabled:
         return None
-    rows, kind = run_benchmark(loaded.model, loaded.tokenizer, spec.benchmark, loaded.device, spec.seed)
-    return rows, {"peak_memory_kind": kind}, None
+    weight_bytes = next(m["value"] for m in loaded.metrics if m["metric"] == "weights_bytes")
+    rows, facts = run_benchmark(loaded.model, loaded.tokenizer, spec.benchmark, loaded.device, spec.seed,
+                                lease=lease, weight_bytes=weight_bytes)
+    return rows, facts, None
 
 
-def _perplexity(spec, loaded, store):
+def _perplexity(spec, loaded, store, lease):
     from .stages.perplexity import token_perplexity
 
     if spec.perplexity is None:
@@ -130,5 +156,5 @@ def _perplexity(spec, loaded, store):
 
 
 def _stages(spec: TrialSpec):
-    """The stages after load, in order: (name, fn(spec, loaded, store) -> (metrics, row updates, samples) | None)."""
+    """The stages after load, in order: (name, fn(spec, loaded, store, lease) -> (metrics, row updates, samples) | None)."""
     return [("benchmark", _benchmark), ("perplexity", _perplexity)]

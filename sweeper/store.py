@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,6 +40,30 @@ METRICS_SCHEMA = pa.schema([
 ])
 
 TRIAL_STATUSES = ("done", "failed")
+
+_S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+# Every trial row has every column (null where not applicable), so a plain `pl.scan_parquet("trials/*.parquet")`
+# reads any mix of trials: done, failed in any stage, CPU or GPU.
+TRIALS_SCHEMA = pa.schema([
+    # identity and configuration
+    ("trial_id", _S), ("study", _S), ("model", _S), ("model_id", _S), ("model_revision", _S),
+    ("model_fingerprint", _S), ("precision", _S), ("precision_options", _S), ("compute_dtype", _S),
+    ("is_baseline", _B), ("baseline_id", _S), ("gpu_share", _F), ("cpus", _I), ("tasks", _S), ("config", _S),
+    # outcome
+    ("status", _S), ("error_stage", _S), ("error_type", _S), ("error", _S), ("error_traceback", _S), ("attempt", _I),
+    ("started_at", _S), ("finished_at", _S), ("duration_s", _F), ("load_started_at", _F),
+    ("stage_load_s", _F), ("stage_benchmark_s", _F), ("stage_perplexity_s", _F), ("stage_kl_s", _F),
+    ("stage_tasks_s", _F), ("stage_write_s", _F),
+    # measurement facts
+    ("peak_memory_kind", _S), ("timing_exclusive", _B), ("timing_wait_s", _F), ("graph_decode_error", _S),
+    ("kl_reference_id", _S), ("worker_pid", _I), ("worker_trial_index", _I),
+    # environment
+    ("host", _S), ("platform", _S), ("python_version", _S), ("device", _S), ("device_name", _S),
+    ("device_memory_bytes", _I), ("device_capability", _S), ("cuda_version", _S), ("torch_threads", _I),
+    ("sweeper_version", _S), ("sweeper_git_sha", _S), ("torch_version", _S), ("transformers_version", _S),
+    ("accelerate_version", _S), ("bitsandbytes_version", _S), ("ray_version", _S), ("lm_eval_version", _S),
+    ("polars_version", _S), ("pyarrow_version", _S),
+])
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -75,10 +100,13 @@ def metrics_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=METRICS_SCHEMA)
 
 
-def _row_table(row: dict[str, Any]) -> pa.Table:
-    # Nested values are stored as JSON strings, so the files stay flat and need no unpickling.
+def trial_table(row: dict[str, Any]) -> pa.Table:
+    """One trial row in TRIALS_SCHEMA; nested values become JSON strings (flat files, nothing to unpickle)."""
+    unknown = set(row) - set(TRIALS_SCHEMA.names)
+    if unknown:
+        raise ValueError(f"trial row has columns missing from TRIALS_SCHEMA: {sorted(unknown)}")
     flat = {k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else v) for k, v in row.items()}
-    return pa.Table.from_pylist([flat])
+    return pa.Table.from_pylist([flat], schema=TRIALS_SCHEMA)
 
 
 class ResultsStore:
@@ -107,10 +135,12 @@ class ResultsStore:
         """Write a trial's files; the trial row goes last, so its presence means the rest is whole."""
         tid = row["trial_id"]
         assert row.get("status") in TRIAL_STATUSES, row.get("status")
+        t0 = time.perf_counter()
         atomic_write_table(self.metrics_path(tid), metrics_table(metrics))
         if samples is not None:
             atomic_write_table(self.samples_path(tid), samples)
-        atomic_write_table(self.trial_path(tid), _row_table(row))
+        row = {**row, "stage_write_s": time.perf_counter() - t0}
+        atomic_write_table(self.trial_path(tid), trial_table(row))
 
     def write_study(self, doc: dict[str, Any]) -> None:
         atomic_write_bytes(self.study_json, (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode())

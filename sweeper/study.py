@@ -77,6 +77,8 @@ class Benchmark:
     repeats: int = 5
     warmup: int = 1
     enabled: bool = True
+    exclusive_timing: bool = True  # timed sections hold the GPU alone (see sweeper/timing_lease.py)
+    graph_decode: bool = True  # on CUDA, also the CUDA-graph decode speed and its roofline
 
     def __post_init__(self):
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes) if isinstance(self.batch_sizes, (list, tuple)) else self.batch_sizes)
@@ -88,7 +90,8 @@ class Benchmark:
                and all(_is_int(b) and b >= 1 for b in self.batch_sizes),
                f"Benchmark.batch_sizes must be a non-empty list of integers >= 1, got {self.batch_sizes!r}")
         _check(len(set(self.batch_sizes)) == len(self.batch_sizes), f"Benchmark.batch_sizes has duplicates: {self.batch_sizes!r}")
-        _check(isinstance(self.enabled, bool), f"Benchmark.enabled must be True or False, got {self.enabled!r}")
+        for f in ("enabled", "exclusive_timing", "graph_decode"):
+            _check(isinstance(getattr(self, f), bool), f"Benchmark.{f} must be True or False, got {getattr(self, f)!r}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ Definitions (docs/measurement.md):
   ``new_tokens`` tokens, measured by a logits processor that marks every step (the prefill step excluded);
 - sequence_ms: the whole batch-1 ``generate`` (prefill + all new tokens);
 - throughput_tok_s at batch b: b * new_tokens / wall time of ``generate`` at batch b;
-- peak_memory_bytes: this process's peak over the stage (CUDA max allocated, or peak RSS on CPU).
+- peak_memory_bytes: this process's peak over the stage (CUDA max allocated, or peak RSS on CPU);
+- decode_graph_tok_s (CUDA only): a static-cache decode step replayed as a CUDA graph, with its roofline
+  (see decode_graph.py).
+The whole stage runs inside the device's timing lease when one is given: no neighbour's forward pass overlaps it.
 Generation is greedy and forced to exactly ``new_tokens`` tokens (min_new_tokens), prompts are random token ids
 from a fixed seed, so every precision does the same amount of work.
 """
@@ -44,8 +47,28 @@ def _step_marker(recorder: LatencyRecorder):
     return StepMarker()
 
 
-def run_benchmark(model, tokenizer, settings: Benchmark, device: str, seed: int = 0) -> tuple[list[dict], str]:
-    """Metric rows of the benchmark stage and the kind of peak memory measured."""
+def run_benchmark(model, tokenizer, settings: Benchmark, device: str, seed: int = 0, lease=None,
+                  weight_bytes: float | None = None) -> tuple[list[dict], dict]:
+    """Metric rows of the benchmark stage, and row facts (peak memory kind, timing wait, graph decode problems)."""
+    from contextlib import nullcontext
+
+    facts: dict = {"timing_exclusive": lease is not None}
+    with (lease.exclusive() if lease is not None else nullcontext(0.0)) as waited:
+        facts["timing_wait_s"] = waited
+        rows, kind = _measure(model, tokenizer, settings, device, seed)
+        facts["peak_memory_kind"] = kind
+        if settings.graph_decode and device == "cuda":
+            from .decode_graph import graph_decode, measured_bandwidth_bytes_per_s
+
+            one = _prompts(tokenizer, model, 1, settings.prompt_tokens, seed).to(model.device)
+            g_rows, problem = graph_decode(model, one, settings.new_tokens, settings.repeats, weight_bytes or 0.0,
+                                           measured_bandwidth_bytes_per_s() if weight_bytes else None)
+            rows += g_rows
+            facts["graph_decode_error"] = problem
+    return rows, facts
+
+
+def _measure(model, tokenizer, settings: Benchmark, device: str, seed: int) -> tuple[list[dict], str]:
     import torch
     from transformers import LogitsProcessorList
 

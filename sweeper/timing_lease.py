@@ -1,0 +1,101 @@
+"""Undisturbed timing on a shared device: a writer-preferring readers-writer lock per GPU (or per host for CPUs).
+
+Packing puts several trials on one GPU; their loads, perplexity and lm-eval forwards may overlap freely. A timed
+section, though, takes the device exclusively: it waits until every neighbour's current forward pass has finished,
+and neighbours wait before starting another one until the timed section ends. Neighbours take the shared side around
+each forward pass of their model (a forward pre/post hook) and around loading, so the exclusive side waits at most one
+forward pass or one load.
+
+Two ``flock`` files make the lock writer-preferring (a stream of short forwards cannot starve a timing section): a
+writer holds the turnstile while it waits for and holds the main lock; readers pass the turnstile before taking the
+main lock shared. Lock files live in the node's temp dir, keyed by the GPU's UUID, so only trials on the same physical
+device interact. No Ray here: it works for any processes on one host.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+_LOCAL = threading.local()  # in_exclusive: this process holds the device, its own forwards skip the shared side
+
+
+def device_key(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        uuid = str(getattr(props, "uuid", "")) or f"{socket.gethostname()}-{torch.cuda.current_device()}"
+        return f"gpu-{uuid}"
+    return f"cpu-{socket.gethostname()}"
+
+
+class TimingLease:
+    def __init__(self, device: str, lock_dir: str | None = None):
+        root = Path(lock_dir or os.environ.get("SWEEPER_LOCK_DIR") or tempfile.gettempdir()) / "sweeper-timing"
+        root.mkdir(parents=True, exist_ok=True)
+        key = device_key(device)
+        self._main = os.open(root / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        self._turnstile = os.open(root / f"{key}.turnstile", os.O_CREAT | os.O_RDWR, 0o666)
+        self.waited_s = 0.0
+
+    @contextmanager
+    def exclusive(self) -> Iterator[float]:
+        """Hold the device alone; yields the seconds waited for it."""
+        t0 = time.perf_counter()
+        fcntl.flock(self._turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._main, fcntl.LOCK_EX)
+            waited = time.perf_counter() - t0
+            self.waited_s += waited
+            _LOCAL.in_exclusive = True
+            try:
+                yield waited
+            finally:
+                _LOCAL.in_exclusive = False
+                fcntl.flock(self._main, fcntl.LOCK_UN)
+        finally:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+
+    def acquire_shared(self) -> None:
+        if getattr(_LOCAL, "in_exclusive", False):
+            return
+        fcntl.flock(self._turnstile, fcntl.LOCK_SH)
+        fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+        fcntl.flock(self._main, fcntl.LOCK_SH)
+
+    def release_shared(self) -> None:
+        if getattr(_LOCAL, "in_exclusive", False):
+            return
+        fcntl.flock(self._main, fcntl.LOCK_UN)
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    def guard_forwards(self, model) -> list:
+        """Take the shared side around every forward pass of ``model``; returns the hook handles."""
+        def pre(module, args, kwargs=None):
+            self.acquire_shared()
+
+        def post(module, args, output):
+            self.release_shared()
+
+        return [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+
+    def close(self) -> None:
+        for fd in (self._main, self._turnstile):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
