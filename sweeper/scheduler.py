@@ -7,6 +7,7 @@ their references (KL), so the ordering survives any interruption: a relaunch see
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -124,14 +125,21 @@ class Progress:
         return f"{counts}  {event}" if event else counts
 
 
-def _progress_callback(progress: Progress, emit: Callable[[str], None]):
+def _progress_callback(progress: Progress, emit: Callable[[str], None], events_path: Path):
     from ray.tune import Callback
 
     def tid(trial) -> str:
         return trial.config["spec"]["trial_id"]
 
+    def record(event: str, trial) -> None:
+        # driver-side timestamps: "scheduled" -> the row's load_started_at is the per-trial overhead
+        events_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(events_path, "a") as fh:
+            fh.write(json.dumps({"event": event, "trial_id": tid(trial), "at": time.time()}) + "\n")
+
     class ProgressCallback(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
+            record("scheduled", trial)
             progress.running.add(tid(trial))
             emit(progress.line(f"started {progress.labels[tid(trial)]}"))
 
@@ -192,7 +200,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=f"{stamp}-{name}", storage_path=str((store.root / "_tune").resolve()), verbose=0,
-            callbacks=[_progress_callback(progress, emit)],
+            callbacks=[_progress_callback(progress, emit, store.root / "_tune" / "events.jsonl")],
             failure_config=tune.FailureConfig(max_failures=retries),
         ),
     )
