@@ -7,7 +7,7 @@ another copy of the data folder. Numbers are CPU numbers (the trial rows say dev
 import os
 from pathlib import Path
 
-from sweeper import Benchmark, Perplexity, Study
+from sweeper import Benchmark, KLSettings, Perplexity, Study
 
 DATA = Path(os.environ.get("SWEEPER_DEMO_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 MODEL = os.environ.get("SWEEPER_DEMO_MODEL", str(DATA / "models" / "llama-4m"))
@@ -20,4 +20,6 @@ study = Study(
     compute_dtypes=["fp32"],
     benchmark=Benchmark(prompt_tokens=64, new_tokens=16, batch_sizes=(1, 4), repeats=3, warmup=1),
     perplexity=Perplexity(path=str(DATA / "wikitext-2" / "test.txt"), context=256, max_tokens=8192),
+    # KL to the fp32 baseline on a 1024-token WikiText slice + 2 prompts of each of the 12 suite categories
+    kl=KLSettings(max_prompts_per_category=2, gen_tokens=16),
 )

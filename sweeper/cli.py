@@ -76,6 +76,8 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             moved = L.move_aside(p.store)
             if moved:
                 click.echo(f"--fresh: moved old results to {moved}")
+        for path, dest, why in p.store.quarantine_damaged():
+            click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
         cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose)
         share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpus else None
         p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent,
@@ -93,7 +95,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         try:
             progress = scheduler.run_trials(pending, p.store, emit=click.echo,
                                             max_concurrent=p.study.resources.max_concurrent, retries=retries,
-                                            baselines_first=p.study.kl)
+                                            baselines_first=p.study.kl is not None)
         except KeyboardInterrupt:
             click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
                        "again to resume", err=True)

@@ -20,6 +20,23 @@ def scrub(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (scrub(v) if isinstance(v, dict) else v) for k, v in d.items() if not _SECRET_RE.search(str(k))}
 
 
+def scrub_argv(argv: list[str]) -> list[str]:
+    """A command line with the values of secret-looking options (and user:password@ in URLs) masked."""
+    out, mask_next = [], False
+    for a in argv:
+        if mask_next:
+            out.append("***")
+            mask_next = False
+            continue
+        key, eq, _ = a.partition("=")
+        if a.startswith("-") and _SECRET_RE.search(key):
+            out.append(f"{key}=***" if eq else a)
+            mask_next = not eq
+            continue
+        out.append(re.sub(r"://[^/@\s]+@", "://***@", a))
+    return out
+
+
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg.replace("_", "-"))

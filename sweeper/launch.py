@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .environment import static_environment
+from .environment import scrub, scrub_argv, static_environment
 from .errors import UserError
 from .store import ResultsStore
 from .study import Resources, Study
@@ -125,7 +125,7 @@ def record_launch(p: Plan, argv: list[str], address: str | None) -> None:
     """study.json: the expanded study as launched, plus the history of launches."""
     previous = p.store.read_study() or {}
     launches = previous.get("launches", [])
-    launches.append({"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": argv,
+    launches.append({"at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": scrub_argv(argv),
                      "address": address, "host": socket.gethostname(), "pending": len(p.pending),
                      **{k: v for k, v in static_environment().items() if k.endswith("_version") or k == "sweeper_git_sha"}})
     known = {t["trial_id"]: t for t in previous.get("trials", [])}
@@ -135,7 +135,8 @@ def record_launch(p: Plan, argv: list[str], address: str | None) -> None:
                              "gpu_share": t.gpu_share}
     doc = {
         "name": p.study.name, "study_file": str(p.study_path.resolve()),
-        "study_source": p.study_path.read_text(), "study": json.loads(json.dumps(dataclasses.asdict(p.study), default=str)),
+        "study_source": p.study_path.read_text(),
+        "study": scrub(json.loads(json.dumps(dataclasses.asdict(p.study), default=str))),
         "trials": list(known.values()), "dropped": [dataclasses.asdict(d) for d in p.dropped], "launches": launches,
     }
     p.store.root.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,10 @@ def _alive(info: dict) -> bool:
 
 class LaunchLock:
     def __init__(self, root: Path):
-        self.path = Path(root) / ".launch.lock"
+        root = Path(root)
+        # beside the results dir, not inside it: --fresh moves the dir while the lock is held
+        self.path = root.parent / f".{root.name}.launch.lock"
+        self.root = root
         self.info = _me()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,9 +70,9 @@ class LaunchLock:
                 other = {}
             if other and _alive(other):
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("since", 0)))
-                raise UserError(f"results dir {self.path.parent} is in use by another `sweep launch` (pid {other.get('pid')} "
+                raise UserError(f"results dir {self.root} is in use by another `sweep launch` (pid {other.get('pid')} "
                                 f"on {other.get('host')}, since {since}); wait for it to finish or stop it") from None
-            log.warning("taking over a stale lock of %s left by pid %s on %s", self.path.parent, other.get("pid"),
+            log.warning("taking over a stale lock of %s left by pid %s on %s", self.root, other.get("pid"),
                         other.get("host"))
             self._write(exclusive=False)
         self._thread = threading.Thread(target=self._beat, daemon=True)
@@ -96,3 +99,37 @@ class LaunchLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def lock_holder(root: Path) -> dict | None:
+    """The live launch holding ``root``'s lock, or None (no lock, or a stale one)."""
+    path = Path(root).parent / f".{Path(root).name}.launch.lock"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return info if _alive(info) else None
+
+
+class TrialClaim:
+    """An exclusive claim on one trial while it runs (flock: released by the kernel if the process dies).
+
+    A worker orphaned by a killed driver may still be running a trial when a relaunch reaches the same trial; the
+    relaunch waits for the claim, then finds the trial done in the store instead of running it a second time.
+    """
+
+    def __init__(self, root: Path, trial_id: str):
+        import fcntl
+
+        self._fcntl = fcntl
+        d = Path(root) / ".claims"
+        d.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(d / f"{trial_id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+
+    def __enter__(self) -> "TrialClaim":
+        self._fcntl.flock(self._fd, self._fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fcntl.flock(self._fd, self._fcntl.LOCK_UN)
+        os.close(self._fd)

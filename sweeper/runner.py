@@ -58,7 +58,8 @@ def config_row(spec: TrialSpec) -> dict[str, Any]:
     }
 
 
-def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: str | None = None) -> dict[str, Any]:
+def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: str | None = None,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every stage of ``spec``, write its files atomically, and return its trial row.
 
     A failing stage ends the trial: the row gets status "failed" with the stage, error type and message; metrics
@@ -68,13 +69,13 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
 
     device = device or pick_device()
     torch.manual_seed(spec.seed)
-    if device == "cuda" and spec.gpu_share and spec.gpu_share < 1:
-        # One trial's excess becomes its own OOM, not its neighbour's.
-        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_share))
+    if device == "cuda":
+        # One trial's excess becomes its own OOM, not its neighbour's (reset to 1 for a whole GPU: workers are reused).
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_share) if spec.gpu_share else 1.0)
     row: dict[str, Any] = {**config_row(spec), **static_environment(), **device_environment(device),
                            "attempt": attempt, "started_at": _now(), "status": "done", "error_stage": None,
                            "error_type": None, "error": None, "error_traceback": None,
-                           "worker_pid": os.getpid(), "worker_trial_index": _PROCESS_TRIALS[0]}
+                           "worker_pid": os.getpid(), "worker_trial_index": _PROCESS_TRIALS[0], **(extra or {})}
     _PROCESS_TRIALS[0] += 1
     metrics: list[dict] = []
     samples = None
@@ -155,6 +156,31 @@ def _perplexity(spec, loaded, store, lease):
     return token_perplexity(loaded.model, loaded.tokenizer, spec.perplexity), {}, None
 
 
+def _kl(spec, loaded, store, lease):
+    """KL to the baseline: the baseline computes and stores the reference (once per identity), every trial compares."""
+    import shutil
+
+    from .stages import kl
+
+    if spec.kl is None:
+        return None
+    ref_id = kl.reference_id(spec.baseline_spec(), settings=spec.kl)
+    path = store.ref_path(ref_id)
+    if not path.exists():
+        # the same baseline cell in another study (a sibling results dir) already made this reference
+        other = next(iter(sorted(store.root.parent.glob(f"*/refs/{ref_id}.parquet"))), None)
+        if other is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(other, path)
+    if not path.exists():
+        if not spec.is_baseline:
+            return [], {"notes": f"KL skipped: the baseline's reference {ref_id} does not exist "
+                                 "(the baseline trial failed or has not run)"}, None
+        kl.write_reference(path, kl.compute_reference(loaded.model, loaded.tokenizer, spec, settings=spec.kl))
+    ref = kl.read_reference(path)
+    return kl.kl_metrics(loaded.model, loaded.tokenizer, ref, spec), {"kl_reference_id": ref_id}, None
+
+
 def _stages(spec: TrialSpec):
     """The stages after load, in order: (name, fn(spec, loaded, store, lease) -> (metrics, row updates, samples) | None)."""
-    return [("benchmark", _benchmark), ("perplexity", _perplexity)]
+    return [("benchmark", _benchmark), ("perplexity", _perplexity), ("kl", _kl)]

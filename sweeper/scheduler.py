@@ -7,6 +7,7 @@ their references (KL), so the ordering survives any interruption: a relaunch see
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -91,16 +92,25 @@ def _trainable(config: dict) -> None:
 
     from .runner import run_trial
 
-    spec = TrialSpec.from_dict(config["spec"])
+    import ray
+
+    from .lock import TrialClaim
+
+    case = config["case"]
+    spec = TrialSpec.from_dict(case["spec"])
+    if case.get("gpu_share_override"):
+        spec = dataclasses.replace(spec, gpu_share=case["gpu_share_override"])
     store = ResultsStore(config["store"])
-    previous = store.read_trial_row(spec.trial_id)
-    if previous is not None and previous["status"] == "done":
-        tune.report({"status": "skipped"})
-        return
-    torch.set_num_threads(max(1, spec.cpus))
-    attempt = (previous or {}).get("attempt", 0) + 1
-    row = run_trial(spec, store, attempt=attempt)
-    tune.report({"status": row["status"], "error": row["error"] or "", "trial_seconds": row["duration_s"]})
+    with TrialClaim(store.root, spec.trial_id):
+        previous = store.read_trial_row(spec.trial_id)
+        if previous is not None and previous["status"] == "done":
+            tune.report({"status": "skipped"})
+            return
+        torch.set_num_threads(max(1, spec.cpus))
+        attempt = (previous or {}).get("attempt", 0) + 1
+        row = run_trial(spec, store, attempt=attempt, extra={"ray_node_id": ray.get_runtime_context().get_node_id()})
+    tune.report({"status": row["status"], "error": row["error"] or "", "error_type": row["error_type"] or "",
+                 "trial_seconds": row["duration_s"]})
 
 
 @dataclass
@@ -129,7 +139,7 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
     from ray.tune import Callback
 
     def tid(trial) -> str:
-        return trial.config["spec"]["trial_id"]
+        return trial.config["case"]["spec"]["trial_id"]
 
     def record(event: str, trial) -> None:
         # driver-side timestamps: "scheduled" -> the row's load_started_at is the per-trial overhead
@@ -175,27 +185,60 @@ def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str
         phases = [p for p in (base, rest) if p]
     for i, phase in enumerate(phases):
         _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}")
+        _retry_out_of_memory(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}")
     return progress
 
 
+def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries, name) -> None:
+    """Trials that ran out of memory on a GPU share run again with twice the share, up to a whole GPU."""
+    shares = {t.trial_id: t.gpu_share for t in trials}
+    round_ = 0
+    while True:
+        again = []
+        for t in trials:
+            row = store.read_trial_row(t.trial_id)
+            share = shares[t.trial_id]
+            if row and row["status"] == "failed" and row["error_type"] == "OutOfMemory" and 0 < share < 1:
+                shares[t.trial_id] = min(1.0, round(share * 2, 2))
+                again.append(t)
+        if not again:
+            return
+        round_ += 1
+        for t in again:
+            progress.failed.discard(t.trial_id)
+            emit(progress.line(f"out of memory at GPU share {shares[t.trial_id] / 2:g}: retrying {t.cell} with "
+                               f"{shares[t.trial_id]:g}"))
+        _run_phase(again, store, progress, emit, max_concurrent, retries, name=f"{name}-oom{round_}",
+                   share_override=shares)
+
+
 def _trial_name(trial) -> str:
-    return trial.config["spec"]["trial_id"]
+    return trial.config["case"]["spec"]["trial_id"]
 
 
-def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name):
+def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
+               share_override: dict[str, float] | None = None):
     from ray import tune
 
     def resources(config):
-        spec = config["spec"]
+        spec = config["case"]["spec"]
         r = {"cpu": spec["cpus"]}
-        if spec["gpu_share"]:
-            r["gpu"] = spec["gpu_share"]
+        share = config["case"].get("gpu_share_override") or spec["gpu_share"]
+        if share:
+            r["gpu"] = share
         return r
+
+    specs = [t.to_dict() for t in trials]
+    if share_override:  # a grid over (spec, share) pairs keeps each trial's own share
+        param_space = {"case": tune.grid_search([{"spec": s, "gpu_share_override": share_override[s["trial_id"]]}
+                                                 for s in specs]), "store": str(store.root.resolve())}
+    else:
+        param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve())}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
         tune.with_resources(_trainable, resources),
-        param_space={"spec": tune.grid_search([t.to_dict() for t in trials]), "store": str(store.root.resolve())},
+        param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
@@ -212,7 +255,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
     for result in grid:
         if result.error is None:
             continue
-        tid = result.config["spec"]["trial_id"]
+        tid = result.config["case"]["spec"]["trial_id"]
         if store.read_trial_row(tid) is None:
             row = {**config_row(by_id[tid]), "status": "failed", "error_stage": "worker", "error_type": "WorkerDied",
                    "error": f"{type(result.error).__name__}: {str(result.error).splitlines()[0][:500]}",

@@ -33,7 +33,9 @@ def status_report(study_or_dir: str) -> str:
     ids = [t["trial_id"] for t in expected]
     done = [i for i in ids if status.get(i) == "done"]
     failed = [t for t in expected if status.get(t["trial_id"]) == "failed"]
-    lock = (store.root / ".launch.lock").exists()
+    from .lock import lock_holder
+
+    lock = lock_holder(store.root) is not None
     lines = [f"{store.root}: {len(ids)} trials: {len(done)} done, {len(failed)} failed, "
              f"{len(ids) - len(done) - len(failed)} pending" + (" (a launch holds the lock: running)" if lock else "")]
     for t in failed:

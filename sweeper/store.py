@@ -56,7 +56,7 @@ TRIALS_SCHEMA = pa.schema([
     ("stage_tasks_s", _F), ("stage_write_s", _F),
     # measurement facts
     ("peak_memory_kind", _S), ("timing_exclusive", _B), ("timing_wait_s", _F), ("graph_decode_error", _S),
-    ("kl_reference_id", _S), ("worker_pid", _I), ("worker_trial_index", _I),
+    ("kl_reference_id", _S), ("notes", _S), ("worker_pid", _I), ("worker_trial_index", _I), ("ray_node_id", _S),
     # environment
     ("host", _S), ("platform", _S), ("python_version", _S), ("device", _S), ("device_name", _S),
     ("device_memory_bytes", _I), ("device_capability", _S), ("cuda_version", _S), ("torch_threads", _I),
@@ -164,9 +164,45 @@ class ResultsStore:
             try:
                 status = pq.read_table(f, columns=["status"]).column("status")[0].as_py()
             except Exception as e:  # a damaged file must never be read as "not there"
-                raise UserError(f"corrupted result file {f}: {type(e).__name__}: {e}") from None
+                raise UserError(f"corrupted result file {f} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                                "`sweep launch` quarantines it and reruns its trial") from None
             out[f.stem] = status
         return out
+
+    def damaged_files(self) -> list[tuple[Path, str]]:
+        """Result files that cannot be read (truncated, not Parquet, wrong schema), with the reason."""
+        bad = []
+        for sub in ("trials", "metrics", "samples", "refs"):
+            for f in sorted((self.root / sub).glob("*.parquet")) if (self.root / sub).is_dir() else []:
+                try:
+                    meta = pq.read_metadata(f)
+                    if sub == "trials":
+                        t = pq.read_table(f, columns=["trial_id", "status"])
+                        if t.num_rows != 1 or t.column("trial_id")[0].as_py() != f.stem:
+                            raise ValueError("not a single trial row for this trial id")
+                    elif meta.num_columns == 0:
+                        raise ValueError("no columns")
+                except Exception as e:
+                    bad.append((f, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        return bad
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a damaged file to <root>/quarantine/<sub>/ (kept for inspection, never read as results)."""
+        dest = self.root / "quarantine" / path.parent.name / f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        return dest
+
+    def quarantine_damaged(self) -> list[tuple[Path, Path, str]]:
+        """Quarantine every damaged file; a trial whose metrics were damaged loses its row too, so it runs again."""
+        moved = []
+        for f, why in self.damaged_files():
+            moved.append((f, self.quarantine(f), why))
+            if f.parent.name in ("metrics", "samples"):
+                row = self.trial_path(f.stem)
+                if row.exists():
+                    moved.append((row, self.quarantine(row), f"its {f.parent.name} file was damaged"))
+        return moved
 
     def read_trial_row(self, trial_id: str) -> dict[str, Any] | None:
         p = self.trial_path(trial_id)

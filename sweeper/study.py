@@ -110,6 +110,37 @@ class Perplexity:
 
 
 @dataclass(frozen=True)
+class KLSettings:
+    """KL divergence to the baseline: sizes of the token set and the storage mode (docs/kl.md)."""
+
+    wiki_tokens: int = 1024  # WikiText tokens in the token set (from the start of the file)
+    wiki_seq_len: int = 256  # the WikiText slice is cut into sequences of this many tokens
+    prompt_max_tokens: int = 96  # suite prompts are truncated to this many tokens
+    continuation_tokens: int = 16  # baseline greedy tokens appended to each prompt in the token set
+    gen_tokens: int = 32  # greedy new tokens per prompt for success rate and length
+    exact_max_vocab: int = 8192  # exact full log-probs up to this vocabulary size, top-k above
+    top_k: int = 256  # k of top-k mode
+    max_prompts_per_category: int | None = None  # None: the whole suite (tests use fewer)
+
+    def __post_init__(self) -> None:
+        for name in ("wiki_tokens", "exact_max_vocab"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise UserError(f"KLSettings.{name} must be an integer >= 0, got {v!r}")
+        for name in ("wiki_seq_len", "prompt_max_tokens", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise UserError(f"KLSettings.{name} must be an integer >= 1, got {v!r}")
+        for name in ("continuation_tokens", "gen_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise UserError(f"KLSettings.{name} must be an integer >= 0, got {v!r}")
+        m = self.max_prompts_per_category
+        if m is not None and (not isinstance(m, int) or m < 1):
+            raise UserError(f"KLSettings.max_prompts_per_category must be None or an integer >= 1, got {m!r}")
+
+
+@dataclass(frozen=True)
 class Resources:
     """Per-trial resources: GPU share ("auto" from the memory estimate, or a fraction / whole number of GPUs)."""
 
@@ -148,7 +179,7 @@ class Study:
     limit: int | float | None = None  # study-level default for tasks
     eval_batch_size: int | str = "auto"
     seed: int = 0
-    kl: bool = True  # KL divergence to the baseline (needs a baseline cell per model)
+    kl: KLSettings | bool | None = True  # KL divergence to the baseline: True (defaults), KLSettings(...), False
     description: str = ""
 
     def __post_init__(self):
@@ -209,7 +240,9 @@ class Study:
         _check(self.eval_batch_size == "auto" or (_is_int(self.eval_batch_size) and self.eval_batch_size >= 1),
                f"study.eval_batch_size must be 'auto' or an integer >= 1, got {self.eval_batch_size!r}")
         _check(_is_int(self.seed), f"study.seed must be an integer, got {self.seed!r}")
-        _check(isinstance(self.kl, bool), f"study.kl must be True or False, got {self.kl!r}")
+        _check(isinstance(self.kl, (bool, KLSettings)) or self.kl is None,
+               f"study.kl must be True, False or KLSettings(...), got {self.kl!r}")
+        object.__setattr__(self, "kl", KLSettings() if self.kl is True else (self.kl or None))
         _check(isinstance(self.description, str), f"study.description must be a string, got {self.description!r}")
         self.baseline_cell()  # validates the baseline
 

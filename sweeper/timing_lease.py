@@ -10,6 +10,10 @@ Two ``flock`` files make the lock writer-preferring (a stream of short forwards 
 writer holds the turnstile while it waits for and holds the main lock; readers pass the turnstile before taking the
 main lock shared. Lock files live in the node's temp dir, keyed by the GPU's UUID, so only trials on the same physical
 device interact. No Ray here: it works for any processes on one host.
+
+CUDA work is asynchronous: a forward pass returns on the host while its kernels are still queued. So on CUDA the shared
+side synchronises the device before it releases (a neighbour's queued kernels never run inside a timed section), and
+the exclusive side synchronises after taking the lock and before releasing it.
 """
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ class TimingLease:
         self._main = os.open(root / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o666)
         self._turnstile = os.open(root / f"{key}.turnstile", os.O_CREAT | os.O_RDWR, 0o666)
         self.waited_s = 0.0
+        self._cuda = device == "cuda"
+
+    def _sync(self) -> None:
+        if self._cuda:
+            import torch
+
+            torch.cuda.synchronize()
 
     @contextmanager
     def exclusive(self) -> Iterator[float]:
@@ -52,6 +63,7 @@ class TimingLease:
         fcntl.flock(self._turnstile, fcntl.LOCK_EX)
         try:
             fcntl.flock(self._main, fcntl.LOCK_EX)
+            self._sync()  # this process's own earlier work stays out of the timed section
             waited = time.perf_counter() - t0
             self.waited_s += waited
             _LOCAL.in_exclusive = True
@@ -59,7 +71,10 @@ class TimingLease:
                 yield waited
             finally:
                 _LOCAL.in_exclusive = False
-                fcntl.flock(self._main, fcntl.LOCK_UN)
+                try:
+                    self._sync()
+                finally:
+                    fcntl.flock(self._main, fcntl.LOCK_UN)
         finally:
             fcntl.flock(self._turnstile, fcntl.LOCK_UN)
 
@@ -73,7 +88,10 @@ class TimingLease:
     def release_shared(self) -> None:
         if getattr(_LOCAL, "in_exclusive", False):
             return
-        fcntl.flock(self._main, fcntl.LOCK_UN)
+        try:
+            self._sync()  # the kernels this forward queued finish before a timed section may start
+        finally:
+            fcntl.flock(self._main, fcntl.LOCK_UN)
 
     @contextmanager
     def shared(self) -> Iterator[None]:

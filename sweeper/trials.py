@@ -12,6 +12,7 @@ Rules (documented in README "Study files"):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import precisions as _precisions
-from .study import Benchmark, Model, Perplexity, Study, Task
+from .study import Benchmark, KLSettings, Model, Perplexity, Study, Task
 
 # Bump when a metric's definition changes: every trial id changes with it, so old numbers are never mixed in.
 METRICS_VERSION = 1
@@ -46,7 +47,10 @@ class TrialSpec:
     seed: int
     is_baseline: bool
     baseline_id: str | None  # the trial id of this model's baseline cell
-    kl: bool
+    baseline_precision: str  # the baseline cell, so any trial can name the baseline's KL reference
+    baseline_compute_dtype: str
+    baseline_options: dict[str, Any]
+    kl: KLSettings | None
     gpu_share: float  # 0 on CPU-only clusters
     cpus: int
 
@@ -64,7 +68,16 @@ class TrialSpec:
         d["tasks"] = tuple(Task(**t) for t in d["tasks"])
         d["benchmark"] = Benchmark(**{**d["benchmark"], "batch_sizes": tuple(d["benchmark"]["batch_sizes"])})
         d["perplexity"] = Perplexity(**d["perplexity"]) if d["perplexity"] else None
+        d["kl"] = KLSettings(**d["kl"]) if d["kl"] else None
         return cls(**d)
+
+    def baseline_spec(self) -> "TrialSpec":
+        """The spec of this model's baseline cell (this spec itself for the baseline)."""
+        if self.is_baseline:
+            return self
+        return dataclasses.replace(self, trial_id=self.baseline_id, precision=self.baseline_precision,
+                                   compute_dtype=self.baseline_compute_dtype, precision_options=self.baseline_options,
+                                   is_baseline=True)
 
 
 @dataclass(frozen=True)
@@ -131,7 +144,7 @@ def trial_identity(study: Study, model: Model, precision: str, compute_dtype: st
         "tasks": [_task_identity(t, study) for t in study.tasks],
         "benchmark": asdict(study.benchmark),
         "perplexity": ppl,
-        "kl": study.kl,
+        "kl": asdict(study.kl) if study.kl else None,
         "seed": study.seed,
         "metrics_version": METRICS_VERSION,
     }
@@ -178,6 +191,8 @@ def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> 
                 compute_dtype=cd, tasks=study.tasks, num_fewshot=study.num_fewshot, limit=study.limit,
                 eval_batch_size=study.eval_batch_size, benchmark=study.benchmark, perplexity=study.perplexity,
                 seed=study.seed, is_baseline=(pname, cd) == (base_precision, base_cd), baseline_id=base_id,
+                baseline_precision=base_precision, baseline_compute_dtype=base_cd,
+                baseline_options=_precisions.get(base_precision).resolve_options(study.precision_options.get(base_precision)),
                 kl=study.kl, gpu_share=share, cpus=study.resources.cpus_per_trial,
             ))
     return trials, dropped

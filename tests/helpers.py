@@ -30,5 +30,9 @@ def fast_benchmark() -> str:
     return "Benchmark(prompt_tokens=16, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=0)"
 
 
+def fast_kl() -> str:
+    return "KLSettings(wiki_tokens=128, wiki_seq_len=64, max_prompts_per_category=1, gen_tokens=4, continuation_tokens=4)"
+
+
 def read_trials(results: Path) -> pl.DataFrame:
     return pl.read_parquet(str(results / "trials" / "*.parquet"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import fast_benchmark, read_trials, sweep, sweep_popen, write_study
+from helpers import fast_benchmark, fast_kl, read_trials, sweep, sweep_popen, write_study
 
 PRECISIONS = ["fp32", "bf16", "int8", "nf4", "fp4"]
 
@@ -25,6 +25,7 @@ def study_file(tmp_path, tiny_model, shared_data) -> Path:
             compute_dtypes=["fp32"],
             benchmark={fast_benchmark()},
             perplexity=Perplexity({str(shared_data / "wikitext-2" / "test.txt")!r}, context=64, max_tokens=256),
+            kl={fast_kl()},
         )
     """)
 
