@@ -9,6 +9,7 @@ import click
 
 from .errors import UserError
 
+EXIT_TRIALS_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -76,6 +77,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             moved = L.move_aside(p.store)
             if moved:
                 click.echo(f"--fresh: moved old results to {moved}")
+        p.store.remove_stale_temp_files()
         for path, dest, why in p.store.quarantine_damaged():
             click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
         cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose)
@@ -111,9 +113,10 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     if len(ids) - done - len(failed) > 0:
         click.echo(f"interrupted: run `sweep launch {study_file}` again to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    if failed:
-        click.echo(f"failed trials: see `sweep status {p.store.root}`")
     click.echo(f"read them: sweep results {p.store.root}")
+    if failed:
+        click.echo(f"{len(failed)} trial(s) failed: see `sweep status {p.store.root}`; a relaunch retries them", err=True)
+        sys.exit(EXIT_TRIALS_FAILED)
 
 
 def _print_plan(p, notes, render) -> None:
@@ -123,6 +126,8 @@ def _print_plan(p, notes, render) -> None:
 
     for n in notes:
         click.echo(n)
+    for f, why in p.store.damaged_files():
+        click.echo(f"damaged result file {f} ({why}): its trial counts as pending", err=True)
     for d in p.dropped:
         click.echo(f"dropped {d.model} {d.precision} x compute {d.compute_dtype}: {d.reason}")
     click.echo(f"study {p.study.name}: {len(p.trials)} trial(s), results in {p.store.root}")

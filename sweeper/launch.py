@@ -101,14 +101,14 @@ def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = ()
     if study.tasks:  # lm-eval's task index is only built when a study has tasks
         from .stages.tasks import validate_tasks
 
-        validate_tasks(study.tasks)
+        validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
     store = ResultsStore(results or default_results_dir(study))
     check_results_dir(store, study)
     trials, dropped = expand(study, gpu_share_for=gpu_share_for, cluster_has_gpus=cluster_has_gpus)
     if only:
         trials = narrow(trials, parse_only(only))
     return Plan(study=study, study_path=Path(study_path), store=store, trials=trials, dropped=dropped,
-                status=store.trial_status()), notes
+                status=store.trial_status(skip_damaged=True)), notes
 
 
 def move_aside(store: ResultsStore) -> Path | None:

@@ -120,6 +120,21 @@ class Results:
         return out.sort(["study", "model", "precision", "compute_dtype"], nulls_last=True) if "study" in present else out
 
 
-def open_results(dirs: list[str] | str) -> Results:
-    """Results of one or more directories (globs allowed) as Polars LazyFrames."""
-    return Results(expand_dirs([dirs] if isinstance(dirs, str) else list(dirs)))
+def open_results(dirs: list[str] | str, check: bool = True) -> Results:
+    """Results of one or more directories (globs allowed) as Polars LazyFrames.
+
+    With ``check``, every file's Parquet footer is read first, so a damaged file is reported by name (UserError)
+    instead of failing somewhere inside a query or being mistaken for "no results".
+    """
+    from .store import ResultsStore
+
+    paths = expand_dirs([dirs] if isinstance(dirs, str) else list(dirs))
+    if check:
+        for p in paths:
+            damaged = ResultsStore(p).damaged_files()
+            if damaged:
+                f, why = damaged[0]
+                more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+                raise UserError(f"damaged result file {f}{more}: {why}; `sweep launch` on its study quarantines it "
+                                "and reruns the trial")
+    return Results(paths)

@@ -93,7 +93,7 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         row["load_started_at"] = time.time()
         t0 = time.perf_counter()
         with (lease.shared() if lease else _nothing()):
-            loaded = load_model(spec, device)
+            loaded = load_model(spec, device, store)
         metrics += loaded.metrics
         row["stage_load_s"] = time.perf_counter() - t0
         if lease:
@@ -181,6 +181,20 @@ def _kl(spec, loaded, store, lease):
     return kl.kl_metrics(loaded.model, loaded.tokenizer, ref, spec), {"kl_reference_id": ref_id}, None
 
 
+# lm-eval's "auto" batch size probes up to this; on a GPU share the probe's OOM comes at the share's cap already
+MAX_EVAL_BATCH = 64
+
+
+def _tasks(spec, loaded, store, lease):
+    """lm-eval tasks on the model already in memory: one evaluation call for all of them."""
+    from .stages.tasks import run_tasks
+
+    if not spec.tasks:
+        return None
+    rows, samples = run_tasks(loaded.model, loaded.tokenizer, spec, loaded.device, max_batch_size=MAX_EVAL_BATCH)
+    return rows, {}, samples
+
+
 def _stages(spec: TrialSpec):
     """The stages after load, in order: (name, fn(spec, loaded, store, lease) -> (metrics, row updates, samples) | None)."""
-    return [("benchmark", _benchmark), ("perplexity", _perplexity), ("kl", _kl)]
+    return [("benchmark", _benchmark), ("perplexity", _perplexity), ("kl", _kl), ("tasks", _tasks)]

@@ -154,8 +154,11 @@ class ResultsStore:
         except json.JSONDecodeError as e:
             raise UserError(f"{self.study_json} is not valid JSON ({e}); move it aside or restore it") from None
 
-    def trial_status(self) -> dict[str, str]:
-        """trial_id -> status for every trial row present ("done" or "failed")."""
+    def trial_status(self, skip_damaged: bool = False) -> dict[str, str]:
+        """trial_id -> status for every trial row present ("done" or "failed").
+
+        A damaged row raises UserError naming it, or with ``skip_damaged`` counts as absent (launch quarantines it).
+        """
         out: dict[str, str] = {}
         folder = self.root / "trials"
         if not folder.is_dir():
@@ -164,6 +167,8 @@ class ResultsStore:
             try:
                 status = pq.read_table(f, columns=["status"]).column("status")[0].as_py()
             except Exception as e:  # a damaged file must never be read as "not there"
+                if skip_damaged:
+                    continue
                 raise UserError(f"corrupted result file {f} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                                 "`sweep launch` quarantines it and reruns its trial") from None
             out[f.stem] = status
@@ -192,6 +197,15 @@ class ResultsStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)
         return dest
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete temporary files a killed writer left behind (only under the launch lock: no writer is running)."""
+        n = 0
+        for d in (self.root, *(self.root / sub for sub in ("trials", "metrics", "samples", "refs"))):
+            for f in d.glob(".*.tmp") if d.is_dir() else []:
+                f.unlink(missing_ok=True)
+                n += 1
+        return n
 
     def quarantine_damaged(self) -> list[tuple[Path, Path, str]]:
         """Quarantine every damaged file; a trial whose metrics were damaged loses its row too, so it runs again."""

@@ -116,15 +116,13 @@ def file_fingerprint(path: str) -> str:
 
 
 def _task_identity(t: Task, study: Study) -> dict[str, Any]:
-    data = t.data
-    if isinstance(data, str):
-        data = {"_": data}
-    fingerprints = {k: file_fingerprint(v) for k, v in (data or {}).items() if os.path.isfile(v)}
+    from .taskdata import data_fingerprint
+
     return {
         "name": t.name,
         "num_fewshot": t.num_fewshot if t.num_fewshot is not None else study.num_fewshot,
         "limit": t.limit if t.limit is not None else study.limit,
-        "data": fingerprints or None,
+        "data": data_fingerprint(t.data),  # content of files and folders (MMLU's tree, PIQA's labels file)
     }
 
 
