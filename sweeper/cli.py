@@ -136,12 +136,13 @@ def _print_plan(p, notes, render) -> None:
 
 @main.command()
 @click.argument("study_or_dir")
+@click.option("--results", "results_dir", default=None, help="With a study file: its results dir (default results/<name>).")
 @_handle_errors
-def status(study_or_dir):
+def status(study_or_dir, results_dir):
     """Counts of done / failed / pending trials, and the failures, of a study file or results dir."""
     from .status import status_report
 
-    click.echo(status_report(study_or_dir))
+    click.echo(status_report(study_or_dir, results_dir))
 
 
 @main.command()

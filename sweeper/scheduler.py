@@ -51,12 +51,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
                                                             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}})
     if address:
         kwargs["address"] = address
-    elif num_cpus:
-        kwargs["num_cpus"] = num_cpus
+    else:
+        # "local" always starts a private instance; a bare ray.init() would join whatever cluster the machine's
+        # /tmp/ray/ray_current_cluster names, even a dead one left by a killed `ray start`
+        kwargs["address"] = "local"
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot connect to the Ray cluster at {address!r}: {str(e).splitlines()[0]}; "
+        raise UserError(f"cannot connect to the Ray cluster at {kwargs['address']!r}: {str(e).splitlines()[0]}; "
                         "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))

@@ -7,7 +7,7 @@ from .errors import UserError
 from .store import ResultsStore
 
 
-def _resolve(study_or_dir: str) -> tuple[ResultsStore, list[dict]]:
+def _resolve(study_or_dir: str, results_dir: str | None = None) -> tuple[ResultsStore, list[dict]]:
     p = Path(study_or_dir)
     if p.is_file() and p.suffix == ".py":
         from .launch import default_results_dir
@@ -15,7 +15,7 @@ def _resolve(study_or_dir: str) -> tuple[ResultsStore, list[dict]]:
         from .trials import expand
 
         study = load_study_file(p)
-        store = ResultsStore(default_results_dir(study))
+        store = ResultsStore(results_dir or default_results_dir(study))
         trials, _ = expand(study)
         expected = [{"trial_id": t.trial_id, "model": t.model.name, "precision": t.precision,
                      "compute_dtype": t.compute_dtype} for t in trials]
@@ -27,8 +27,8 @@ def _resolve(study_or_dir: str) -> tuple[ResultsStore, list[dict]]:
     return store, doc.get("trials", [])
 
 
-def status_report(study_or_dir: str) -> str:
-    store, expected = _resolve(study_or_dir)
+def status_report(study_or_dir: str, results_dir: str | None = None) -> str:
+    store, expected = _resolve(study_or_dir, results_dir)
     status = store.trial_status()
     ids = [t["trial_id"] for t in expected]
     done = [i for i in ids if status.get(i) == "done"]

@@ -93,6 +93,8 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
     for name, data in snapshot.items():  # what was finished before the kill was not run again
         assert (results / "trials" / name).read_bytes() == data
     assert f"({len(snapshot)} already done, skipped)" in r.stdout
+    st = sweep("status", str(study_file), "--results", str(results))
+    assert st.returncode == 0 and "5 trials: 5 done, 0 failed, 0 pending" in st.stdout, st.stdout + st.stderr
     assert not list(results.rglob(".*.tmp")), "temporary files left visible"
 
 

@@ -1,0 +1,60 @@
+"""GPU shares from the memory estimate (no GPU needed: the estimate reads only the model's config)."""
+from __future__ import annotations
+
+import pytest
+
+from sweeper import Benchmark, Model, Resources, Study
+from sweeper.resources import estimate_peak_bytes, gpu_share, model_shape, share_function
+from sweeper.trials import expand
+
+GB = 1e9
+
+
+@pytest.fixture(scope="module")
+def llama8b_config(tmp_path_factory):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    d = tmp_path_factory.mktemp("llama8b")
+    cfg.save_pretrained(d)
+    return d
+
+
+def test_estimate_follows_bytes_per_parameter(llama8b_config):
+    shape = model_shape(Model(str(llama8b_config)))
+    assert 7.9e9 < shape.linear_params + shape.unquantized_params < 8.1e9  # Llama-3-8B has 8.03B parameters
+    study = Study(name="s", models=[str(llama8b_config)], precisions=["fp16", "int8", "nf4"],
+                  benchmark=Benchmark(prompt_tokens=128, new_tokens=64, batch_sizes=(1, 8)))
+    est = {p: estimate_peak_bytes(study, shape, p, "fp16") for p in ("fp16", "int8", "nf4")}
+    assert 16 * GB < est["fp16"] < 20 * GB
+    assert est["nf4"] < est["int8"] < est["fp16"]
+    # on an 80 GB GPU: fp16 needs about a quarter, 4-bit fits in a tenth or less
+    assert gpu_share(est["fp16"], 80 * GB) in (0.2, 0.25)
+    assert gpu_share(est["nf4"], 80 * GB) <= 0.1
+
+
+def test_share_rounding_and_bounds():
+    assert gpu_share(1, 80 * GB) == 0.05  # at least 0.05
+    assert gpu_share(81 * GB, 80 * GB) == 1.0  # at most a whole GPU
+    assert gpu_share(4.01 * GB, 80 * GB) == 0.1  # rounded up to the next 0.05
+
+
+def test_expand_uses_auto_shares_on_gpu_clusters_and_pins_when_asked(llama8b_config):
+    study = Study(name="s", models=[str(llama8b_config)], precisions=["fp16", "nf4"])
+    auto, _ = expand(study, gpu_share_for=share_function(80 * GB), cluster_has_gpus=True)
+    shares = {t.precision: t.gpu_share for t in auto}
+    assert 0 < shares["nf4"] < shares["fp16"] < 1
+    cpu, _ = expand(study)
+    assert {t.gpu_share for t in cpu} == {0.0}
+    pinned = Study(name="s", models=[str(llama8b_config)], precisions=["fp16", "nf4"],
+                   resources=Resources(gpus_per_trial=0.5))
+    assert {t.gpu_share for t in expand(pinned, gpu_share_for=share_function(80 * GB), cluster_has_gpus=True)[0]} == {0.5}
+    # the share is not part of the identity: the same cell on another cluster is the same trial
+    assert [t.trial_id for t in auto] == [t.trial_id for t in cpu]
+
+
+def test_unreadable_config_falls_back_to_a_whole_gpu(tmp_path):
+    study = Study(name="s", models=["no-such-org/no-such-model"], precisions=["fp16"])
+    trials, _ = expand(study, gpu_share_for=share_function(80 * GB), cluster_has_gpus=True)
+    assert trials[0].gpu_share == 1.0
