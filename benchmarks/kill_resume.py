@@ -28,16 +28,16 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/models/llama-4m"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-delay", type=float, default=25.0, help="kill within this many seconds of the launch")
+    ap.add_argument("--max-delay", type=float, default=40.0, help="kill within this many seconds of the launch")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="kill-resume-"))
     study = work / "study.py"
     study.write_text(textwrap.dedent(f"""
         from sweeper import *
-        study = Study(name="kill-resume", models=[{args.model!r}], precisions=["fp32", "bf16", "int8", "nf4", "fp4"],
-                      compute_dtypes=["fp32", "bf16"],
-                      benchmark=Benchmark(prompt_tokens=16, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=0),
+        study = Study(name="kill-resume", models=[{args.model!r}],
+                      precisions=["fp32", "fp16", "bf16", "int8", "nf4", "fp4"], compute_dtypes=["fp32", "bf16", "fp16"],
+                      benchmark=Benchmark(prompt_tokens=32, new_tokens=16, batch_sizes=(1, 4), repeats=3, warmup=1),
                       kl=KLSettings(wiki_tokens=0, max_prompts_per_category=1, gen_tokens=2, continuation_tokens=2))
     """))
     results = work / "results"
@@ -61,7 +61,7 @@ def main() -> int:
                     pl.read_parquet(f)
                 except Exception as e:
                     bad.append(f"kill {k + 1}: unreadable {f}: {e}")
-        print(f"kill {k + 1}/{args.kills} after {delay:5.1f}s: {len(files)} trial files", flush=True)
+        print(f"kill {k + 1}/{args.kills} after {delay:5.1f}s: {len(files)} of 12 trial files", flush=True)
     final = subprocess.run(cmd, capture_output=True, text=True)
     if final.returncode != 0:
         bad.append(f"final launch exited {final.returncode}: {final.stderr[-500:]}")

@@ -1,23 +1,37 @@
 """The precision registry: one row per precision a study can name.
 
-Each precision knows how to build the ``from_pretrained`` arguments for a compute dtype, whether the compute dtype
-changes its computation (if not, the expansion keeps one trial), its bytes per parameter for memory estimates, and what
-hardware it needs. ``sweep precisions`` prints this table.
+Each precision knows how to build the ``from_pretrained`` arguments for a compute dtype (and device), whether the
+compute dtype changes its computation (if not, the expansion keeps one trial), its bytes per parameter for memory
+estimates, what hardware it needs, and which optional library it needs. ``sweep precisions`` prints this table.
+
+Three ways a precision quantizes (all through the same load stage, :mod:`sweeper.stages.load`):
+- on load, through ``from_pretrained(quantization_config=...)`` (bitsandbytes, torchao's ``TorchAoConfig``);
+- after load, through ``post_load`` (HQQ: transformers 5 no longer quantizes with ``HqqConfig`` on load);
+- calibrated (``calibrated=True``, AWQ): quantized once per (model, settings, compute dtype, device) on local text,
+  cached under the results store, and loaded from that cache by every trial that needs it.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
 
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
+PACKAGE = "quant-sweeper"
 
 
 def torch_dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# (compute dtype, resolved options, device) -> from_pretrained kwargs
+Build = Callable[[str, dict[str, Any], str], dict[str, Any]]
+# (device, compute capability, compute dtype, resolved options) -> why not, or None
+Check = Callable[[str, "tuple[int, int] | None", str, dict[str, Any]], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +41,7 @@ class Precision:
     library: str
     weight_bits: int
     activation_bits: int | None  # None: activations stay in the compute dtype
-    group_size: int | None
+    group_size: int | None  # the default; a "group_size" option overrides it
     bytes_per_param: float  # quantized linear weights, including scales
     compute_dtype_matters: bool  # False: the precision fixes its own dtype (one trial per model)
     fixed_dtype: str | None  # the dtype of a plain-dtype precision
@@ -35,16 +49,22 @@ class Precision:
     needs_cuda: bool
     min_compute_capability: tuple[int, int] | None
     options: dict[str, Any] = field(default_factory=dict)  # defaults of the study-settable options
-    build: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None  # (compute dtype, options) -> kwargs
+    build: Build | None = None
+    requires: tuple[str, ...] = ()  # importable modules it needs beyond the core dependencies
+    extra: str | None = None  # the pip extra that installs them
+    check: Check | None = None  # method-specific refusals (compute dtype, group size, ...) beyond the fields above
+    post_load: Callable[[Any, str, dict[str, Any], str], Any] | None = None  # (model, compute dtype, opts, device)
+    calibrated: bool = False  # quantized from calibration data through sweeper.quantize.calibrated (cached)
 
     def effective_compute_dtype(self, requested: str) -> str:
         return self.fixed_dtype if not self.compute_dtype_matters else requested
 
-    def from_pretrained_kwargs(self, compute_dtype: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    def from_pretrained_kwargs(self, compute_dtype: str, options: dict[str, Any] | None = None,
+                               device: str = "cpu") -> dict[str, Any]:
         opts = self.resolve_options(options)
         if self.build is None:
             return {"dtype": torch_dtype(self.effective_compute_dtype(compute_dtype))}
-        return self.build(self.effective_compute_dtype(compute_dtype), opts)
+        return self.build(self.effective_compute_dtype(compute_dtype), opts, device)
 
     def resolve_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
         options = dict(options or {})
@@ -54,7 +74,16 @@ class Precision:
             raise UserError(f"precision {self.name!r}: unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
         return {**self.options, **options}
 
-    def hardware_problem(self, device: str, capability: tuple[int, int] | None) -> str | None:
+    def missing_library(self) -> str | None:
+        """Why this precision cannot be used in this Python environment, or None."""
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if not missing:
+            return None
+        how = f"pip install '{PACKAGE}[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
+        return f"precision {self.name!r} needs {', '.join(missing)}: {how}"
+
+    def hardware_problem(self, device: str, capability: tuple[int, int] | None, compute_dtype: str | None = None,
+                         options: dict[str, Any] | None = None) -> str | None:
         """Why this precision cannot run on ``device`` ("cuda"/"cpu"), or None if it can."""
         if self.needs_cuda and device != "cuda":
             return f"precision {self.name!r} needs a CUDA GPU ({self.hardware}); this worker has none"
@@ -63,10 +92,13 @@ class Precision:
                 need = ".".join(map(str, self.min_compute_capability))
                 have = ".".join(map(str, capability))
                 return f"precision {self.name!r} needs compute capability >= {need}; this GPU has {have}"
+        if self.check is not None and compute_dtype is not None:
+            return self.check(device, capability, self.effective_compute_dtype(compute_dtype),
+                              self.resolve_options(options))
         return None
 
 
-def _bnb_int8(compute_dtype: str, opts: dict[str, Any]) -> dict[str, Any]:
+def _bnb_int8(compute_dtype: str, opts: dict[str, Any], device: str) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(opts["threshold"]))
@@ -74,7 +106,7 @@ def _bnb_int8(compute_dtype: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bnb_4bit(quant_type: str):
-    def build(compute_dtype: str, opts: dict[str, Any]) -> dict[str, Any]:
+    def build(compute_dtype: str, opts: dict[str, Any], device: str) -> dict[str, Any]:
         from transformers import BitsAndBytesConfig
 
         qc = BitsAndBytesConfig(
@@ -89,12 +121,71 @@ def _bnb_4bit(quant_type: str):
     return build
 
 
+def _torchao(make: Callable[[dict[str, Any], str], Any]) -> Build:
+    """A build for a torchao config made by ``make(opts, device)``, applied on load through ``TorchAoConfig``."""
+
+    def build(compute_dtype: str, opts: dict[str, Any], device: str) -> dict[str, Any]:
+        from .quantize import torchao_compat as ao
+
+        # dtype: the weights are cast to the compute dtype before torchao quantizes them; it is also the dtype of
+        # the unquantized modules and of the activations (W8A16, W4A16) or the dequantized output (W8A8, FP8).
+        return {"dtype": torch_dtype(compute_dtype), "quantization_config": ao.transformers_config(make(opts, device))}
+
+    return build
+
+
+def _int4_check(device: str, capability: tuple[int, int] | None, compute_dtype: str, opts: dict[str, Any]) -> str | None:
+    """torchao int4 weight-only kernels: CPU (any float dtype) or tinygemm on CUDA (bf16 only); their group sizes."""
+    from .quantize.torchao_compat import CPU_INT4_GROUP_SIZES, CUDA_INT4_GROUP_SIZES
+
+    sizes = CPU_INT4_GROUP_SIZES if device == "cpu" else CUDA_INT4_GROUP_SIZES
+    if opts.get("group_size") not in sizes:
+        return (f"group_size {opts.get('group_size')!r} has no torchao int4 kernel on {device}; "
+                f"allowed: {', '.join(map(str, sizes))}")
+    if device == "cuda" and compute_dtype != "bf16":
+        return f"torchao int4 on CUDA (tinygemm kernel) computes in bf16 only; this trial asks for {compute_dtype}"
+    return None
+
+
+def _hqq_post_load(nbits: int) -> Callable[[Any, str, dict[str, Any], str], Any]:
+    def post_load(model: Any, compute_dtype: str, opts: dict[str, Any], device: str) -> Any:
+        from .quantize.hqq import quantize_model
+
+        return quantize_model(model, nbits, int(opts["group_size"]), torch_dtype(compute_dtype), device)
+
+    return post_load
+
+
+def _hqq_check(device: str, capability: tuple[int, int] | None, compute_dtype: str, opts: dict[str, Any]) -> str | None:
+    if not isinstance(opts.get("group_size"), int) or opts["group_size"] <= 0:
+        return f"group_size must be a positive integer, got {opts.get('group_size')!r}"
+    return None
+
+
+def _plain_build(compute_dtype: str, opts: dict[str, Any], device: str) -> dict[str, Any]:
+    # calibrated precisions load their cached checkpoint through sweeper.quantize.calibrated; this is the base load.
+    return {"dtype": torch_dtype(compute_dtype)}
+
+
 def _plain(name: str, bits: int, needs: str, cap=None) -> Precision:
     return Precision(
         name=name, method="none", library="torch", weight_bits=bits, activation_bits=bits, group_size=None,
         bytes_per_param=bits / 8, compute_dtype_matters=False, fixed_dtype=name, hardware=needs,
         needs_cuda=False, min_compute_capability=cap,
     )
+
+
+def _ao():
+    from .quantize import torchao_compat
+
+    return torchao_compat
+
+
+def _awq_check(device: str, capability: tuple[int, int] | None, compute_dtype: str, opts: dict[str, Any]) -> str | None:
+    for key in ("calib_samples", "calib_seq_len", "scale_search"):
+        if not isinstance(opts.get(key), int) or opts[key] < 1:
+            return f"{key} must be a positive integer, got {opts.get(key)!r}"
+    return _int4_check(device, capability, compute_dtype, opts)
 
 
 REGISTRY: dict[str, Precision] = {
@@ -122,22 +213,85 @@ REGISTRY: dict[str, Precision] = {
             hardware="CUDA GPU or CPU (bitsandbytes >= 0.48)", needs_cuda=False, min_compute_capability=None,
             options={"double_quant": False}, build=_bnb_4bit("fp4"),
         ),
+        # torchao through transformers' TorchAoConfig: weights quantized while loading (round to nearest).
+        Precision(
+            name="w8a16", method="int8 weight-only (RTN)", library="torchao", weight_bits=8, activation_bits=None,
+            group_size=None, bytes_per_param=1.0 + 4 / 4096, compute_dtype_matters=True, fixed_dtype=None,
+            hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None,
+            build=_torchao(lambda o, d: _ao().int8_weight_only()), requires=("torchao",), extra="torchao",
+        ),
+        Precision(
+            name="w8a8", method="int8 dynamic act + int8 weight", library="torchao", weight_bits=8, activation_bits=8,
+            group_size=None, bytes_per_param=1.0 + 4 / 4096, compute_dtype_matters=True, fixed_dtype=None,
+            hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None,
+            build=_torchao(lambda o, d: _ao().int8_dynamic_activation_int8_weight()), requires=("torchao",),
+            extra="torchao",
+        ),
+        # 4-bit weights + a bf16/fp16/fp32 scale and zero point per group of group_size weights.
+        Precision(
+            name="w4a16", method="int4 weight-only (RTN)", library="torchao", weight_bits=4, activation_bits=None,
+            group_size=128, bytes_per_param=0.5 + 4 / 128, compute_dtype_matters=True, fixed_dtype=None,
+            hardware="CPU (group 32/64/128), or CUDA GPU with compute capability >= 8.0 and bf16",
+            needs_cuda=False, min_compute_capability=(8, 0), options={"group_size": 128},
+            build=_torchao(lambda o, d: _ao().int4_weight_only(int(o["group_size"]), d)), check=_int4_check,
+            requires=("torchao",), extra="torchao",
+        ),
+        Precision(
+            name="fp8", method="float8 dynamic act + float8 weight", library="torchao", weight_bits=8,
+            activation_bits=8, group_size=None, bytes_per_param=1.0, compute_dtype_matters=True, fixed_dtype=None,
+            hardware="CUDA GPU with compute capability >= 8.9 (Ada, Hopper)", needs_cuda=True,
+            min_compute_capability=(8, 9), options={"granularity": "per_tensor"},
+            build=_torchao(lambda o, d: _ao().float8_dynamic(o["granularity"])),
+            check=lambda d, c, cd, o: None if o["granularity"] in ("per_tensor", "per_row")
+            else f"granularity must be per_tensor or per_row, got {o['granularity']!r}",
+            requires=("torchao",), extra="torchao",
+        ),
+        # Calibrated: AWQ (torchao.prototype.awq) scale search on local text, then int4 weight-only packing.
+        Precision(
+            name="awq4", method="AWQ int4 weight-only (calibrated)", library="torchao", weight_bits=4,
+            activation_bits=None, group_size=128, bytes_per_param=0.5 + 4 / 128, compute_dtype_matters=True,
+            fixed_dtype=None,
+            hardware="CPU (group 32/64/128), or CUDA GPU with compute capability >= 8.0 and bf16",
+            needs_cuda=False, min_compute_capability=(8, 0),
+            options={"group_size": 128, "calib_data": None, "calib_samples": 16, "calib_seq_len": 512,
+                     "scale_search": 20},
+            build=_plain_build, check=_awq_check, requires=("torchao",), extra="torchao", calibrated=True,
+        ),
+        # HQQ (half-quadratic, calibration-free) through the hqq library, applied right after loading.
+        Precision(
+            name="hqq4", method="HQQ 4-bit", library="hqq", weight_bits=4, activation_bits=None, group_size=64,
+            bytes_per_param=0.5 + 4 / 64, compute_dtype_matters=True, fixed_dtype=None,
+            hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None, options={"group_size": 64},
+            build=_plain_build, check=_hqq_check, post_load=_hqq_post_load(4), requires=("hqq",), extra="hqq",
+        ),
+        Precision(
+            name="hqq8", method="HQQ 8-bit", library="hqq", weight_bits=8, activation_bits=None, group_size=64,
+            bytes_per_param=1.0 + 4 / 64, compute_dtype_matters=True, fixed_dtype=None,
+            hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None, options={"group_size": 64},
+            build=_plain_build, check=_hqq_check, post_load=_hqq_post_load(8), requires=("hqq",), extra="hqq",
+        ),
     ]
 }
 
 
 def get(name: str) -> Precision:
+    """The precision called ``name``; a user error if it is unknown or its library is not installed."""
     try:
-        return REGISTRY[name]
+        p = REGISTRY[name]
     except KeyError:
         raise UserError(f"unknown precision {name!r}; allowed: {', '.join(REGISTRY)}") from None
+    missing = p.missing_library()
+    if missing:
+        raise UserError(missing)
+    return p
 
 
 def table_rows() -> list[dict[str, Any]]:
     """The registry as rows a reader can scan (``sweep precisions``)."""
     return [
         {
-            "name": p.name, "method": p.method, "library": p.library, "weight_bits": p.weight_bits,
+            "name": p.name, "method": p.method,
+            "library": p.library + (" (not installed)" if p.missing_library() else ""), "weight_bits": p.weight_bits,
             "activation_bits": p.activation_bits if p.activation_bits else "compute dtype",
             "group_size": p.group_size or "-",
             "compute_dtype": "study's compute_dtypes" if p.compute_dtype_matters else p.fixed_dtype,

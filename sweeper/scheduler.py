@@ -30,6 +30,8 @@ os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # With the loggers off, Tune's result grid cannot find per-trial metrics files and warns about every trial.
 logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+# Ray tells every local start that token authentication is on; that is the safe default, not news for the user.
+logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 @dataclass

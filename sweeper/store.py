@@ -66,9 +66,14 @@ TRIALS_SCHEMA = pa.schema([
 ])
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be read by others (and other nodes)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -79,18 +79,18 @@ def _include_yamls(files: dict[str, dict[str, Path]], folder: Path) -> Path:
     return folder
 
 
-# Two evaluation calls per side: multiple-choice tasks together, the rolling-loglikelihood task alone (with all three
-# in ONE call, plain lm-eval "hf" reported a different wikitext value than with wikitext alone, while run_tasks gave
-# the wikitext-alone value in both settings).
-# Per-item values: identical for fp32 and for nf4 wikitext; for nf4 multiple choice, lm-eval's model is the nf4
-# checkpoint reloaded from disk, and bitsandbytes' CPU 4-bit kernels gave that reloaded model slightly different
-# per-item log-likelihoods in batched requests than the model quantized in memory (4 of 12 arc_easy items, same
-# prompts); the task metrics and stderrs are still identical, which is what this test asserts for that case.
+# Two evaluation calls per side: multiple-choice tasks together, the rolling-loglikelihood task alone.
+# Plain lm-eval "hf" cannot quantize on load on transformers 5 (see the module docstring), so its nf4 model is the
+# checkpoint saved from the trial's model and reloaded. On CPU that reloaded bitsandbytes 4-bit model is not
+# numerically the model quantized in memory: per-item log-likelihoods of batched multiple-choice requests differ for
+# a few items (the task metrics still agree exactly, which is asserted), and WikiText's long rolling windows differ
+# grossly (word perplexity 19642 reloaded vs 5604 in memory, while fp32 agrees exactly). So nf4 is compared on
+# multiple choice (metrics), fp32 on both kinds (metrics and every item).
 @pytest.mark.parametrize("precision, names, per_item", [
     ("nf4", ("piqa", "arc_easy"), False),
-    ("nf4", ("wikitext",), True),
     ("fp32", ("piqa", "arc_easy"), True),
-], ids=["nf4-multiple_choice", "nf4-rolling", "fp32-multiple_choice"])
+    ("fp32", ("wikitext",), True),
+], ids=["nf4-multiple_choice", "fp32-multiple_choice", "fp32-rolling"])
 def test_run_tasks_matches_lm_eval_hf(precision, names, per_item, real_model, shared_data, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager

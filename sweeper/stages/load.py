@@ -5,7 +5,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from .. import precisions
 from ..errors import StageError
@@ -31,6 +31,23 @@ def device_capability(device: str) -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
 
 
+def _leaves(t: Any) -> Iterator[Any]:
+    """The plain tensors that hold ``t``'s data. torchao's tensor subclasses (Int8Tensor, Int4OpaqueTensor,
+    Float8Tensor, ...) are wrappers whose own storage is empty; their packed data and scales are inner tensors named
+    by ``__tensor_flatten__``."""
+    import torch
+
+    if isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) \
+            and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            inner = getattr(t, name, None)
+            if inner is not None:
+                yield from _leaves(inner)
+    else:
+        yield t
+
+
 def stored_bytes(model) -> int:
     """Bytes the model's parameters and buffers really occupy (packed quantized storage and its scales included)."""
     seen: set[int] = set()
@@ -38,11 +55,12 @@ def stored_bytes(model) -> int:
 
     def add(t):
         nonlocal total
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key and key not in seen:
-            seen.add(key)
-            total += st.nbytes()
+        for leaf in _leaves(t):
+            st = leaf.untyped_storage()
+            key = st.data_ptr()
+            if key and key not in seen:
+                seen.add(key)
+                total += st.nbytes()
 
     for t in list(model.parameters()) + list(model.buffers()):
         add(t)
@@ -57,6 +75,12 @@ def stored_bytes(model) -> int:
         scb = getattr(t, "SCB", None)  # bitsandbytes int8: per-row scales
         if scb is not None:
             add(scb)
+    for module in model.modules():
+        meta = getattr(module, "meta", None)  # HQQLinear: scale / zero (and their own quant meta) live in a dict
+        if isinstance(meta, dict) and type(module).__name__ == "HQQLinear":
+            for v in list(meta.values()) + [x for d in meta.values() if isinstance(d, dict) for x in d.values()]:
+                if hasattr(v, "untyped_storage"):
+                    add(v)
     return total
 
 
@@ -70,19 +94,41 @@ def load_tokenizer(spec: TrialSpec):
     return tok
 
 
-def load_model(spec: TrialSpec, device: str) -> LoadedModel:
-    """Load the trial's model at its precision; metrics: load_s, footprint_bytes, allocated_bytes, weights_bytes."""
+def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
+    """Load the trial's model at its precision; metrics: load_s, footprint_bytes, allocated_bytes, weights_bytes.
+
+    ``store`` (the trial's ResultsStore) is where calibrated precisions cache their quantized checkpoints
+    (``<results>/quantized/``); they add ``calibration_s`` (0 when the checkpoint was reused) and
+    ``calibration_cache_hit``. For on-load (torchao, bitsandbytes) and post-load (HQQ) methods, quantizing is part
+    of ``load_s``; for calibrated ones ``load_s`` is loading the cached checkpoint, and calibration is timed apart.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     precision = precisions.get(spec.precision)
-    problem = precision.hardware_problem(device, device_capability(device))
+    problem = precision.hardware_problem(device, device_capability(device), spec.compute_dtype,
+                                         spec.precision_options)
     if problem:
         raise StageError(problem, "PrecisionUnsupported")
-    kwargs = precision.from_pretrained_kwargs(spec.compute_dtype, spec.precision_options)
+    kwargs = precision.from_pretrained_kwargs(spec.compute_dtype, spec.precision_options, device)
     if device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     tokenizer = load_tokenizer(spec)
+    metrics: list[dict] = []
+    checkpoint = None
+    if precision.calibrated:
+        from ..quantize import calibrated
+
+        opts = precision.resolve_options(spec.precision_options)
+        checkpoint, meta, hit = calibrated.ensure_checkpoint(spec, opts, device, tokenizer,
+                                                             getattr(store, "root", None))
+        metrics += [
+            {"stage": "load", "metric": "calibration_s", "value": 0.0 if hit else float(meta["calibration_s"]),
+             "n": 1, "unit": "s"},
+            {"stage": "load", "metric": "calibration_cache_hit", "value": float(hit), "unit": "bool"},
+            {"stage": "load", "metric": "calibration_tokens", "value": float(meta["calibration_tokens"]),
+             "unit": "tokens"},
+        ]
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -90,8 +136,14 @@ def load_model(spec: TrialSpec, device: str) -> LoadedModel:
     else:
         before = rss_bytes()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.model.id, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code, **kwargs)
+    if checkpoint is not None:
+        model = calibrated.load_quantized(spec, opts, device, checkpoint)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.model.id, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code, **kwargs)
+        if precision.post_load is not None:
+            model = precision.post_load(model, spec.compute_dtype,
+                                        precision.resolve_options(spec.precision_options), device)
     model.eval()
     synchronize(device)
     load_s = time.perf_counter() - t0
@@ -100,10 +152,11 @@ def load_model(spec: TrialSpec, device: str) -> LoadedModel:
     unit = "bytes (cuda allocated)" if device == "cuda" else "bytes (rss delta)"
     metrics = [
         {"stage": "load", "metric": "load_s", "value": load_s, "n": 1, "unit": "s"},
+        # the model's own report: torchao subclasses count at their unquantized size here
         {"stage": "load", "metric": "footprint_bytes", "value": float(model.get_memory_footprint()), "unit": "bytes"},
         {"stage": "load", "metric": "weights_bytes", "value": float(stored_bytes(model)), "unit": "bytes"},
         {"stage": "load", "metric": "allocated_bytes", "value": float(allocated), "unit": unit},
         {"stage": "load", "metric": "num_params", "value": float(n_params), "unit": "count"},
-    ]
+    ] + metrics
     log.info("loaded %s in %.2fs", spec.cell, load_s)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, metrics=metrics)
