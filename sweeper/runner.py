@@ -10,6 +10,7 @@ import logging
 import os
 import time
 import traceback
+from contextlib import nullcontext
 from typing import Any
 
 from .environment import device_environment, static_environment
@@ -92,7 +93,7 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         stage = "load"
         row["load_started_at"] = time.time()
         t0 = time.perf_counter()
-        with (lease.shared() if lease else _nothing()):
+        with (lease.shared() if lease else nullcontext()):
             loaded = load_model(spec, device, store)
         metrics += loaded.metrics
         row["stage_load_s"] = time.perf_counter() - t0
@@ -127,14 +128,6 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         m["trial_id"] = spec.trial_id
     store.write_trial(row, metrics, samples)
     return row
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _benchmark(spec, loaded, store, lease):

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..trials import file_fingerprint
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SWEEPER_QUANTIZED_CACHE"
@@ -56,14 +58,6 @@ def calibration_file(opts: dict[str, Any]) -> Path:
     return path
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def identity(spec: Any, opts: dict[str, Any], device: str) -> dict[str, Any]:
     import torch
 
@@ -74,7 +68,7 @@ def identity(spec: Any, opts: dict[str, Any], device: str) -> dict[str, Any]:
     return {
         "model": model_id, "revision": spec.model.revision, "model_fingerprint": spec.model_fingerprint,
         "method": "awq-int4-weight-only", "group_size": int(opts["group_size"]),
-        "calib_sha": _sha_file(calib), "calib_samples": int(opts["calib_samples"]),
+        "calib_sha": file_fingerprint(calib), "calib_samples": int(opts["calib_samples"]),
         "calib_seq_len": int(opts["calib_seq_len"]), "scale_search": int(opts["scale_search"]),
         "compute_dtype": spec.compute_dtype, "device": device,
         "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]), "torchao": torchao_compat.version(),
