@@ -63,8 +63,12 @@ def _scan(paths: list[Path], sub: str) -> pl.LazyFrame | None:
     files = [str(f) for p in paths for f in sorted((p / sub).glob("*.parquet"))]
     if not files:
         return None
-    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore") if sub != "trials" else \
-        pl.concat([pl.scan_parquet(f) for f in files], how="diagonal_relaxed")
+    if sub == "trials":  # every trial file follows TRIALS_SCHEMA, so one scan reads them all
+        from .store import TRIALS_SCHEMA
+
+        schema = pl.from_arrow(TRIALS_SCHEMA.empty_table()).schema
+        return pl.scan_parquet(files, schema=schema, missing_columns="insert", extra_columns="ignore")
+    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
 
 
 @dataclass
