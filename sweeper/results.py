@@ -121,7 +121,20 @@ class Results:
             tasks = tasks.filter(pl.col("task").replace_strict(top, default=None) == pl.col("task"))
             pivot = tasks.pivot(on="task", index="trial_id", values="value")
             out = out.join(pivot.lazy(), on="trial_id", how="left")
-        return out.sort(["study", "model", "precision", "compute_dtype"], nulls_last=True) if "study" in present else out
+        if "study" not in present:
+            return out
+        # each model's baseline first, then the registry's order (plain dtypes, bitsandbytes, torchao, ...)
+        from .precisions import REGISTRY
+
+        order = {name: i for i, name in enumerate(REGISTRY)}
+        base = t.select("trial_id", "is_baseline") if "is_baseline" in present else None
+        if base is not None:
+            out = out.join(base, on="trial_id", how="left")
+        out = out.with_columns(pl.col("precision").replace_strict(order, default=len(order)).alias("_p"))
+        keys = ["study", "model"] + (["is_baseline"] if base is not None else []) + ["_p", "compute_dtype"]
+        desc = [False, False] + ([True] if base is not None else []) + [False, False]
+        out = out.sort(keys, descending=desc, nulls_last=True).drop("_p")
+        return out.drop("is_baseline") if base is not None else out
 
 
 def open_results(dirs: list[str] | str, check: bool = True) -> Results:
