@@ -32,6 +32,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     tied: bool
+    max_positions: int | None = None
 
     @property
     def linear_params(self) -> int:
@@ -62,6 +63,7 @@ def model_shape(model: Model) -> ModelShape | None:
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or hidden // heads,
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+        max_positions=getattr(cfg, "max_position_embeddings", None),
     )
 
 
@@ -78,6 +80,12 @@ def estimate_peak_bytes(study: Study, shape: ModelShape, precision: str, compute
     longest = max(windows)
     # full-sequence logits in fp32 (perplexity / prefill) and hidden activations of the longest forward
     activations = longest * shape.vocab * 4 * 2 + b * longest * shape.intermediate * act * 4
+    if study.tasks:
+        # lm-eval scores batches of up to the model's context: their logits (fp32) dominate; "auto" probes upward
+        # from batch 1 and stops at the trial's memory cap, so only one sequence is budgeted for it
+        eb = study.eval_batch_size if isinstance(study.eval_batch_size, int) else 1
+        ctx = min(shape.max_positions or 2048, 2048)
+        activations = max(activations, eb * ctx * shape.vocab * 4 * 2 + eb * ctx * shape.intermediate * act * 4)
     return weights + kv + activations + CONTEXT_ALLOWANCE_BYTES
 
 

@@ -121,7 +121,10 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
             del loaded
         gc.collect()
         if device == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError as e:  # after a device-side assert the context is unusable: still write the row
+                log.warning("CUDA cleanup after trial %s failed: %s", spec.trial_id, e)
     row["finished_at"] = _now()
     row["duration_s"] = time.perf_counter() - t_trial
     for m in metrics:

@@ -31,6 +31,19 @@ def _step_inputs(model, prompt_ids, new_tokens: int):
     return cache, tok, cur
 
 
+def _rewind(cache, cur, pos: int) -> None:
+    """Set the decode position back to ``pos``: the step's position tensor and, where the cache keeps its own write
+    position (transformers 5.17's StaticLayer.cumulative_length, a device tensor that ``update`` advances and that
+    ignores ``cache_position``), that counter too; the cache rows after ``pos`` are simply overwritten."""
+    import torch
+
+    cur.fill_(pos)
+    for layer in getattr(cache, "layers", []):
+        counter = getattr(layer, "cumulative_length", None)
+        if torch.is_tensor(counter):
+            counter.fill_(pos)
+
+
 def _make_step(model, cache, tok, cur):
     def step():
         logits = model(input_ids=tok, position_ids=cur.unsqueeze(0), cache_position=cur, past_key_values=cache,
@@ -112,7 +125,7 @@ def graph_decode(model, prompt_ids, new_tokens: int, repeats: int, weight_bytes:
             per_token_ms = []
             steps = max(1, new_tokens - 8)
             for _ in range(repeats):
-                cur.fill_(start_pos)  # rewind: the cache rows are simply overwritten
+                _rewind(cache, cur, start_pos)  # else the cache's own write position runs past max_cache_len
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
                 for _ in range(steps):
@@ -122,8 +135,19 @@ def graph_decode(model, prompt_ids, new_tokens: int, repeats: int, weight_bytes:
                 per_token_ms.append(a.elapsed_time(b) / steps)
             del graph
     except Exception as e:  # capture is not possible for this precision's kernels: say why
-        torch.cuda.synchronize()
-        return [], f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        # a failed capture surfaces as capture_end's "operation failed due to a previous error during capture";
+        # the first error raised inside the captured step is the reason
+        first = e
+        while first.__context__ is not None and first.__context__ is not first:
+            first = first.__context__
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+        why = f"{type(first).__name__}: {str(first).splitlines()[0][:300]}" if str(first) else type(first).__name__
+        if first is not e:
+            why += f" (then {type(e).__name__}: {str(e).splitlines()[0][:150]})"
+        return [], why
     rows = [Summary(per_token_ms).metric("benchmark", "decode_graph_tok_s", "tokens/s", 1, transform=lambda ms: 1e3 / ms)]
     if bandwidth:
         roof = bandwidth / weight_bytes

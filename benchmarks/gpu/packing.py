@@ -1,0 +1,21 @@
+"""Issue 6, point 2 and 4: 8 small trials (0.5B shape) launched with `auto` GPU shares (packed) and with
+`--gpus-per-trial 1` (one trial per GPU at a time). Run by benchmarks/gpu/driver.py (pack)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import QWEN, WIKITEXT  # noqa: E402
+
+from sweeper import Benchmark, Model, Perplexity, Study  # noqa: E402
+
+study = Study(
+    name="gpu-packing",
+    description="8 cells of the 0.5B shape: packed (auto shares) vs a whole GPU each",
+    models=[Model(QWEN, label="qwen2.5-0.5b-shape")],
+    precisions=["fp16", "bf16", "int8", "nf4", "fp4"],
+    compute_dtypes=["fp16", "bf16"],
+    baseline="fp16",
+    kl=False,
+    benchmark=Benchmark(prompt_tokens=128, new_tokens=16, batch_sizes=(1,), repeats=3, warmup=1, graph_decode=False),
+    perplexity=Perplexity(WIKITEXT, context=512, max_tokens=16384),
+)

@@ -1,0 +1,266 @@
+"""Time to the seed's table: one `sweep launch` vs the naive way (one `lm_eval` run per configuration, one after another).
+
+The study is shaped like ../shared/seeds/003_dfccaded11cca29d.txt: one model, 8 precision / compute-dtype cells
+(fp32, fp16, and nf4 / fp4 / int8 each with fp32 and fp16 compute), 3 lm-eval tasks with one item limit, and
+perplexity. The offline task data (piqa, gsm8k, wikitext) is the same files on both sides.
+
+- sweep:  `python3 -m sweeper.cli launch <study> --results <dir> --fresh`, then `sweep results <dir> --format csv`;
+          the sweep also measures load time, footprint, peak memory, latency and token perplexity, which the naive
+          way does not (so the comparison favours the naive way).
+- naive:  for each cell, `python3 -m lm_eval --model hf --model_args pretrained=<checkpoint>,dtype=<compute> --tasks
+          piqa,gsm8k,wikitext --include_path <yamls> --limit N --batch_size B --seed S,S,S,S`, one after another.
+          lm-eval 0.4.13 on transformers 5 cannot quantize through model_args (see tests/test_faithfulness.py), so each
+          quantized cell reads a checkpoint saved from the model loaded with that cell's precision arguments; making
+          those checkpoints is timed separately ("prep") and NOT counted in the naive time.
+          Task YAMLs `include` lm-eval's built-in ones and read JSON written from the same published files.
+
+Both sides use the same lm-eval batch size, limit and seeds, so the accuracy numbers must be equal; the report checks
+every (cell, task, metric) pair.
+
+    python3 benchmarks/time_to_table.py --model /tmp/gpu-models/qwen2.5-0.5b-body-v4k --work /tmp/ttt --report ttt.json
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import inspect
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CELLS = [("fp32", "fp32"), ("fp16", "fp16"), ("nf4", "fp32"), ("nf4", "fp16"), ("fp4", "fp32"), ("fp4", "fp16"),
+         ("int8", "fp32"), ("int8", "fp16")]
+TASKS = ("piqa", "gsm8k", "wikitext")
+TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def tasks_stage_wired() -> bool:
+    import sweeper.runner as runner
+
+    return "run_tasks" in inspect.getsource(runner) or "stages.tasks" in inspect.getsource(runner)
+
+
+def write_study(path: Path, model: str, data: Path, limit: int, batch: int, seed: int, share: float) -> None:
+    path.write_text(f'''"""time_to_table.py: a study shaped like ../shared/seeds/003 (8 cells, 3 tasks with a limit, perplexity)."""
+from sweeper import Benchmark, Model, Perplexity, Resources, Study, Task
+
+study = Study(
+    name="time-to-table",
+    models=[Model({model!r}, label={Path(model).name!r})],
+    precisions=["fp32", "fp16", "nf4", "fp4", "int8"],
+    compute_dtypes=["fp32", "fp16"],
+    baseline="fp32",
+    kl=False,
+    tasks=[Task("piqa", data={str(data / "piqa" / "valid.jsonl")!r}),
+           Task("gsm8k", num_fewshot=0, data={str(data / "gsm8k" / "test.jsonl")!r}),
+           Task("wikitext", data={str(data / "wikitext-2" / "test.txt")!r})],
+    limit={limit}, eval_batch_size={batch}, seed={seed},
+    benchmark=Benchmark(prompt_tokens=128, new_tokens=32, batch_sizes=(1,), repeats=3, warmup=1, graph_decode=False),
+    perplexity=Perplexity({str(data / "wikitext-2" / "test.txt")!r}, context=512, max_tokens=16384),
+    resources=Resources(gpus_per_trial={share}),
+)
+''')
+
+
+# --------------------------------------------------------------------------------------------- naive side: inputs
+def _jsonl(path: Path, rows) -> str:
+    with path.open("w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def naive_yamls(data: Path, folder: Path) -> Path:
+    """lm-eval YAMLs that include the built-in tasks and read hub-format JSON written from the published files."""
+    import lm_eval
+
+    from sweeper.taskdata import wikitext_pages
+
+    folder.mkdir(parents=True, exist_ok=True)
+    piqa_rows = [json.loads(x) for x in (data / "piqa" / "valid.jsonl").read_text().splitlines() if x.strip()]
+    labels = (data / "piqa" / "valid-labels.lst").read_text().split()
+    files = {
+        "piqa": {"validation": _jsonl(folder / "piqa_validation.jsonl",
+                                      [{**r, "label": int(lab)} for r, lab in zip(piqa_rows, labels)])},
+        "gsm8k": {"test": str(data / "gsm8k" / "test.jsonl")},
+        "wikitext": {"test": _jsonl(folder / "wikitext_test.jsonl",
+                                    [{"page": p} for p in wikitext_pages((data / "wikitext-2" / "test.txt").read_text().split("\n"))])},
+    }
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    specs = {
+        "piqa": ("piqa/piqa.yaml", {"training_split": None}),
+        "gsm8k": ("gsm8k/gsm8k.yaml", {"training_split": None, "fewshot_split": None, "num_fewshot": 0}),
+        "wikitext": ("wikitext/wikitext.yaml", {"training_split": None, "validation_split": None}),
+    }
+    for task, (base, extra) in specs.items():
+        doc = {"include": str(builtin / base), "task": task, "dataset_path": "json", "dataset_name": None,
+               "dataset_kwargs": {"data_files": files[task]}, **extra}
+        (folder / f"{task}.yaml").write_text(json.dumps(doc, indent=1))  # JSON is YAML
+    return folder
+
+
+def naive_checkpoints(model: str, folder: Path, device: str = "cuda") -> dict[tuple[str, str], str]:
+    """One folder per cell: the original for plain dtypes, a saved bitsandbytes checkpoint for quantized cells."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sweeper import precisions
+
+    out = {}
+    for p, cd in CELLS:
+        if p in ("fp32", "fp16", "bf16"):
+            out[(p, cd)] = model
+            continue
+        dst = folder / f"{p}-{cd}"
+        if not (dst / "config.json").exists():
+            kwargs = precisions.get(p).from_pretrained_kwargs(cd)
+            m = AutoModelForCausalLM.from_pretrained(model, device_map={"": 0} if device == "cuda" else None, **kwargs)
+            m.save_pretrained(dst)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(Path(model) / f, dst / f)
+            del m
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        out[(p, cd)] = str(dst)
+    return out
+
+
+def read_naive(folder: Path) -> dict[tuple[str, str], float]:
+    files = sorted(glob.glob(str(folder / "**" / "results_*.json"), recursive=True))
+    if not files:
+        return {}
+    res = json.loads(Path(files[-1]).read_text())["results"]
+    out = {}
+    for task, entry in res.items():
+        for key, val in entry.items():
+            if "," in key and not key.split(",")[0].endswith("_stderr") and isinstance(val, (int, float)):
+                metric, filt = key.split(",", 1)
+                out[(task, metric if filt == "none" else key)] = float(val)
+    return out
+
+
+def read_sweep(root: Path) -> tuple[dict[tuple[str, str], dict[tuple[str, str], float]], list[dict]]:
+    import pyarrow.parquet as pq
+
+    rows = [pq.read_table(f).to_pylist()[0] for f in (root / "trials").glob("*.parquet")]
+    cell = {r["trial_id"]: (r["precision"], r["compute_dtype"]) for r in rows}
+    out: dict = {}
+    for f in (root / "metrics").glob("*.parquet"):
+        for m in pq.read_table(f).to_pylist():
+            if m["stage"] == "tasks" and m["trial_id"] in cell and m["value"] is not None:
+                out.setdefault(cell[m["trial_id"]], {})[(m["task"], m["metric"])] = float(m["value"])
+    return out, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="a local model folder (fp16 or fp32 weights, with a tokenizer)")
+    ap.add_argument("--data", default=str(REPO / ".gpu" / "h100" / "data"),
+                    help="folder with piqa/valid.jsonl(+valid-labels.lst), gsm8k/test.jsonl, wikitext-2/test.txt")
+    ap.add_argument("--work", default="/tmp/ttt")
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--share", type=float, default=0.1, help="GPU share per trial (the estimate ignores lm-eval batches)")
+    ap.add_argument("--report", default="time_to_table.json")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="the naive runs' device")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-naive", action="store_true")
+    a = ap.parse_args()
+
+    work, data = Path(a.work).resolve(), Path(a.data).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"model": a.model, "limit": a.limit, "batch": a.batch, "seed": a.seed, "cells": CELLS}
+    if not a.skip_sweep and not tasks_stage_wired():
+        report["error"] = "sweeper.runner does not run the tasks stage yet (no run_tasks in sweeper/runner.py)"
+        Path(a.report).write_text(json.dumps(report, indent=1))
+        raise SystemExit(report["error"])
+    study = work / "study_time_to_table.py"
+    write_study(study, a.model, data, a.limit, a.batch, a.seed, a.share)
+    py = sys.executable
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    # ---------------------------------------------------------------- the sweep
+    if not a.skip_sweep:
+        t0 = time.perf_counter()
+        r = subprocess.run([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"],
+                           cwd=REPO, env=env, capture_output=True, text=True)
+        t_launch = time.perf_counter() - t0
+        tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"], cwd=REPO,
+                             env=env, capture_output=True, text=True)
+        t_sweep = time.perf_counter() - t0
+        say(r.stdout[-3000:] + r.stderr[-2000:])
+        say(tab.stdout[-3000:])
+        report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=r.returncode, sweep_table=tab.stdout)
+        say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {r.returncode})")
+
+    # ---------------------------------------------------------------- the naive way
+    if not a.skip_naive:
+        t0 = time.perf_counter()
+        yamls = naive_yamls(data, work / "yamls")
+        ckpts = naive_checkpoints(a.model, work / "ckpt", a.device)
+        report["naive_prep_s"] = time.perf_counter() - t0
+        say(f"naive prep (quantized checkpoints, task YAMLs; not counted): {report['naive_prep_s']:.1f}s")
+        per_cell = {}
+        t0 = time.perf_counter()
+        for p, cd in CELLS:
+            dest = work / "naive" / f"{p}-{cd}"
+            shutil.rmtree(dest, ignore_errors=True)
+            cmd = [py, "-m", "lm_eval", "--model", "hf", "--model_args",
+                   f"pretrained={ckpts[(p, cd)]},dtype={TORCH_DTYPE[cd]}", "--device", "cuda:0" if a.device == "cuda" else "cpu",
+                   "--tasks", ",".join(TASKS), "--include_path", str(yamls), "--limit", str(a.limit),
+                   "--batch_size", str(a.batch), "--seed", ",".join([str(a.seed)] * 4), "--output_path", str(dest)]
+            c0 = time.perf_counter()
+            r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            per_cell[f"{p}/{cd}"] = time.perf_counter() - c0
+            say(f"naive {p}/{cd}: rc {r.returncode}, {per_cell[f'{p}/{cd}']:.1f}s")
+            if r.returncode != 0:
+                say(r.stdout[-1500:] + r.stderr[-2500:])
+        report["naive_s"] = time.perf_counter() - t0
+        report["naive_cell_s"] = per_cell
+        say(f"naive: {report['naive_s']:.1f}s for 8 lm_eval runs")
+
+    # ---------------------------------------------------------------- the check
+    if not a.skip_sweep and not a.skip_naive:
+        sweep_vals, _ = read_sweep(work / "sweep")
+        compared, mismatches = 0, []
+        for p, cd in CELLS:
+            naive = read_naive(work / "naive" / f"{p}-{cd}")
+            mine = sweep_vals.get((p, cd), {})
+            if not naive or not mine:
+                mismatches.append({"cell": f"{p}/{cd}", "problem": f"missing: naive {len(naive)} / sweep {len(mine)} metrics"})
+                continue
+            for key in sorted(set(naive) | set(mine)):
+                x, y = naive.get(key), mine.get(key)
+                compared += 1
+                same = x is not None and y is not None and (x == y or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12))
+                if not same:
+                    mismatches.append({"cell": f"{p}/{cd}", "task": key[0], "metric": key[1], "naive": x, "sweep": y})
+        report.update(compared=compared, mismatches=mismatches,
+                      values={f"{p}/{cd}": {f"{t}:{m}": v for (t, m), v in sweep_vals.get((p, cd), {}).items()}
+                              for p, cd in CELLS})
+        report["ratio"] = report["naive_s"] / report["sweep_s"]
+        say(f"time to table: sweep {report['sweep_s']:.1f}s vs naive {report['naive_s']:.1f}s "
+            f"(+ {report['naive_prep_s']:.1f}s prep not counted): x{report['ratio']:.2f}")
+        say(f"accuracy check: {compared} (cell, task, metric) values compared, {len(mismatches)} differ")
+        for m in mismatches[:20]:
+            say(f"  differs: {m}")
+        for cell, vals in report["values"].items():
+            say(f"  {cell}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(vals.items())))
+    Path(a.report).write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
