@@ -65,11 +65,14 @@ def parse_only(only: tuple[str, ...]) -> dict[str, set[str]]:
 
 
 def narrow(trials: list[TrialSpec], only: dict[str, set[str]]) -> list[TrialSpec]:
+    """The trials matching ``--only``, plus each kept model's baseline where KL needs its reference."""
     def keep(t: TrialSpec) -> bool:
         values = {"model": {t.model.name, t.model.id}, "precision": {t.precision}, "compute_dtype": {t.compute_dtype}}
         return all(values[k] & v for k, v in only.items())
 
-    out = [t for t in trials if keep(t)]
+    kept = [t for t in trials if keep(t)]
+    needed = {t.baseline_id for t in kept if t.kl is not None}
+    out = [t for t in trials if t in kept or t.trial_id in needed]
     if not out:
         given = " ".join(f"{k}={','.join(sorted(v))}" for k, v in only.items())
         raise UserError(f"--only {given} matches no trial of the study")

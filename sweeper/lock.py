@@ -88,6 +88,8 @@ class LaunchLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()  # a heartbeat in flight must not re-create the file after it is removed
         try:
             if json.loads(self.path.read_text()).get("pid") == self.info["pid"]:
                 self.path.unlink()

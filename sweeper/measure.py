@@ -49,21 +49,6 @@ class LatencyRecorder:
         return [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
 
 
-def time_calls_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 0) -> list[float]:
-    """Run ``fn`` warmup + repeats times; the wall time of each timed call in ms (device-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    out = []
-    for _ in range(repeats):
-        rec = LatencyRecorder(device)
-        rec.mark()
-        fn()
-        rec.mark()
-        out.extend(rec.elapsed_ms())
-    return out
-
-
 @dataclass
 class Summary:
     values: list[float]

@@ -154,9 +154,8 @@ def _perplexity(spec, loaded, store, lease):
 
 def _kl(spec, loaded, store, lease):
     """KL to the baseline: the baseline computes and stores the reference (once per identity), every trial compares."""
-    import shutil
-
     from .stages import kl
+    from .store import atomic_write_bytes
 
     if spec.kl is None:
         return None
@@ -166,19 +165,16 @@ def _kl(spec, loaded, store, lease):
         # the same baseline cell in another study (a sibling results dir) already made this reference
         other = next(iter(sorted(store.root.parent.glob(f"*/refs/{ref_id}.parquet"))), None)
         if other is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(other, path)
+            atomic_write_bytes(path, other.read_bytes())
     if not path.exists():
         if not spec.is_baseline:
-            return [], {"notes": f"KL skipped: the baseline's reference {ref_id} does not exist "
-                                 "(the baseline trial failed or has not run)"}, None
+            # failing (not "done without KL") makes a relaunch redo the trial once the baseline has succeeded
+            raise StageError(f"the baseline's KL reference {ref_id} does not exist: the baseline trial "
+                             f"({spec.baseline_precision}/{spec.baseline_compute_dtype}) failed or has not run",
+                             "BaselineMissing")
         kl.write_reference(path, kl.compute_reference(loaded.model, loaded.tokenizer, spec, settings=spec.kl))
     ref = kl.read_reference(path)
     return kl.kl_metrics(loaded.model, loaded.tokenizer, ref, spec), {"kl_reference_id": ref_id}, None
-
-
-# lm-eval's "auto" batch size probes up to this; on a GPU share the probe's OOM comes at the share's cap already
-MAX_EVAL_BATCH = 64
 
 
 def _tasks(spec, loaded, store, lease):
@@ -187,7 +183,8 @@ def _tasks(spec, loaded, store, lease):
 
     if not spec.tasks:
         return None
-    rows, samples = run_tasks(loaded.model, loaded.tokenizer, spec, loaded.device, max_batch_size=MAX_EVAL_BATCH)
+    # lm-eval's "auto" batch probes up to its default cap; on a GPU share its OOM comes at the share's cap already
+    rows, samples = run_tasks(loaded.model, loaded.tokenizer, spec, loaded.device)
     return rows, {}, samples
 
 

@@ -144,8 +144,7 @@ class Progress:
 def _progress_callback(progress: Progress, emit: Callable[[str], None], events_path: Path):
     from ray.tune import Callback
 
-    def tid(trial) -> str:
-        return trial.config["case"]["spec"]["trial_id"]
+    tid = _trial_name
 
     def record(event: str, trial) -> None:
         # driver-side timestamps: "scheduled" -> the row's load_started_at is the per-trial overhead
@@ -262,8 +261,9 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
         if result.error is None:
             continue
         tid = result.config["case"]["spec"]["trial_id"]
-        if store.read_trial_row(tid) is None:
+        previous = store.read_trial_row(tid)
+        if previous is None or previous["status"] != "done":  # this launch's failure replaces an older one
             row = {**config_row(by_id[tid]), "status": "failed", "error_stage": "worker", "error_type": "WorkerDied",
                    "error": f"{type(result.error).__name__}: {str(result.error).splitlines()[0][:500]}",
-                   "attempt": retries + 1}
+                   "attempt": (previous or {}).get("attempt", 0) + 1}
             store.write_trial(row, [])

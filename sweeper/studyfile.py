@@ -1,7 +1,7 @@
 """Loading a study file: trusted Python code that defines a module-level ``study = Study(...)``.
 
 Relative paths in a study (local model folders starting with ``./``, ``../``, ``/`` or ``~``, perplexity text, task
-data) are resolved against the study file's folder, so a study runs the same from any working directory.
+data, a calibrated precision's ``calib_data``) are resolved against the study file's folder, so a study runs the same from any working directory.
 """
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ def resolve_paths(study: Study, base: Path, source: str) -> Study:
         elif isinstance(t.data, dict):
             t = dataclasses.replace(t, data={k: _resolve(base, v) for k, v in t.data.items()})
         tasks.append(t)
-    return dataclasses.replace(study, models=tuple(models), perplexity=ppl, tasks=tuple(tasks))
+    options = {p: ({**o, "calib_data": _resolve(base, o["calib_data"])} if isinstance(o.get("calib_data"), str) else o)
+               for p, o in study.precision_options.items()}
+    return dataclasses.replace(study, models=tuple(models), perplexity=ppl, tasks=tuple(tasks),
+                               precision_options=options)
 
 
 def load_study_file(path: str | os.PathLike) -> Study:

@@ -48,6 +48,7 @@ class TimingLease:
         self._main = os.open(root / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o666)
         self._turnstile = os.open(root / f"{key}.turnstile", os.O_CREAT | os.O_RDWR, 0o666)
         self.waited_s = 0.0
+        self._shared_held = False
         self._cuda = device == "cuda"
 
     def _sync(self) -> None:
@@ -79,15 +80,17 @@ class TimingLease:
             fcntl.flock(self._turnstile, fcntl.LOCK_UN)
 
     def acquire_shared(self) -> None:
-        if getattr(_LOCAL, "in_exclusive", False):
+        if getattr(_LOCAL, "in_exclusive", False) or self._shared_held:
             return
         fcntl.flock(self._turnstile, fcntl.LOCK_SH)
         fcntl.flock(self._turnstile, fcntl.LOCK_UN)
         fcntl.flock(self._main, fcntl.LOCK_SH)
+        self._shared_held = True
 
     def release_shared(self) -> None:
-        if getattr(_LOCAL, "in_exclusive", False):
+        if getattr(_LOCAL, "in_exclusive", False) or not self._shared_held:
             return
+        self._shared_held = False
         try:
             self._sync()  # the kernels this forward queued finish before a timed section may start
         finally:
@@ -102,14 +105,18 @@ class TimingLease:
             self.release_shared()
 
     def guard_forwards(self, model) -> list:
-        """Take the shared side around every forward pass of ``model``; returns the hook handles."""
+        """Take the shared side around every forward pass of ``model``; returns the hook handles.
+
+        ``always_call``: the release runs even when the forward raises (lm-eval's batch-size probe and the KL stage
+        catch such errors and go on), so a caught error never leaves the lock held against a waiting neighbour.
+        """
         def pre(module, args, kwargs=None):
             self.acquire_shared()
 
         def post(module, args, output):
             self.release_shared()
 
-        return [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+        return [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
 
     def close(self) -> None:
         for fd in (self._main, self._turnstile):

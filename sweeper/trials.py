@@ -93,7 +93,8 @@ def _sha(obj: Any, n: int = 12) -> str:
 
 
 def model_fingerprint(model: Model) -> str | None:
-    """For a local folder: a hash of config.json and the weight files' names and sizes (None for hub ids)."""
+    """For a local folder: a hash of config.json, the tokenizer files, and the weight files' names, sizes and
+    modification times (None for hub ids)."""
     path = Path(model.id)
     if not path.is_dir():
         return None
@@ -102,8 +103,15 @@ def model_fingerprint(model: Model) -> str | None:
     if cfg.exists():
         h.update(cfg.read_bytes())
     for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".bin") and f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        if not f.is_file():
+            continue
+        if f.suffix in (".safetensors", ".bin"):
+            # names, sizes and modification times: retrained weights of the same shapes change the id without
+            # hashing gigabytes (a copy of the folder elsewhere also gets a new id: rerun rather than reuse wrongly)
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        elif f.name.startswith("tokenizer") or f.suffix == ".model":
+            h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -126,6 +134,23 @@ def _task_identity(t: Task, study: Study) -> dict[str, Any]:
     }
 
 
+def _baseline_identity(study: Study) -> list[Any]:
+    bp, bcd = study.baseline_cell()
+    return [bp, bcd, _precisions.get(bp).resolve_options(study.precision_options.get(bp))]
+
+
+def _calibration_identity(precision: str, options: dict[str, Any]) -> str | None:
+    """The content of the calibration text a calibrated precision will use (it changes the quantized weights)."""
+    if "calib_data" not in options:
+        return None
+    from .quantize.calibrated import calibration_file
+
+    try:
+        return file_fingerprint(str(calibration_file(options)))
+    except FileNotFoundError:
+        return None  # reported when the trial loads
+
+
 def trial_identity(study: Study, model: Model, precision: str, compute_dtype: str) -> dict[str, Any]:
     p = _precisions.get(precision)
     ppl = None
@@ -138,11 +163,14 @@ def trial_identity(study: Study, model: Model, precision: str, compute_dtype: st
         "model_fingerprint": model_fingerprint(model),
         "precision": precision,
         "options": p.resolve_options(study.precision_options.get(precision)),
+        "calibration_text": _calibration_identity(precision, p.resolve_options(study.precision_options.get(precision))),
         "compute_dtype": compute_dtype,
         "tasks": [_task_identity(t, study) for t in study.tasks],
         "benchmark": asdict(study.benchmark),
         "perplexity": ppl,
         "kl": asdict(study.kl) if study.kl else None,
+        # KL numbers are measured against the baseline cell, so with KL on the baseline is part of the identity
+        "baseline": _baseline_identity(study) if study.kl else None,
         "seed": study.seed,
         "metrics_version": METRICS_VERSION,
     }

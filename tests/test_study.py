@@ -30,8 +30,11 @@ def test_plain_dtype_is_one_trial_and_quantized_splits_by_compute_dtype():
 
 def test_trial_id_is_stable_and_ignores_study_name():
     a, _ = expand(Study(name="a", models=["org/m"], precisions=["nf4"]))
-    b, _ = expand(Study(name="b", models=["org/m"], precisions=["int8", "nf4"]))
-    assert a[0].trial_id == b[1].trial_id
+    b, _ = expand(Study(name="b", models=["org/m"], precisions=["nf4", "int8"]))
+    assert a[0].trial_id == b[0].trial_id  # same cell, same baseline: same trial in another study
+    c, _ = expand(Study(name="c", models=["org/m"], precisions=["int8", "nf4"], kl=False))
+    d, _ = expand(Study(name="d", models=["org/m"], precisions=["nf4"], kl=False))
+    assert c[1].trial_id == d[0].trial_id  # without KL the baseline does not matter either
     c, _ = expand(Study(name="a", models=["org/m"], precisions=["nf4"], benchmark=Benchmark(new_tokens=5)))
     assert c[0].trial_id != a[0].trial_id
     d, _ = expand(Study(name="a", models=["org/m"], precisions=["nf4"], precision_options={"nf4": {"double_quant": True}}))
@@ -83,3 +86,40 @@ def test_bad_studies_raise_one_line(kwargs, needle):
 def test_bad_settings_raise(ctor, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         ctor()
+
+
+def test_baseline_is_part_of_the_identity_when_kl_is_on():
+    a, _ = expand(Study(name="s", models=["org/m"], precisions=["fp32", "fp16", "nf4"]))
+    b, _ = expand(Study(name="s", models=["org/m"], precisions=["fp32", "fp16", "nf4"], baseline="fp16"))
+    assert {t.trial_id for t in a}.isdisjoint({t.trial_id for t in b})  # KL against another baseline: new numbers
+    c, _ = expand(Study(name="s", models=["org/m"], precisions=["fp32", "fp16", "nf4"], kl=False))
+    d, _ = expand(Study(name="s", models=["org/m"], precisions=["fp32", "fp16", "nf4"], kl=False, baseline="fp16"))
+    assert {t.trial_id for t in c} == {t.trial_id for t in d}  # without KL the baseline changes no number
+
+
+def test_only_keeps_the_baseline_kl_needs():
+    from sweeper.launch import narrow, parse_only
+
+    trials, _ = expand(Study(name="s", models=["org/m"], precisions=["fp32", "int8", "nf4"]))
+    kept = narrow(trials, parse_only(("precision=nf4",)))
+    assert [t.precision for t in kept] == ["fp32", "nf4"]
+    no_kl, _ = expand(Study(name="s", models=["org/m"], precisions=["fp32", "int8", "nf4"], kl=False))
+    assert [t.precision for t in narrow(no_kl, parse_only(("precision=nf4",)))] == ["nf4"]
+
+
+def test_local_model_fingerprint_follows_weights_and_tokenizer(tmp_path):
+    import os
+
+    from sweeper.trials import model_fingerprint
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 10)
+    (d / "tokenizer.json").write_text("{}")
+    m = Model(str(d))
+    first = model_fingerprint(m)
+    os.utime(d / "model.safetensors", ns=(1, 1))  # same size, rewritten weights
+    second = model_fingerprint(m)
+    (d / "tokenizer.json").write_text('{"a": 1}')
+    assert len({first, second, model_fingerprint(m)}) == 3
