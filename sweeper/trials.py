@@ -134,6 +134,12 @@ def _task_identity(t: Task, study: Study) -> dict[str, Any]:
     }
 
 
+def model_identity(model: Model, fingerprint: str | None) -> dict[str, Any]:
+    """What identifies a model in trial and KL-reference ids: id (absolute path for folders), revision, fingerprint."""
+    return {"model": os.path.abspath(model.id) if Path(model.id).is_dir() else model.id,
+            "revision": model.revision, "model_fingerprint": fingerprint}
+
+
 def _baseline_identity(study: Study) -> list[Any]:
     bp, bcd = study.baseline_cell()
     return [bp, bcd, _precisions.get(bp).resolve_options(study.precision_options.get(bp))]
@@ -158,9 +164,7 @@ def trial_identity(study: Study, model: Model, precision: str, compute_dtype: st
         ppl = {"context": study.perplexity.context, "max_tokens": study.perplexity.max_tokens,
                "file": file_fingerprint(study.perplexity.path) if os.path.isfile(study.perplexity.path) else study.perplexity.path}
     return {
-        "model": model.id if not Path(model.id).is_dir() else os.path.abspath(model.id),
-        "revision": model.revision,
-        "model_fingerprint": model_fingerprint(model),
+        **model_identity(model, model_fingerprint(model)),
         "precision": precision,
         "options": p.resolve_options(study.precision_options.get(precision)),
         "calibration_text": _calibration_identity(precision, p.resolve_options(study.precision_options.get(precision))),

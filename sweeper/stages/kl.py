@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from ..errors import UserError
 from ..store import atomic_write_table
 from ..study import KLSettings
-from ..trials import TrialSpec, file_fingerprint
+from ..trials import TrialSpec, file_fingerprint, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,7 @@ def reference_text_path(spec: TrialSpec) -> str | None:
 
 
 def _model_key(spec: TrialSpec) -> dict[str, Any]:
-    mid = spec.model.id
-    return {
-        "model": os.path.abspath(mid) if Path(mid).is_dir() else mid,
-        "revision": spec.model.revision,
-        "model_fingerprint": spec.model_fingerprint,
-    }
+    return model_identity(spec.model, spec.model_fingerprint)
 
 
 def reference_identity(spec: TrialSpec, text_path: str | None | _Auto = AUTO,
