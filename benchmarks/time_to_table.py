@@ -181,6 +181,8 @@ def main() -> None:
     a = ap.parse_args()
 
     work, data = Path(a.work).resolve(), Path(a.data).resolve()
+    if Path(a.model).exists():  # the study file resolves relative paths against its own folder, not the cwd
+        a.model = str(Path(a.model).resolve())
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": a.model, "limit": a.limit, "batch": a.batch, "seed": a.seed, "cells": CELLS}
     if not a.skip_sweep and not tasks_stage_wired():

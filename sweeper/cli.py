@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import click
@@ -94,16 +95,21 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             return
         done_before = len(p.trials) - len(pending)
         click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
+        ray_stopped = True
         try:
-            progress = scheduler.run_trials(pending, p.store, emit=click.echo,
-                                            max_concurrent=p.study.resources.max_concurrent, retries=retries,
-                                            baselines_first=p.study.kl is not None)
+            scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
+                                 retries=retries, baselines_first=p.study.kl is not None)
         except KeyboardInterrupt:
             click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
                        "again to resume", err=True)
             sys.exit(EXIT_INTERRUPTED)
         finally:
-            scheduler.disconnect()
+            ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+    _finish(_launch_summary(p, study_file), ray_stopped)
+
+
+def _launch_summary(p, study_file: str) -> int:
+    """Print what the launch left and return its exit code."""
     status = p.store.trial_status()
     ids = [t.trial_id for t in p.trials]
     done = sum(status.get(i) == "done" for i in ids)
@@ -112,11 +118,21 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                f"results in {p.store.root}")
     if len(ids) - done - len(failed) > 0:
         click.echo(f"interrupted: run `sweep launch {study_file}` again to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     click.echo(f"read them: sweep results {p.store.root}")
     if failed:
         click.echo(f"{len(failed)} trial(s) failed: see `sweep status {p.store.root}`; a relaunch retries them", err=True)
-        sys.exit(EXIT_TRIALS_FAILED)
+        return EXIT_TRIALS_FAILED
+    return 0
+
+
+def _finish(code: int, ray_stopped: bool) -> None:
+    if not ray_stopped:  # a hung Ray shutdown would also hang the interpreter's exit hooks: leave without them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def _print_plan(p, notes, render) -> None:

@@ -55,6 +55,9 @@ class Precision:
     check: Check | None = None  # method-specific refusals (compute dtype, group size, ...) beyond the fields above
     post_load: Callable[[Any, str, dict[str, Any], str], Any] | None = None  # (model, compute dtype, opts, device)
     calibrated: bool = False  # quantized from calibration data through sweeper.quantize.calibrated (cached)
+    # why its decode step cannot be captured in a CUDA graph (its kernels synchronise with the host), or None; the
+    # benchmark stage records this reason instead of attempting a capture that is known to fail
+    no_graph_capture: str | None = None
 
     def effective_compute_dtype(self, requested: str) -> str:
         return self.fixed_dtype if not self.compute_dtype_matters else requested
@@ -199,6 +202,8 @@ REGISTRY: dict[str, Precision] = {
             group_size=None, bytes_per_param=1.0 + 4 / 4096, compute_dtype_matters=True, fixed_dtype=None,
             hardware="CUDA GPU or CPU (bitsandbytes >= 0.48)", needs_cuda=False, min_compute_capability=None,
             options={"threshold": 6.0}, build=_bnb_int8,
+            no_graph_capture="bitsandbytes LLM.int8 finds outlier columns on the host each forward (capture failed on "
+                             "an H100, benchmarks/gpu/logs/run1_grid_graph_on_errors.txt)",
         ),
         # 4-bit weights plus one fp32 absmax per 64-weight block (or 8-bit absmax + fp32 per 256 with double quant).
         Precision(
@@ -226,6 +231,8 @@ REGISTRY: dict[str, Precision] = {
             hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None,
             build=_torchao(lambda o, d: _ao().int8_dynamic_activation_int8_weight()), requires=("torchao",),
             extra="torchao",
+            no_graph_capture="torchao's dynamic int8 activation quantization synchronises with the host (capture "
+                             "failed on an H100: 'operation not permitted when stream is capturing', run7)",
         ),
         # 4-bit weights + a bf16/fp16/fp32 scale and zero point per group of group_size weights.
         Precision(
@@ -297,6 +304,7 @@ def table_rows() -> list[dict[str, Any]]:
             "compute_dtype": "study's compute_dtypes" if p.compute_dtype_matters else p.fixed_dtype,
             "options": ", ".join(f"{k}={v}" for k, v in p.options.items()) or "-",
             "hardware": p.hardware,
+            "cuda_graph_decode": "no: host sync" if p.no_graph_capture else "yes",
         }
         for p in REGISTRY.values()
     ]

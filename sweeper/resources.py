@@ -2,6 +2,7 @@
 
 estimate = quantized linear weights at the precision's bytes per parameter
          + what stays unquantized (embeddings, lm head, norms) at the compute dtype
+           (the whole model at the compute dtype for precisions that quantize after a full load: HQQ, AWQ)
          + KV cache of the largest benchmark batch at prompt + new tokens
          + logits / activations of the largest forward (prefill, perplexity window, batch decode)
          + a fixed allowance for the CUDA context and allocator slack.
@@ -71,6 +72,10 @@ def estimate_peak_bytes(study: Study, shape: ModelShape, precision: str, compute
     p = precisions.get(precision)
     act = _DTYPE_BYTES[compute_dtype]
     weights = shape.linear_params * p.bytes_per_param + shape.unquantized_params * act
+    if p.post_load is not None or p.calibrated:
+        # quantized after a full-precision load (HQQ) or calibrated from one (AWQ's first use): the load peaks at
+        # the unquantized size, not the quantized one
+        weights = max(weights, (shape.linear_params + shape.unquantized_params) * act)
     b = max(study.benchmark.batch_sizes)
     seq = study.benchmark.prompt_tokens + study.benchmark.new_tokens
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * b * act

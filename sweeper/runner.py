@@ -13,6 +13,7 @@ import traceback
 from contextlib import nullcontext
 from typing import Any
 
+from . import precisions
 from .environment import device_environment, static_environment
 from .errors import StageError
 from .store import ResultsStore
@@ -140,7 +141,8 @@ def _benchmark(spec, loaded, store, lease):
         return None
     weight_bytes = next(m["value"] for m in loaded.metrics if m["metric"] == "weights_bytes")
     rows, facts = run_benchmark(loaded.model, loaded.tokenizer, spec.benchmark, loaded.device, spec.seed,
-                                lease=lease, weight_bytes=weight_bytes)
+                                lease=lease, weight_bytes=weight_bytes,
+                                no_graph_capture=precisions.get(spec.precision).no_graph_capture)
     return rows, facts, None
 
 

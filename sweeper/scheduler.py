@@ -84,11 +84,24 @@ def _gpu_memory_bytes() -> float:
     return float(ray.get(probe.remote()))
 
 
-def disconnect() -> None:
+def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = None) -> bool:
+    """Stop (or leave) Ray; False if it did not stop. Results are already on disk, so a shutdown that hangs is
+    reported and given up on after ``timeout_s`` rather than holding the command open."""
+    import threading
+
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    if not ray.is_initialized():
+        return True
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive() and emit is not None:
+        emit(f"warning: Ray did not stop within {timeout_s:g}s; leaving it (every result is already written)")
+    elif emit is not None and time.perf_counter() - t0 > 5:
+        emit(f"Ray stopped in {time.perf_counter() - t0:.1f}s")
+    return not worker.is_alive()
 
 
 def _trainable(config: dict) -> None:

@@ -34,6 +34,17 @@ def test_estimate_follows_bytes_per_parameter(llama8b_config):
     assert gpu_share(est["nf4"], 80 * GB) <= 0.1
 
 
+def test_precisions_quantized_after_a_full_load_are_budgeted_at_full_size(llama8b_config):
+    # HQQ quantizes a model loaded at the compute dtype, AWQ calibrates one: their share must hold that load,
+    # or each such trial would run out of memory in its load and be retried at doubled shares
+    shape = model_shape(Model(str(llama8b_config)))
+    study = Study(name="s", models=[str(llama8b_config)], precisions=["bf16", "nf4", "hqq4", "awq4"],
+                  compute_dtypes=["bf16"])
+    est = {p: estimate_peak_bytes(study, shape, p, "bf16") for p in ("bf16", "nf4", "hqq4", "awq4")}
+    assert est["nf4"] < 8 * GB
+    assert est["hqq4"] == est["awq4"] == est["bf16"]
+
+
 def test_share_rounding_and_bounds():
     assert gpu_share(1, 80 * GB) == 0.05  # at least 0.05
     assert gpu_share(81 * GB, 80 * GB) == 1.0  # at most a whole GPU

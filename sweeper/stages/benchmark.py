@@ -48,8 +48,11 @@ def _step_marker(recorder: LatencyRecorder):
 
 
 def run_benchmark(model, tokenizer, settings: Benchmark, device: str, seed: int = 0, lease=None,
-                  weight_bytes: float | None = None) -> tuple[list[dict], dict]:
-    """Metric rows of the benchmark stage, and row facts (peak memory kind, timing wait, graph decode problems)."""
+                  weight_bytes: float | None = None, no_graph_capture: str | None = None) -> tuple[list[dict], dict]:
+    """Metric rows of the benchmark stage, and row facts (peak memory kind, timing wait, graph decode problems).
+
+    ``no_graph_capture``: the precision's reason why its decode step cannot be captured; the capture is skipped (a
+    failed capture costs time and leaves the CUDA context in a state we do not want to reuse)."""
     from contextlib import nullcontext
 
     facts: dict = {"timing_exclusive": lease is not None}
@@ -57,7 +60,9 @@ def run_benchmark(model, tokenizer, settings: Benchmark, device: str, seed: int 
         facts["timing_wait_s"] = waited
         rows, kind = _measure(model, tokenizer, settings, device, seed)
         facts["peak_memory_kind"] = kind
-        if settings.graph_decode and device == "cuda":
+        if settings.graph_decode and device == "cuda" and no_graph_capture:
+            facts["graph_decode_error"] = f"not attempted: {no_graph_capture}"
+        elif settings.graph_decode and device == "cuda":
             from .decode_graph import graph_decode, measured_bandwidth_bytes_per_s
 
             one = _prompts(tokenizer, model, 1, settings.prompt_tokens, seed).to(model.device)
