@@ -66,9 +66,30 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
                         "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
-    mem = _gpu_memory_bytes() if gpus > 0 else None
+    mem = (_local_gpu_memory_bytes() if not address else None) or (_gpu_memory_bytes() if gpus > 0 else None)
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     return ClusterInfo(address=address, nodes=nodes, cpus=float(res.get("CPU", 0)), gpus=gpus, gpu_memory_bytes=mem)
+
+
+def _local_gpu_memory_bytes() -> float | None:
+    """Memory of this machine's smallest visible GPU from nvidia-smi (milliseconds; the Ray probe below starts a
+    worker process that imports torch, seconds), or None where nvidia-smi is missing or finds no GPU."""
+    import subprocess
+
+    cmd = ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    mib = {}
+    for line in out.splitlines():
+        idx, _, total = line.partition(",")
+        if total.strip().isdigit():
+            mib[idx.strip()] = int(total.strip())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip():
+        mib = {i: m for i, m in mib.items() if i in {v.strip() for v in visible.split(",")}}
+    return float(min(mib.values()) * 2**20) if mib else None
 
 
 def _gpu_memory_bytes() -> float:

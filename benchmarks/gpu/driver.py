@@ -252,21 +252,42 @@ def do_grid(out: Out, a) -> None:
         out.say(line, summary=True)
 
 
+def trials_phase_s(root: Path) -> float | None:
+    """First trial scheduled -> last result file written: the sweep's wall time without its launch overhead."""
+    rows, _, events = read_results(root)
+    first = min((t for ts in events.values() for t in ts), default=None)
+    return max(r["_row_mtime"] for r in rows) - first if rows and first else None
+
+
 def do_pack(out: Out, a) -> None:
+    """Point 2: 8 trials packed (auto shares) vs one whole GPU per trial; point 4: overhead on reused workers.
+    One-per-GPU runs first so that both packed runs find warm caches; the lease-off run shows the lease's cost."""
     ensure_models(out, ["qwen2.5-0.5b-shape"])
-    w_auto, t_auto, m_auto, _ = launch(out, "pack-auto", "benchmarks/gpu/packing.py", [], timeout=300)
-    w_one, t_one, m_one, _ = launch(out, "pack-one", "benchmarks/gpu/packing.py", ["--gpus-per-trial", "1"], timeout=400)
-    out.say(f"packing: 8 trials of the 0.5B shape: auto shares {w_auto:.1f}s vs --gpus-per-trial 1 {w_one:.1f}s "
-            f"(x{w_one / w_auto:.2f})", summary=True)
-    for run, trials in (("pack-auto", t_auto), ("pack-one", t_one)):
+    runs = (("pack-one", ["--gpus-per-trial", "1"], {}), ("pack-auto", [], {}),
+            ("pack-auto-nolease", [], {"SWEEPER_GPU_LEASE": "0"}))
+    res = {}
+    for run, extra, env in runs:
+        if out.deadline - time.time() < 90:
+            out.say(f"{run}: skipped (deadline)", summary=True)
+            continue
+        os.environ.update(env)
+        wall, trials, mrecs, rc = launch(out, run, "benchmarks/gpu/packing.py", extra, timeout=240)
+        for k in env:
+            os.environ.pop(k)
+        res[run] = (wall, trials_phase_s(RESULTS / run), trials, mrecs)
+    for run, (wall, phase, trials, mrecs) in res.items():
         shares = sorted({t["gpu_share"] for t in trials})
         done = sum(t["status"] == "done" for t in trials)
-        out.say(f"{run}: {done}/{len(trials)} done, shares {shares}, trial durations sum "
-                f"{sum(t['duration_s'] or 0 for t in trials):.1f}s", summary=True)
-        for line in overhead_lines(run, trials):
+        out.say(f"{run}: {done}/{len(trials)} done, shares {shares}, launch wall {wall:.1f}s, trials phase "
+                f"{phase or float('nan'):.1f}s, trial durations sum {sum(t['duration_s'] or 0 for t in trials):.1f}s, "
+                f"timing waits sum {sum(t['timing_wait_s'] or 0 for t in trials):.1f}s", summary=True)
+        for line in overhead_lines(run, trials) + metric_table(trials, mrecs):
             out.say(line, summary=True)
-    for line in metric_table(t_auto, m_auto) + metric_table(t_one, m_one):
-        out.say(line, summary=True)
+    if "pack-one" in res:
+        for run in ("pack-auto", "pack-auto-nolease"):
+            if run in res and res[run][1] and res["pack-one"][1]:
+                out.say(f"packing: {run} vs pack-one: launch wall x{res['pack-one'][0] / res[run][0]:.2f}, "
+                        f"trials phase x{res['pack-one'][1] / res[run][1]:.2f} (>1: packed is faster)", summary=True)
 
 
 def do_grid8b(out: Out, a) -> None:
@@ -327,13 +348,18 @@ def do_multi(out: Out, a) -> None:
             rc, wall, text = out.run(cmd, timeout=left, env={"CUDA_VISIBLE_DEVICES": env_gpus})
             trials, _ = save_run(out, run, root) if (root / "trials").exists() else ([], [])
             done = sum(t["status"] == "done" for t in trials)
-            walls[(mode, gpus)] = wall
-            out.say(f"{run}: CUDA_VISIBLE_DEVICES={env_gpus} rc={rc}, {done}/{len(trials)} done, wall {wall:.1f}s, "
-                    f"{done / wall * 60:.2f} trials/min, {len({t['worker_pid'] for t in trials})} worker processes",
-                    summary=True)
+            phase = trials_phase_s(root) if trials else None
+            walls[(mode, gpus)] = (wall, phase)
+            out.say(f"{run}: CUDA_VISIBLE_DEVICES={env_gpus} rc={rc}, {done}/{len(trials)} done, launch wall "
+                    f"{wall:.1f}s, trials phase {phase or float('nan'):.1f}s, {done / wall * 60:.2f} trials/min, "
+                    f"{len({t['worker_pid'] for t in trials})} worker processes, "
+                    f"{len({t.get('device_name') for t in trials})} device name(s)", summary=True)
+            for line in overhead_lines(run, trials):
+                out.say(line, summary=True)
         if (mode, 1) in walls and (mode, n) in walls:
-            out.say(f"multi {mode}: {n} GPUs vs 1: throughput x{walls[(mode, 1)] / walls[(mode, n)]:.2f} "
-                    f"(target >= {0.9 * n:.1f})", summary=True)
+            (w1, p1), (wn, pn) = walls[(mode, 1)], walls[(mode, n)]
+            out.say(f"multi {mode}: {n} GPUs vs 1: launch wall x{w1 / wn:.2f}, trials phase "
+                    f"x{(p1 / pn) if p1 and pn else float('nan'):.2f} (target >= {0.9 * n:.1f})", summary=True)
 
 
 def do_oom(out: Out, a) -> None:

@@ -1,5 +1,7 @@
 """Issue 6, point 2 and 4: 8 small trials (0.5B shape) launched with `auto` GPU shares (packed) and with
-`--gpus-per-trial 1` (one trial per GPU at a time). Run by benchmarks/gpu/driver.py (pack)."""
+`--gpus-per-trial 1` (one trial per GPU at a time). Run by benchmarks/gpu/driver.py (pack).
+SWEEPER_GPU_LEASE=0 turns the exclusive timing lease off (to measure what the lease costs a packed sweep)."""
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ study = Study(
     compute_dtypes=["fp16", "bf16"],
     baseline="fp16",
     kl=False,
-    benchmark=Benchmark(prompt_tokens=128, new_tokens=16, batch_sizes=(1,), repeats=3, warmup=1, graph_decode=False),
+    benchmark=Benchmark(prompt_tokens=128, new_tokens=16, batch_sizes=(1,), repeats=3, warmup=1, graph_decode=False,
+                        exclusive_timing=os.environ.get("SWEEPER_GPU_LEASE", "1") == "1"),
     perplexity=Perplexity(WIKITEXT, context=512, max_tokens=16384),
 )
