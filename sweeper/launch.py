@@ -15,6 +15,7 @@ from typing import Any
 
 from .environment import scrub, scrub_argv, static_environment
 from .errors import UserError
+from .resources import spread_shares
 from .store import ResultsStore
 from .study import Resources, Study
 from .studyfile import load_study_file
@@ -98,7 +99,8 @@ def check_results_dir(store: ResultsStore, study: Study) -> None:
 
 def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = (), limit: float | None = None,
          gpus_per_trial: float | None = None, max_concurrent: int | None = None,
-         gpu_share_for=None, cluster_has_gpus: bool = False) -> tuple[Plan, list[str]]:
+         gpu_share_for=None, cluster_gpus: float = 0) -> tuple[Plan, list[str]]:
+    """The study's trials, their status in the store and their GPU shares (``cluster_gpus`` > 0: a GPU cluster)."""
     study = load_study_file(study_path)
     study, notes = apply_overrides(study, limit, gpus_per_trial, max_concurrent)
     if study.tasks:  # lm-eval's task index is only built when a study has tasks
@@ -107,11 +109,17 @@ def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = ()
         validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
     store = ResultsStore(results or default_results_dir(study))
     check_results_dir(store, study)
-    trials, dropped = expand(study, gpu_share_for=gpu_share_for, cluster_has_gpus=cluster_has_gpus)
+    trials, dropped = expand(study, gpu_share_for=gpu_share_for, cluster_has_gpus=cluster_gpus > 0)
     if only:
         trials = narrow(trials, parse_only(only))
+    status = store.trial_status(skip_damaged=True)
+    if cluster_gpus > 0 and study.resources.gpus_per_trial == "auto":
+        pending = [i for i, t in enumerate(trials) if status.get(t.trial_id) != "done"]
+        spread = spread_shares([trials[i].gpu_share for i in pending], cluster_gpus, study.resources.max_concurrent)
+        for i, share in zip(pending, spread):
+            trials[i] = dataclasses.replace(trials[i], gpu_share=share)
     return Plan(study=study, study_path=Path(study_path), store=store, trials=trials, dropped=dropped,
-                status=store.trial_status(skip_damaged=True)), notes
+                status=status), notes
 
 
 def move_aside(store: ResultsStore) -> Path | None:

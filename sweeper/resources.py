@@ -112,3 +112,19 @@ def share_function(gpu_memory_bytes: float):
         return gpu_share(estimate_peak_bytes(study, shape, precision, compute_dtype), gpu_memory_bytes)
 
     return share_for
+
+
+def spread_shares(shares: list[float], gpus: float, max_concurrent: int | None = None) -> list[float]:
+    """Raise ``auto`` shares so that trials that all fit at once spread over every GPU instead of sharing one.
+
+    Ray fills one GPU with fractional requests before it uses the next: 8 trials at share 0.05 on a 2-GPU node all
+    ran on GPU 0 (benchmarks/gpu/logs/run13_multi_summary.txt: no faster than 1 GPU). With n trials running at once
+    and g GPUs, each share becomes at least 1 / ceil(n / g), rounded down to 0.05, so ceil(n / g) fit on each GPU.
+    A share the memory estimate makes larger stays larger. Below 0.05 nothing changes (more trials than slots).
+    """
+    n = len(shares) if not max_concurrent else min(len(shares), max_concurrent)
+    if n == 0 or gpus <= 0:
+        return list(shares)
+    per_gpu = math.ceil(n / gpus)
+    least = math.floor(1.0 / per_gpu / 0.05 + 1e-9) * 0.05
+    return [round(min(1.0, max(s, least)), 2) if s > 0 else s for s in shares]

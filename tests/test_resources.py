@@ -86,3 +86,43 @@ def test_local_gpu_memory_reads_nvidia_smi_and_honours_visible_devices(tmp_path,
     assert _local_gpu_memory_bytes() is None
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert _local_gpu_memory_bytes() is None
+
+
+def test_spread_shares_fill_every_gpu_when_trials_fit_at_once():
+    from sweeper.resources import spread_shares
+
+    assert spread_shares([0.05] * 8, gpus=2) == [0.25] * 8  # 4 per GPU instead of 8 on GPU 0
+    assert spread_shares([0.05] * 3, gpus=2) == [0.5] * 3  # 2 + 1: all three still run at once
+    assert spread_shares([0.05] * 8, gpus=1) == [0.1] * 8  # one GPU: all 8 still fit
+    assert spread_shares([0.05] * 30, gpus=1) == [0.05] * 30  # more trials than slots: the estimate stands
+    assert spread_shares([0.05, 0.6, 0.05], gpus=2) == [0.5, 0.6, 0.5]  # a larger estimate is kept
+    assert spread_shares([0.05, 0.05], gpus=2) == [1.0, 1.0]  # one trial per GPU
+    assert spread_shares([0.05] * 8, gpus=2, max_concurrent=2) == [1.0] * 8  # 2 at a time: a GPU each
+    assert spread_shares([0.0, 0.0], gpus=0) == [0.0, 0.0]  # CPU cluster
+
+
+def test_ray_packs_fractional_gpus_onto_one_gpu_and_spread_shares_undo_it():
+    """The Ray behaviour spread_shares exists for, on a real local Ray with 2 logical GPUs (no GPU needed: Ray
+    assigns GPU ids from its resource table and sets CUDA_VISIBLE_DEVICES per actor)."""
+    import ray
+
+    from sweeper.resources import spread_shares
+
+    @ray.remote
+    class Holder:
+        def gpu(self):
+            return tuple(ray.get_gpu_ids())
+
+    ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        def placement(share):
+            actors = [Holder.options(num_cpus=0, num_gpus=share).remote() for _ in range(8)]  # alive at once
+            ids = ray.get([a.gpu.remote() for a in actors], timeout=120)
+            for a in actors:
+                ray.kill(a)
+            return {g for ids_ in ids for g in ids_}
+
+        assert len(placement(0.05)) == 1  # 8 x 0.05: all on one GPU
+        assert len(placement(spread_shares([0.05] * 8, gpus=2)[0])) == 2  # 8 x 0.25: both GPUs
+    finally:
+        ray.shutdown()

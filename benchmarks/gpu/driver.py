@@ -91,7 +91,7 @@ def env_info(out: Out) -> None:
                 fh.write(f"{cmd}: {e}\n")
         code = ("import torch, transformers, importlib\n"
                 "print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())\n"
-                "for m in ('transformers','accelerate','bitsandbytes','ray','lm_eval','polars','pyarrow','torchao'):\n"
+                "for m in ('transformers','accelerate','bitsandbytes','ray','lm_eval','polars','pyarrow','torchao','hqq'):\n"
                 "    try: print(m, importlib.import_module(m).__version__)\n"
                 "    except Exception as e: print(m, 'missing', e)\n")
         fh.write(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
