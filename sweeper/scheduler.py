@@ -66,7 +66,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
                         "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
-    mem = (_local_gpu_memory_bytes() if not address else None) or (_gpu_memory_bytes() if gpus > 0 else None)
+    mem = None
+    if gpus > 0:  # this machine's nvidia-smi when Ray is local (fast), else a probe task on a GPU worker
+        mem = (None if address else _local_gpu_memory_bytes()) or _gpu_memory_bytes()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     return ClusterInfo(address=address, nodes=nodes, cpus=float(res.get("CPU", 0)), gpus=gpus, gpu_memory_bytes=mem)
 

@@ -232,10 +232,11 @@ def metric_table(trials: list[dict], mrecs: list[dict]) -> list[str]:
     return lines
 
 
-def launch(out: Out, run: str, study: str, extra: list[str], timeout: float) -> tuple[float, list[dict], list[dict], int]:
+def launch(out: Out, run: str, study: str, extra: list[str], timeout: float,
+           env: dict | None = None) -> tuple[float, list[dict], list[dict], int]:
     root = RESULTS / run
     cmd = [sys.executable, "-m", "sweeper.cli", "launch", study, "--results", str(root), "--fresh", "--retries", "0", *extra]
-    rc, wall, text = out.run(cmd, timeout=timeout)
+    rc, wall, text = out.run(cmd, timeout=timeout, env=env)
     out.say(f"{run}: `sweep launch {study} {' '.join(extra)}` rc={rc}, wall {wall:.1f}s", summary=True)
     for line in text.splitlines():
         if line.startswith("summary:") or "FAILED" in line or "retrying" in line or line.startswith("ray:"):
@@ -270,10 +271,7 @@ def do_pack(out: Out, a) -> None:
         if out.deadline - time.time() < 90:
             out.say(f"{run}: skipped (deadline)", summary=True)
             continue
-        os.environ.update(env)
-        wall, trials, mrecs, rc = launch(out, run, "benchmarks/gpu/packing.py", extra, timeout=240)
-        for k in env:
-            os.environ.pop(k)
+        wall, trials, mrecs, rc = launch(out, run, "benchmarks/gpu/packing.py", extra, timeout=240, env=env)
         res[run] = (wall, trials_phase_s(RESULTS / run), trials, mrecs)
     for run, (wall, phase, trials, mrecs) in res.items():
         shares = sorted({t["gpu_share"] for t in trials})
@@ -342,13 +340,10 @@ def do_multi(out: Out, a) -> None:
             if left < 60:
                 out.say(f"{run}: skipped, {left:.0f}s left", summary=True)
                 continue
-            root = RESULTS / run
-            cmd = [sys.executable, "-m", "sweeper.cli", "launch", "benchmarks/gpu/packing.py", "--results", str(root),
-                   "--fresh", "--retries", "0", *extra]
-            rc, wall, text = out.run(cmd, timeout=left, env={"CUDA_VISIBLE_DEVICES": env_gpus})
-            trials, _ = save_run(out, run, root) if (root / "trials").exists() else ([], [])
+            wall, trials, _, rc = launch(out, run, "benchmarks/gpu/packing.py", extra, timeout=left,
+                                         env={"CUDA_VISIBLE_DEVICES": env_gpus})
             done = sum(t["status"] == "done" for t in trials)
-            phase = trials_phase_s(root) if trials else None
+            phase = trials_phase_s(RESULTS / run) if trials else None
             walls[(mode, gpus)] = (wall, phase)
             out.say(f"{run}: CUDA_VISIBLE_DEVICES={env_gpus} rc={rc}, {done}/{len(trials)} done, launch wall "
                     f"{wall:.1f}s, trials phase {phase or float('nan'):.1f}s, {done / wall * 60:.2f} trials/min, "

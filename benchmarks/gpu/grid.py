@@ -4,9 +4,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import GRAPH, LLAMA8B, QWEN, WIKITEXT  # noqa: E402
+from common import GRID_BENCHMARK, GRID_PERPLEXITY, LLAMA8B, QWEN  # noqa: E402
 
-from sweeper import Benchmark, Model, Perplexity, Study  # noqa: E402
+from sweeper import Model, Study  # noqa: E402
 
 study = Study(
     name="gpu-grid",
@@ -16,6 +16,6 @@ study = Study(
     compute_dtypes=["fp16", "bf16"],
     baseline="fp16",
     kl=False,
-    benchmark=Benchmark(prompt_tokens=128, new_tokens=32, batch_sizes=(1, 8), repeats=3, warmup=1, graph_decode=GRAPH),
-    perplexity=Perplexity(WIKITEXT, context=512, max_tokens=4096),
+    benchmark=GRID_BENCHMARK,
+    perplexity=GRID_PERPLEXITY,
 )

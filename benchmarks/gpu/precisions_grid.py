@@ -6,19 +6,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import GRAPH, LLAMA8B, QWEN, WIKITEXT  # noqa: E402
+from common import AWQ_OPTIONS, GRID_BENCHMARK, GRID_PERPLEXITY, LLAMA8B, QWEN  # noqa: E402
 
-from sweeper import Benchmark, Model, Perplexity, Study  # noqa: E402
+from sweeper import Model, Study  # noqa: E402
 
 study = Study(
     name="gpu-precisions",
     description="8B and 0.5B shapes x bf16 / w8a16 / w4a16 / fp8 / awq4 / hqq4 / hqq8 (bf16 compute) on one H100",
     models=[Model(LLAMA8B, label="llama3-8b-shape"), Model(QWEN, label="qwen2.5-0.5b-shape")],
     precisions=["bf16", "w8a16", "w4a16", "fp8", "awq4", "hqq4", "hqq8"],
-    precision_options={"awq4": {"calib_data": str(Path(WIKITEXT).with_name("valid.txt")), "calib_samples": 8}},
+    precision_options={"awq4": AWQ_OPTIONS},
     compute_dtypes=["bf16"],
     baseline="bf16",
     kl=False,
-    benchmark=Benchmark(prompt_tokens=128, new_tokens=32, batch_sizes=(1, 8), repeats=3, warmup=1, graph_decode=GRAPH),
-    perplexity=Perplexity(WIKITEXT, context=512, max_tokens=4096),
+    benchmark=GRID_BENCHMARK,
+    perplexity=GRID_PERPLEXITY,
 )
