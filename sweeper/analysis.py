@@ -457,22 +457,5 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
     return out.sort(["model", "task", "precision", "compute_dtype"], nulls_last=True)
 
 
-def seed_scenarios_table(rec: pl.DataFrame) -> pl.DataFrame:
-    """Recommendations as a compact table: model, scenario description, trial (precision/compute dtype), reason."""
-    return rec.select("model", pl.col("description").alias("scenario"),
-                      pl.when(pl.col("trial_id").is_null()).then(pl.lit("-"))
-                      .otherwise(pl.format("{} / {}", pl.col("precision"), pl.col("compute_dtype"))).alias("choice"),
-                      "trial_id", "reason")
-
-
-def analyse(res: Results, with_significance: bool = True) -> dict[str, pl.DataFrame]:
-    """Everything at once (what the report uses): compare, pareto, recommendations, significance."""
-    cmp = compare(res).collect()
-    out = {"compare": cmp, "pareto": pareto(cmp), "recommendations": recommend(cmp)}
-    if with_significance:
-        out["significance"] = significance(res)
-    return out
-
-
-__all__: Sequence[str] = ["compare", "with_axes", "pareto", "recommend", "significance", "analyse", "Bootstrap",
+__all__: Sequence[str] = ["compare", "with_axes", "pareto", "recommend", "significance", "Bootstrap",
                           "task_main_metrics", "top_level_tasks", "SCENARIOS", "METRIC_COLUMNS", "DERIVED_COLUMNS"]

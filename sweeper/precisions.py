@@ -139,9 +139,9 @@ def _torchao(make: Callable[[dict[str, Any], str], Any]) -> Build:
 
 def _int4_check(device: str, capability: tuple[int, int] | None, compute_dtype: str, opts: dict[str, Any]) -> str | None:
     """torchao int4 weight-only kernels: CPU (any float dtype) or tinygemm on CUDA (bf16 only); their group sizes."""
-    from .quantize.torchao_compat import CPU_INT4_GROUP_SIZES, CUDA_INT4_GROUP_SIZES
+    from .quantize.torchao_compat import int4_group_sizes
 
-    sizes = CPU_INT4_GROUP_SIZES if device == "cpu" else CUDA_INT4_GROUP_SIZES
+    sizes = int4_group_sizes(device)
     if opts.get("group_size") not in sizes:
         return (f"group_size {opts.get('group_size')!r} has no torchao int4 kernel on {device}; "
                 f"allowed: {', '.join(map(str, sizes))}")
@@ -163,11 +163,6 @@ def _hqq_check(device: str, capability: tuple[int, int] | None, compute_dtype: s
     if not isinstance(opts.get("group_size"), int) or opts["group_size"] <= 0:
         return f"group_size must be a positive integer, got {opts.get('group_size')!r}"
     return None
-
-
-def _plain_build(compute_dtype: str, opts: dict[str, Any], device: str) -> dict[str, Any]:
-    # calibrated precisions load their cached checkpoint through sweeper.quantize.calibrated; this is the base load.
-    return {"dtype": torch_dtype(compute_dtype)}
 
 
 def _plain(name: str, bits: int, needs: str, cap=None) -> Precision:
@@ -262,20 +257,20 @@ REGISTRY: dict[str, Precision] = {
             needs_cuda=False, min_compute_capability=(8, 0),
             options={"group_size": 128, "calib_data": None, "calib_samples": 16, "calib_seq_len": 512,
                      "scale_search": 20},
-            build=_plain_build, check=_awq_check, requires=("torchao",), extra="torchao", calibrated=True,
+            check=_awq_check, requires=("torchao",), extra="torchao", calibrated=True,
         ),
         # HQQ (half-quadratic, calibration-free) through the hqq library, applied right after loading.
         Precision(
             name="hqq4", method="HQQ 4-bit", library="hqq", weight_bits=4, activation_bits=None, group_size=64,
             bytes_per_param=0.5 + 4 / 64, compute_dtype_matters=True, fixed_dtype=None,
             hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None, options={"group_size": 64},
-            build=_plain_build, check=_hqq_check, post_load=_hqq_post_load(4), requires=("hqq",), extra="hqq",
+            check=_hqq_check, post_load=_hqq_post_load(4), requires=("hqq",), extra="hqq",
         ),
         Precision(
             name="hqq8", method="HQQ 8-bit", library="hqq", weight_bits=8, activation_bits=None, group_size=64,
             bytes_per_param=1.0 + 4 / 64, compute_dtype_matters=True, fixed_dtype=None,
             hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None, options={"group_size": 64},
-            build=_plain_build, check=_hqq_check, post_load=_hqq_post_load(8), requires=("hqq",), extra="hqq",
+            check=_hqq_check, post_load=_hqq_post_load(8), requires=("hqq",), extra="hqq",
         ),
     ]
 }

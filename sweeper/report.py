@@ -38,7 +38,7 @@ MAX_BARS = 40           # trials per bar chart / heat map
 MAX_POINTS = 2000       # points per scatter plot
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
-ENV_COLUMNS = ["device", "device_name", "host", "gpu_share", "exclusive_timing", "timing_exclusive", "git_sha"]
+ENV_COLUMNS = ["device", "device_name", "host", "gpu_share", "timing_exclusive", "sweeper_git_sha"]
 
 
 # ----------------------------------------------------------------------------------------------------------- formatting
@@ -60,12 +60,6 @@ def _vs(expr: pl.Expr, status: pl.Expr = pl.col("baseline_status")) -> pl.Expr:
     return (pl.when(status == "self").then(pl.lit("baseline"))
             .when(status.is_in(["missing", "failed", "none"])).then(pl.lit("n/a"))
             .otherwise(expr).fill_null("-"))
-
-
-def _num(v: float | None, d: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return f"{v:.{d}f}"
 
 
 # ----------------------------------------------------------------------------------------------------------- data

@@ -140,8 +140,6 @@ def _trainable(config: dict) -> None:
 
     case = config["case"]
     spec = TrialSpec.from_dict(case["spec"])
-    if case.get("gpu_share_override"):
-        spec = dataclasses.replace(spec, gpu_share=case["gpu_share_override"])
     store = ResultsStore(config["store"])
     with TrialClaim(store.root, spec.trial_id):
         previous = store.read_trial_row(spec.trial_id)
@@ -249,32 +247,24 @@ def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries,
             progress.failed.discard(t.trial_id)
             emit(progress.line(f"out of memory at GPU share {shares[t.trial_id] / 2:g}: retrying {t.cell} with "
                                f"{shares[t.trial_id]:g}"))
-        _run_phase(again, store, progress, emit, max_concurrent, retries, name=f"{name}-oom{round_}",
-                   share_override=shares)
+        # the retried specs carry their doubled share, so the scheduler, the row and a WorkerDied record agree
+        _run_phase([dataclasses.replace(t, gpu_share=shares[t.trial_id]) for t in again], store, progress, emit,
+                   max_concurrent, retries, name=f"{name}-oom{round_}")
 
 
 def _trial_name(trial) -> str:
     return trial.config["case"]["spec"]["trial_id"]
 
 
-def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
-               share_override: dict[str, float] | None = None):
+def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name):
     from ray import tune
 
     def resources(config):
         spec = config["case"]["spec"]
-        r = {"cpu": spec["cpus"]}
-        share = config["case"].get("gpu_share_override") or spec["gpu_share"]
-        if share:
-            r["gpu"] = share
-        return r
+        return {"cpu": spec["cpus"], **({"gpu": spec["gpu_share"]} if spec["gpu_share"] else {})}
 
     specs = [t.to_dict() for t in trials]
-    if share_override:  # a grid over (spec, share) pairs keeps each trial's own share
-        param_space = {"case": tune.grid_search([{"spec": s, "gpu_share_override": share_override[s["trial_id"]]}
-                                                 for s in specs]), "store": str(store.root.resolve())}
-    else:
-        param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve())}
+    param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve())}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(

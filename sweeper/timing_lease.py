@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .measure import synchronize
+
 _LOCAL = threading.local()  # in_exclusive: this process holds the device, its own forwards skip the shared side
 
 
@@ -47,15 +49,11 @@ class TimingLease:
         key = device_key(device)
         self._main = os.open(root / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o666)
         self._turnstile = os.open(root / f"{key}.turnstile", os.O_CREAT | os.O_RDWR, 0o666)
-        self.waited_s = 0.0
         self._shared_held = False
-        self._cuda = device == "cuda"
+        self._device = device
 
     def _sync(self) -> None:
-        if self._cuda:
-            import torch
-
-            torch.cuda.synchronize()
+        synchronize(self._device)
 
     @contextmanager
     def exclusive(self) -> Iterator[float]:
@@ -66,7 +64,6 @@ class TimingLease:
             fcntl.flock(self._main, fcntl.LOCK_EX)
             self._sync()  # this process's own earlier work stays out of the timed section
             waited = time.perf_counter() - t0
-            self.waited_s += waited
             _LOCAL.in_exclusive = True
             try:
                 yield waited

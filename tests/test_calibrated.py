@@ -87,8 +87,10 @@ def test_checkpoint_identity_follows_what_changes_the_weights(tmp_path, tiny_mod
     assert key({**OPTS["awq4"], "group_size": 32}) != base
     assert key({**OPTS["awq4"], "calib_samples": 3}) != base
     assert key(OPTS["awq4"], "bf16") != base
-    other = tmp_path / "calib.txt"
-    other.write_text((shared_data / "wikitext-2" / "valid.txt").read_text()[:50000] + " changed")
+    other = tmp_path / "calib.txt"  # the same text under another path: same weights, same checkpoint
+    other.write_bytes(calibrated.calibration_file(OPTS["awq4"]).read_bytes())
+    assert key({**OPTS["awq4"], "calib_data": str(other)}) == base
+    other.write_text(other.read_text() + " changed")
     assert key({**OPTS["awq4"], "calib_data": str(other)}) != base
     with pytest.raises(FileNotFoundError, match="calib_data"):
         key({**OPTS["awq4"], "calib_data": str(tmp_path / "missing.txt")})

@@ -29,7 +29,7 @@ def test_registry_is_one_table_with_every_column():
     assert rows["w8a8"]["activation_bits"] == 8 and rows["w8a16"]["activation_bits"] == "compute dtype"
     assert rows["w4a16"]["group_size"] == 128 and rows["w4a16"]["weight_bits"] == 4
     assert "8.9" in rows["fp8"]["hardware"]
-    # precisions whose decode syncs with the host say so, and the benchmark stage does not try to capture them
+    # precisions whose decode syncs with the host say so (the benchmark stage reads the same field)
     assert [n for n, r in rows.items() if r["cuda_graph_decode"] != "yes"] == ["int8", "w8a8"]
     out = sweep("precisions", "--format", "csv")
     assert out.returncode == 0, out.stderr

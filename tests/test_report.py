@@ -98,11 +98,11 @@ def test_html_parses_has_every_section_and_chart(html_report):
 def test_html_content(html_report):
     text = html_report.read_text()
     # summary in the seeds' style: each metric with its vs-baseline column, baseline marked
-    for s in ("Decode vs base", "Footprint vs base", "arc_easy vs base", "PPL vs base", "0.50x", "-75.0%", "baseline",
-              "no baseline (missing)"):
+    for s in ("Decode vs base", "Footprint vs base", "arc_easy vs base", "PPL vs base", "0.50x", "-75.0%",
+              "<td>baseline</td>", "no baseline (missing)"):
         assert s in text, s
     assert "-10.0% (worse)" in text and "-2.5% (noise)" in text  # nf4 / int8 on arc_easy, verdicts from the samples
-    assert "within noise" in text and "worse" in text
+    assert "within noise" in text and '<td class="v-worse">worse</td>' in text  # the significance table's verdict
     assert "CUDA out of memory" in text and "OutOfMemoryError" in text  # failed trial with its reason
     assert "torch_version" in text and "2.13.0" in text  # environment
     assert "Highest throughput within 1% retention loss" in text

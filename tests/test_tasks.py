@@ -232,4 +232,10 @@ def test_converters_read_published_formats(tmp_path, shared_data):
     again = prepare_dataset(family_for("baber/piqa"), {"validation": shared_data / "piqa" / "valid.jsonl"}, [None],
                             root=tmp_path / "c")
     assert again == p
-    assert data_fingerprint(str(shared_data / "piqa" / "valid.jsonl")) != data_fingerprint(str(tmp_path / "missing"))
+    copy = tmp_path / "piqa-copy"
+    copy.mkdir()
+    for f in ("valid.jsonl", "valid-labels.lst"):
+        (copy / f).write_bytes((shared_data / "piqa" / f).read_bytes())
+    before = data_fingerprint(str(copy / "valid.jsonl"))
+    (copy / "valid-labels.lst").write_text("\n".join(["1" if x == "0" else "0" for x in labels]) + "\n")
+    assert data_fingerprint(str(copy / "valid.jsonl")) != before  # only the labels file changed

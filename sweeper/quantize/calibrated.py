@@ -61,12 +61,12 @@ def calibration_file(opts: dict[str, Any]) -> Path:
 def identity(spec: Any, opts: dict[str, Any], device: str) -> dict[str, Any]:
     import torch
 
+    from ..trials import model_identity
     from . import torchao_compat
 
-    model_id = os.path.abspath(spec.model.id) if Path(spec.model.id).is_dir() else spec.model.id
     calib = calibration_file(opts)
     return {
-        "model": model_id, "revision": spec.model.revision, "model_fingerprint": spec.model_fingerprint,
+        **model_identity(spec.model, spec.model_fingerprint),
         "method": "awq-int4-weight-only", "group_size": int(opts["group_size"]),
         "calib_sha": file_fingerprint(calib), "calib_samples": int(opts["calib_samples"]),
         "calib_seq_len": int(opts["calib_seq_len"]), "scale_search": int(opts["scale_search"]),

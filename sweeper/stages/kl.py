@@ -578,9 +578,7 @@ def kl_metrics(model: Any, tokenizer: Any, reference: pa.Table, spec: TrialSpec)
     stage="prompts", task=<category>: kl_mean, top1_agreement, success_rate, avg_generated_tokens.
     """
     meta = reference_meta(reference)
-    if meta["identity"]["model"] != _model_key(spec)["model"] or \
-            meta["identity"]["model_fingerprint"] != spec.model_fingerprint or \
-            meta["identity"]["revision"] != spec.model.revision:
+    if any(meta["identity"].get(k) != v for k, v in _model_key(spec).items()):
         raise UserError(f"KL reference {meta['reference_id']} was made for model {meta['identity']['model']!r}, "
                         f"not for {spec.model.id!r} of trial {spec.trial_id}")
     t = token_kl(model, reference)
