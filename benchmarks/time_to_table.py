@@ -14,6 +14,10 @@ perplexity. The offline task data (piqa, gsm8k, wikitext) is the same files on b
           those checkpoints is timed separately ("prep") and NOT counted in the naive time.
           Task YAMLs `include` lm-eval's built-in ones and read JSON written from the same published files.
 
+The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
+for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.
+The sweep's output is printed with the seconds since launch, and its trials' stage times go into the report.
+
 Both sides use the same lm-eval batch size, limit and seeds, so the accuracy numbers must be equal; the report checks
 every (cell, task, metric) pair.
 
@@ -45,7 +49,8 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def write_study(path: Path, model: str, data: Path, limit: int, batch: int, seed: int, share: float) -> None:
+def write_study(path: Path, model: str, data: Path, limit: int, batch: int, seed: int, share: float,
+                lease: bool = True) -> None:
     path.write_text(f'''"""time_to_table.py: a study shaped like ../shared/seeds/003 (8 cells, 3 tasks with a limit, perplexity)."""
 from sweeper import Benchmark, Model, Perplexity, Resources, Study, Task
 
@@ -60,7 +65,8 @@ study = Study(
            Task("gsm8k", num_fewshot=0, data={str(data / "gsm8k" / "test.jsonl")!r}),
            Task("wikitext", data={str(data / "wikitext-2" / "test.txt")!r})],
     limit={limit}, eval_batch_size={batch}, seed={seed},
-    benchmark=Benchmark(prompt_tokens=128, new_tokens=32, batch_sizes=(1,), repeats=3, warmup=1, graph_decode=False),
+    benchmark=Benchmark(prompt_tokens=128, new_tokens=32, batch_sizes=(1,), repeats=3, warmup=1, graph_decode=False,
+                        exclusive_timing={lease}),
     perplexity=Perplexity({str(data / "wikitext-2" / "test.txt")!r}, context=512, max_tokens=16384),
     resources=Resources(gpus_per_trial={share}),
 )
@@ -157,6 +163,32 @@ def read_sweep(root: Path) -> tuple[dict[tuple[str, str], dict[tuple[str, str], 
     return out, rows
 
 
+def stream(cmd: list[str], env: dict, t0: float) -> int:
+    """Run ``cmd``, printing each output line with the seconds since ``t0`` (where the launch's time goes)."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if not any(skip in line for skip in ("│", "┆", "Warning", "warn(")):  # the plan table and library warnings
+            say(f"  [{time.perf_counter() - t0:6.1f}s] {line.rstrip()}")
+    return p.wait()
+
+
+STAGE_COLUMNS = ("stage_load_s", "stage_benchmark_s", "timing_wait_s", "stage_perplexity_s", "stage_tasks_s",
+                 "stage_write_s", "duration_s")
+
+
+def trial_times(root: Path) -> list[dict]:
+    """Each trial's stage times from the results store, printed as a table."""
+    import pyarrow.parquet as pq
+
+    rows = sorted((pq.read_table(f).to_pylist()[0] for f in (root / "trials").glob("*.parquet")),
+                  key=lambda r: (r["precision"], r["compute_dtype"]))
+    out = [{"cell": f"{r['precision']}/{r['compute_dtype']}", **{c: r.get(c) for c in STAGE_COLUMNS}} for r in rows]
+    say("  trial stage times (s): cell " + " ".join(c.removesuffix("_s").removeprefix("stage_") for c in STAGE_COLUMNS))
+    for r in out:
+        say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}" for c in STAGE_COLUMNS))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a local model folder (fp16 or fp32 weights, with a tokenizer)")
@@ -167,6 +199,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--share", type=float, default=0.1, help="GPU share per trial (the estimate ignores lm-eval batches)")
+    ap.add_argument("--no-lease", action="store_true",
+                    help="time the benchmark without the exclusive timing lease (to measure what the lease costs)")
     ap.add_argument("--report", default="time_to_table.json")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="the naive runs' device")
     ap.add_argument("--skip-sweep", action="store_true")
@@ -177,25 +211,30 @@ def main() -> None:
     if Path(a.model).exists():  # the study file resolves relative paths against its own folder, not the cwd
         a.model = str(Path(a.model).resolve())
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"model": a.model, "limit": a.limit, "batch": a.batch, "seed": a.seed, "cells": CELLS}
+    report: dict = {"model": a.model, "limit": a.limit, "batch": a.batch, "seed": a.seed, "cells": CELLS,
+                    "share": a.share, "lease": not a.no_lease}
     study = work / "study_time_to_table.py"
-    write_study(study, a.model, data, a.limit, a.batch, a.seed, a.share)
+    write_study(study, a.model, data, a.limit, a.batch, a.seed, a.share, lease=not a.no_lease)
     py = sys.executable
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # a cold lm-eval task index cache: the sweep pays for building the index once, as on a fresh machine
+    index_cache = work / "lm-eval-index"
+    shutil.rmtree(index_cache, ignore_errors=True)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "SWEEPER_TASK_INDEX_CACHE": str(index_cache)}
 
     # ---------------------------------------------------------------- the sweep
     if not a.skip_sweep:
         t0 = time.perf_counter()
-        r = subprocess.run([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"],
-                           cwd=REPO, env=env, capture_output=True, text=True)
+        rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"],
+                    env, t0)
         t_launch = time.perf_counter() - t0
         tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"], cwd=REPO,
                              env=env, capture_output=True, text=True)
         t_sweep = time.perf_counter() - t0
-        say(r.stdout[-3000:] + r.stderr[-2000:])
         say(tab.stdout[-3000:])
-        report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=r.returncode, sweep_table=tab.stdout)
-        say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {r.returncode})")
+        report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
+                      sweep_trials=trial_times(work / "sweep"))
+        say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way
     if not a.skip_naive:

@@ -79,9 +79,11 @@ def device_environment(device: str) -> dict[str, Any]:
     if device == "cuda":
         i = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(i)
-        env.update(device_name=props.name, device_memory_bytes=int(props.total_memory),
+        # the physical GPU (which of a node's GPUs Ray gave the trial), e.g. to tell packed trials' GPUs apart
+        env.update(device_name=props.name, device_uuid=str(getattr(props, "uuid", "")) or None,
+                   device_memory_bytes=int(props.total_memory),
                    device_capability=f"{props.major}.{props.minor}", cuda_version=torch.version.cuda)
     else:
-        env.update(device_name=platform.processor() or platform.machine(), device_memory_bytes=None,
+        env.update(device_name=platform.processor() or platform.machine(), device_uuid=None, device_memory_bytes=None,
                    device_capability=None, cuda_version=None)
     return env

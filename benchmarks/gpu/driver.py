@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -132,7 +133,7 @@ TRIAL_COLS = ["run", "trial_id", "model", "precision", "compute_dtype", "status"
               "gpu_share", "attempt", "worker_pid", "worker_trial_index", "scheduled_at", "load_started_at",
               "overhead_s", "write_s", "stage_write_s", "duration_s", "stage_load_s", "stage_benchmark_s",
               "stage_perplexity_s", "stage_tasks_s", "timing_exclusive", "timing_wait_s", "graph_decode_error",
-              "device_name", "torch_version", "transformers_version", "bitsandbytes_version", "ray_version"]
+              "device_name", "device_uuid", "torch_version", "transformers_version", "bitsandbytes_version", "ray_version"]
 
 
 def trial_records(run: str, rows, events) -> list[dict]:
@@ -330,9 +331,10 @@ def do_multi(out: Out, a) -> None:
     import torch
 
     n = torch.cuda.device_count()
-    ensure_models(out, ["qwen2.5-0.5b-shape"])
+    ensure_models(out, ["qwen2.5-0.5b-shape"] + (["qwen2.5-0.5b-body-v4k"] if a.multi_models == 2 else []))
     walls = {}
-    for mode, extra in (("whole", ["--gpus-per-trial", "1"]), ("auto", [])):
+    modes = {"whole": ["--gpus-per-trial", "1"], "auto": []}
+    for mode, extra in ((m, modes[m]) for m in a.multi_modes):
         for gpus in (1, n):
             run = f"multi-{mode}-{gpus}gpu"
             env_gpus = ",".join(str(i) for i in range(gpus))
@@ -341,14 +343,17 @@ def do_multi(out: Out, a) -> None:
                 out.say(f"{run}: skipped, {left:.0f}s left", summary=True)
                 continue
             wall, trials, _, rc = launch(out, run, "benchmarks/gpu/packing.py", extra, timeout=left,
-                                         env={"CUDA_VISIBLE_DEVICES": env_gpus})
+                                         env={"CUDA_VISIBLE_DEVICES": env_gpus,
+                                              "SWEEPER_GPU_PACK_MODELS": str(a.multi_models)})
             done = sum(t["status"] == "done" for t in trials)
             phase = trials_phase_s(RESULTS / run) if trials else None
             walls[(mode, gpus)] = (wall, phase)
             out.say(f"{run}: CUDA_VISIBLE_DEVICES={env_gpus} rc={rc}, {done}/{len(trials)} done, launch wall "
                     f"{wall:.1f}s, trials phase {phase or float('nan'):.1f}s, {done / wall * 60:.2f} trials/min, "
                     f"{len({t['worker_pid'] for t in trials})} worker processes, "
-                    f"{len({t.get('device_name') for t in trials})} device name(s)", summary=True)
+                    f"{len({t.get('device_name') for t in trials})} device name(s); trials per GPU "
+                    f"{sorted(Counter(str(t.get('device_uuid'))[-8:] for t in trials).items())}, shares "
+                    f"{sorted({t['gpu_share'] for t in trials})}", summary=True)
             for line in overhead_lines(run, trials):
                 out.say(line, summary=True)
         if (mode, 1) in walls and (mode, n) in walls:
@@ -382,13 +387,48 @@ def do_ttt(out: Out, a) -> None:
     # the real small model (llama-4m, trained weights): its accuracy numbers mean something, as in the seed's table
     model = REPO / ".gpu" / "h100" / "llama-4m"
     cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_table.py"), "--model", str(model),
-           "--work", "/tmp/ttt", "--report", str(out.folder / "time_to_table.json"), "--limit", str(a.ttt_limit)]
+           "--work", "/tmp/ttt", "--report", str(out.folder / "time_to_table.json"), "--limit", str(a.ttt_limit),
+           "--share", str(a.ttt_share)]
     rc, wall, text = out.run(cmd, timeout=a.ttt_timeout)
     for line in text.splitlines()[-60:]:
         out.say("ttt: " + line, summary=True)
 
 
-SETS = {"grid": do_grid, "grid8b": do_grid8b, "prec": do_prec, "rest8b": do_rest8b, "multi": do_multi, "torchao": do_torchao, "pack": do_pack, "oom": do_oom, "timing": do_timing, "ttt": do_ttt}
+def do_tttprobe(out: Out, a) -> None:
+    """The time-to-table study's sweep side alone at several GPU shares (how many trials share the GPU at once)."""
+    model = REPO / ".gpu" / "h100" / "llama-4m"
+    for share in a.ttt_probe_shares:
+        left = out.deadline - time.time() - 10
+        if left < 60:
+            out.say(f"tttprobe share {share}: skipped, {left:.0f}s left", summary=True)
+            continue
+        cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_table.py"), "--model", str(model), "--work",
+               f"/tmp/ttt-probe-{share}", "--report", str(out.folder / f"ttt_probe_{share}.json"), "--limit",
+               str(a.ttt_limit), "--share", str(share), "--skip-naive"]
+        rc, wall, text = out.run(cmd, timeout=left)
+        for line in text.splitlines():
+            if line.startswith(("sweep:", "  trial stage", "    ")):
+                out.say(f"tttprobe share {share}: " + line, summary=True)
+
+
+def do_startup(out: Out, a) -> None:
+    """Where a fresh process's seconds go (imports, CUDA context, first load, task index, Ray), with importtime."""
+    model = REPO / ".gpu" / "h100" / "llama-4m"
+    rc, wall, text = out.run([sys.executable, "-X", "importtime", str(HERE / "startup_profile.py"), "--model",
+                              str(model), "--ray"], timeout=240)
+    imports = []
+    for line in text.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, cum, name = line.split("|", 2)
+            if cum.strip().isdigit():
+                imports.append((int(cum.strip()), name.rstrip()))
+        elif line.strip():
+            out.say("startup: " + line, summary=True)
+    for cum, name in sorted(imports, reverse=True)[:40]:
+        out.say(f"startup import {cum / 1e6:6.2f}s {name}", summary=True)
+
+
+SETS = {"grid": do_grid, "grid8b": do_grid8b, "prec": do_prec, "rest8b": do_rest8b, "multi": do_multi, "torchao": do_torchao, "pack": do_pack, "oom": do_oom, "timing": do_timing, "ttt": do_ttt, "tttprobe": do_tttprobe, "startup": do_startup}
 
 
 def main() -> None:
@@ -399,6 +439,10 @@ def main() -> None:
     ap.add_argument("--grid-timeout", type=float, default=480)
     ap.add_argument("--ttt-timeout", type=float, default=540)
     ap.add_argument("--ttt-limit", type=int, default=16)
+    ap.add_argument("--multi-modes", nargs="+", choices=["whole", "auto"], default=["whole", "auto"])
+    ap.add_argument("--multi-models", type=int, choices=[1, 2], default=1, help="multi: 8 trials (1) or 16 (2)")
+    ap.add_argument("--ttt-share", type=float, default=0.1, help="ttt: the sweep's GPU share per trial")
+    ap.add_argument("--ttt-probe-shares", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     ap.add_argument("--timing-timeout", type=float, default=300)
     ap.add_argument("--deadline", type=float, default=585, help="seconds from start: every command ends before")
     a = ap.parse_args()

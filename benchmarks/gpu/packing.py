@@ -1,19 +1,21 @@
 """Issue 6, point 2 and 4: 8 small trials (0.5B shape) launched with `auto` GPU shares (packed) and with
 `--gpus-per-trial 1` (one trial per GPU at a time). Run by benchmarks/gpu/driver.py (pack).
-SWEEPER_GPU_LEASE=0 turns the exclusive timing lease off (to measure what the lease costs a packed sweep)."""
+SWEEPER_GPU_LEASE=0 turns the exclusive timing lease off (to measure what the lease costs a packed sweep).
+SWEEPER_GPU_PACK_MODELS=2 adds the 0.5B body with a 4096-id vocabulary: 16 trials (point 7, multi-GPU throughput)."""
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import QWEN, WIKITEXT  # noqa: E402
+from common import QWEN, QWEN_V4K, WIKITEXT  # noqa: E402
 
 from sweeper import Benchmark, Model, Perplexity, Study  # noqa: E402
 
 study = Study(
     name="gpu-packing",
-    description="8 cells of the 0.5B shape: packed (auto shares) vs a whole GPU each",
-    models=[Model(QWEN, label="qwen2.5-0.5b-shape")],
+    description="8 cells of the 0.5B shape (16 with the v4k body): packed (auto shares) vs a whole GPU each",
+    models=[Model(QWEN, label="qwen2.5-0.5b-shape")]
+    + ([Model(QWEN_V4K, label="qwen2.5-0.5b-body-v4k")] if os.environ.get("SWEEPER_GPU_PACK_MODELS") == "2" else []),
     precisions=["fp16", "bf16", "int8", "nf4", "fp4"],
     compute_dtypes=["fp16", "bf16"],
     baseline="fp16",

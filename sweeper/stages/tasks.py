@@ -5,7 +5,8 @@ the accuracy comes from the very instance the trial quantized and timed. Tasks w
 (:mod:`sweeper.taskdata`) with the task's own YAML otherwise unchanged. See docs/tasks.md.
 
 lm-eval's task index takes ~10 s to build, so it is built once per process (:func:`task_manager`) and shared by
-:func:`validate_tasks` and every :func:`run_tasks` call in that process.
+:func:`validate_tasks` and every :func:`run_tasks` call in that process; across processes it is cached on disk
+(:mod:`.task_index`).
 """
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ def task_manager() -> "TaskManager":
     global _TM
     with _TM_LOCK:
         if _TM is None:
-            from lm_eval.tasks import TaskManager
+            from .task_index import make_task_manager
 
-            _TM = TaskManager()
+            _TM = make_task_manager()
             log.info("lm-eval task index built: %d names", len(_TM.all_tasks))
         return _TM
 

@@ -1,0 +1,144 @@
+"""The disk cache of lm-eval's task index: reused while the YAML files are unchanged, rebuilt when they change or the
+cache file is damaged, bypassed when turned off; a TaskManager built through it knows the same tasks."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from sweeper.stages import task_index
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: /nonexistent.jsonl}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_target: 0
+doc_to_choice: ["a", "b"]
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "index-cache"
+    monkeypatch.setenv("SWEEPER_TASK_INDEX_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def tasks_dir(tmp_path):
+    d = tmp_path / "tasks"
+    (d / "sub").mkdir(parents=True)
+    (d / "one.yaml").write_text(TASK_YAML.format(name="my_one"))
+    (d / "sub" / "two.yaml").write_text(TASK_YAML.format(name="my_two"))
+    return d
+
+
+def counting_build():
+    calls = []
+
+    def build(paths, *, resolve_includes=True):
+        calls.append(list(paths))
+        return {f"task{len(calls)}": sorted(str(p) for p in paths)}
+
+    return build, calls
+
+
+def test_second_build_reads_the_cache(cache, tasks_dir):
+    build, calls = counting_build()
+    first = task_index.cached_build(build, [tasks_dir])
+    second = task_index.cached_build(build, [tasks_dir])
+    assert len(calls) == 1 and second == first
+    assert len(list(cache.glob("*.pkl"))) == 1
+    assert not list(cache.glob(".*.tmp"))  # the atomic write leaves no temp file
+
+
+def test_edited_added_or_removed_yaml_rebuilds(cache, tasks_dir):
+    build, calls = counting_build()
+    task_index.cached_build(build, [tasks_dir])
+    (tasks_dir / "one.yaml").write_text(TASK_YAML.format(name="my_one_renamed"))  # size changes
+    task_index.cached_build(build, [tasks_dir])
+    assert len(calls) == 2
+    (tasks_dir / "three.yaml").write_text(TASK_YAML.format(name="my_three"))
+    task_index.cached_build(build, [tasks_dir])
+    assert len(calls) == 3
+    (tasks_dir / "sub" / "two.yaml").unlink()
+    task_index.cached_build(build, [tasks_dir])
+    assert len(calls) == 4
+    # files that are not task YAMLs do not count
+    (tasks_dir / "notes.txt").write_text("x")
+    task_index.cached_build(build, [tasks_dir])
+    assert len(calls) == 4
+
+
+def test_other_paths_or_options_have_their_own_entry(cache, tasks_dir, tmp_path):
+    build, calls = counting_build()
+    other = tmp_path / "other"
+    other.mkdir()
+    task_index.cached_build(build, [tasks_dir])
+    task_index.cached_build(build, [tasks_dir, other])
+    task_index.cached_build(build, [tasks_dir], resolve_includes=False)
+    assert len(calls) == 3
+
+
+def test_damaged_cache_file_is_rebuilt(cache, tasks_dir, caplog):
+    build, calls = counting_build()
+    first = task_index.cached_build(build, [tasks_dir])
+    (pkl,) = cache.glob("*.pkl")
+    pkl.write_bytes(b"\x80\x05not a pickle")
+    with caplog.at_level(logging.WARNING, logger="sweeper.stages.task_index"):
+        again = task_index.cached_build(build, [tasks_dir])
+    assert len(calls) == 2 and again != first  # built again (the counting build returns a new key)
+    assert "unreadable" in caplog.text and str(pkl) in caplog.text
+    assert task_index.cached_build(build, [tasks_dir]) == again  # and the rewritten file is good
+    assert len(calls) == 2
+
+
+def test_off_always_builds(monkeypatch, tasks_dir, tmp_path):
+    monkeypatch.setenv("SWEEPER_TASK_INDEX_CACHE", "off")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    build, calls = counting_build()
+    task_index.cached_build(build, [tasks_dir])
+    task_index.cached_build(build, [tasks_dir])
+    assert len(calls) == 2
+    assert not (tmp_path / "home").exists()
+
+
+def test_unwritable_cache_still_returns_the_index(monkeypatch, tasks_dir, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SWEEPER_TASK_INDEX_CACHE", str(blocker / "cache"))  # a folder under a file: mkdir fails
+    build, calls = counting_build()
+    with caplog.at_level(logging.WARNING, logger="sweeper.stages.task_index"):
+        assert task_index.cached_build(build, [tasks_dir]) == {"task1": [str(tasks_dir)]}
+    assert "could not cache" in caplog.text
+
+
+def test_task_manager_through_the_cache_knows_the_same_tasks(cache, tasks_dir):
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import manager as lm_manager
+
+    plain = TaskManager(include_defaults=False, include_path=str(tasks_dir))
+    built = task_index.make_task_manager(include_defaults=False, include_path=str(tasks_dir))
+    assert lm_manager.TaskIndex.__name__ == "TaskIndex"  # the swap is undone
+    (pkl,) = cache.glob("*.pkl")
+    stamp = pkl.stat().st_mtime_ns
+    cached = task_index.make_task_manager(include_defaults=False, include_path=str(tasks_dir))
+    assert pkl.stat().st_mtime_ns == stamp  # read, not rewritten
+    assert plain.all_tasks == built.all_tasks == cached.all_tasks == ["my_one", "my_two"]
+    assert cached.task_index["my_two"].yaml_path == plain.task_index["my_two"].yaml_path
+    # the cached entries load real tasks
+    assert cached._entry("my_one").cfg["doc_to_choice"] == ["a", "b"]
+
+
+def test_default_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("SWEEPER_TASK_INDEX_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert task_index.cache_dir() == tmp_path / ".cache" / "sweeper" / "lm-eval-index"
+    for off in ("off", "0", "OFF", "false"):
+        monkeypatch.setenv("SWEEPER_TASK_INDEX_CACHE", off)
+        assert task_index.cache_dir() is None
