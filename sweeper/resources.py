@@ -119,12 +119,16 @@ def spread_shares(shares: list[float], gpus: float, max_concurrent: int | None =
 
     Ray fills one GPU with fractional requests before it uses the next: 8 trials at share 0.05 on a 2-GPU node all
     ran on GPU 0 (benchmarks/gpu/logs/run13_multi_summary.txt: no faster than 1 GPU). With n trials running at once
-    and g GPUs, each share becomes at least 1 / ceil(n / g), rounded down to 0.05, so ceil(n / g) fit on each GPU.
-    A share the memory estimate makes larger stays larger. Below 0.05 nothing changes (more trials than slots).
+    and g GPUs, each share becomes at least 1 / ceil(n / g) (to Ray's 0.0001 resolution, rounded down), so exactly
+    ceil(n / g) fit on each GPU. Rounding it to the estimate's 0.05 steps would not: 16 trials on 2 GPUs at 0.1 went
+    10 + 6 (benchmarks/gpu/logs/run17_multi_auto_summary.txt). A share the memory estimate makes larger stays
+    larger; when there are more trials than 0.05-slots nothing changes.
     """
     n = len(shares) if not max_concurrent else min(len(shares), max_concurrent)
     if n == 0 or gpus <= 0:
         return list(shares)
     per_gpu = math.ceil(n / gpus)
-    least = math.floor(1.0 / per_gpu / 0.05 + 1e-9) * 0.05
-    return [round(min(1.0, max(s, least)), 2) if s > 0 else s for s in shares]
+    least = math.floor(1e4 / per_gpu + 1e-9) / 1e4
+    if least < 0.05:
+        return list(shares)
+    return [min(1.0, max(s, least)) if s > 0 else s for s in shares]

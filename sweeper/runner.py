@@ -85,6 +85,7 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
     t_trial = time.perf_counter()
     loaded = None
     lease = None
+    order: list[str] = []  # the stages in the order they started
     try:
         from .stages.load import load_model
         from .timing_lease import TimingLease
@@ -92,6 +93,7 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         if spec.benchmark.enabled and spec.benchmark.exclusive_timing:
             lease = TimingLease(device)
         stage = "load"
+        order.append(stage)
         row["load_started_at"] = time.time()
         t0 = time.perf_counter()
         with (lease.shared() if lease else nullcontext()):
@@ -100,7 +102,8 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         row["stage_load_s"] = time.perf_counter() - t0
         if lease:
             lease.guard_forwards(loaded.model)
-        for stage, fn in _stages(spec):
+        for stage, fn in _ordered_stages(spec, lease):
+            order.append(stage)
             t0 = time.perf_counter()
             out = fn(spec, loaded, store, lease)
             if out:
@@ -126,6 +129,7 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
                 torch.cuda.empty_cache()
             except RuntimeError as e:  # after a device-side assert the context is unusable: still write the row
                 log.warning("CUDA cleanup after trial %s failed: %s", spec.trial_id, e)
+    row["stage_order"] = ",".join(order) or None
     row["finished_at"] = _now()
     row["duration_s"] = time.perf_counter() - t_trial
     for m in metrics:
@@ -191,5 +195,31 @@ def _tasks(spec, loaded, store, lease):
 
 
 def _stages(spec: TrialSpec):
-    """The stages after load, in order: (name, fn(spec, loaded, store, lease) -> (metrics, row updates, samples) | None)."""
-    return [("benchmark", _benchmark), ("perplexity", _perplexity), ("kl", _kl), ("tasks", _tasks)]
+    """The stages after load that this trial has work for, in their usual order:
+    (name, fn(spec, loaded, store, lease) -> (metrics, row updates, samples) | None)."""
+    stages = [("benchmark", _benchmark, spec.benchmark.enabled), ("perplexity", _perplexity, spec.perplexity is not None),
+              ("kl", _kl, spec.kl is not None), ("tasks", _tasks, bool(spec.tasks))]
+    return [(name, fn) for name, fn, has_work in stages if has_work]
+
+
+def _ordered_stages(spec: TrialSpec, lease):
+    """The stages, with the benchmark deferred while another trial on this device holds or waits for the timing lease.
+
+    Packed trials that reach their benchmark together would otherwise idle in the lease's queue, one timed section
+    after another; instead a trial whose benchmark cannot start at once runs its next untimed stage and asks again
+    after it, and waits in the queue only when the benchmark is all it has left. What is measured does not change:
+    the benchmark still times the same loaded model alone on the device, and its peak memory is its own region's.
+    """
+    pending = _stages(spec)
+    ran_before = False
+    while pending:
+        name, fn = pending[0]
+        if name == "benchmark" and lease is not None and len(pending) > 1 and not lease.try_reserve():
+            pending[0], pending[1] = pending[1], pending[0]
+            log.info("trial %s: another trial is timing on this device; %s first", spec.trial_id, pending[0][0])
+            continue
+        pending.pop(0)
+        if name == "benchmark" and ran_before:
+            gc.collect()  # what earlier stages left behind stays out of the benchmark's peak memory
+        ran_before = True
+        yield name, fn

@@ -53,7 +53,7 @@ TRIALS_SCHEMA = pa.schema([
     ("status", _S), ("error_stage", _S), ("error_type", _S), ("error", _S), ("error_traceback", _S), ("attempt", _I),
     ("started_at", _S), ("finished_at", _S), ("duration_s", _F), ("load_started_at", _F),
     ("stage_load_s", _F), ("stage_benchmark_s", _F), ("stage_perplexity_s", _F), ("stage_kl_s", _F),
-    ("stage_tasks_s", _F), ("stage_write_s", _F),
+    ("stage_tasks_s", _F), ("stage_write_s", _F), ("stage_order", _S),
     # measurement facts
     ("peak_memory_kind", _S), ("timing_exclusive", _B), ("timing_wait_s", _F), ("graph_decode_error", _S),
     ("kl_reference_id", _S), ("notes", _S), ("worker_pid", _I), ("worker_trial_index", _I), ("ray_node_id", _S),

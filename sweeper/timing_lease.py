@@ -8,7 +8,9 @@ forward pass or one load.
 
 Two ``flock`` files make the lock writer-preferring (a stream of short forwards cannot starve a timing section): a
 writer holds the turnstile while it waits for and holds the main lock; readers pass the turnstile before taking the
-main lock shared. Lock files live in the node's temp dir, keyed by the GPU's UUID, so only trials on the same physical
+main lock shared. A third, the timing queue, is held by a writer from before it waits until it is done: timed sections
+queue on it, and :meth:`TimingLease.try_reserve` tells a trial, without waiting, that another trial is timing (or
+about to), so it can do untimed work first instead of idling in the queue (the runner defers its benchmark stage). Lock files live in the node's temp dir, keyed by the GPU's UUID, so only trials on the same physical
 device interact. No Ray here: it works for any processes on one host.
 
 CUDA work is asynchronous: a forward pass returns on the host while its kernels are still queued. So on CUDA the shared
@@ -49,16 +51,44 @@ class TimingLease:
         key = device_key(device)
         self._main = os.open(root / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o666)
         self._turnstile = os.open(root / f"{key}.turnstile", os.O_CREAT | os.O_RDWR, 0o666)
+        self._queue = os.open(root / f"{key}.timing", os.O_CREAT | os.O_RDWR, 0o666)
+        self._reserved = False  # this process holds the timing queue (try_reserve succeeded, exclusive not yet left)
         self._shared_held = False
         self._device = device
 
     def _sync(self) -> None:
         synchronize(self._device)
 
+    def try_reserve(self) -> bool:
+        """Take the timing queue if no other trial on this device is timing or waiting to; never waits.
+
+        True: this process holds the queue and its next :meth:`exclusive` waits only for neighbours' current forward
+        passes. False: another timed section is running or queued."""
+        if self._reserved:
+            return True
+        try:
+            fcntl.flock(self._queue, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self._reserved = True
+        return True
+
     @contextmanager
     def exclusive(self) -> Iterator[float]:
         """Hold the device alone; yields the seconds waited for it."""
         t0 = time.perf_counter()
+        if not self._reserved:
+            fcntl.flock(self._queue, fcntl.LOCK_EX)
+            self._reserved = True
+        try:
+            with self._exclusive_device(t0) as waited:
+                yield waited
+        finally:
+            self._reserved = False
+            fcntl.flock(self._queue, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _exclusive_device(self, t0: float) -> Iterator[float]:
         fcntl.flock(self._turnstile, fcntl.LOCK_EX)
         try:
             fcntl.flock(self._main, fcntl.LOCK_EX)
@@ -116,7 +146,7 @@ class TimingLease:
         return [model.register_forward_pre_hook(pre), model.register_forward_hook(post, always_call=True)]
 
     def close(self) -> None:
-        for fd in (self._main, self._turnstile):
+        for fd in (self._main, self._turnstile, self._queue):
             try:
                 os.close(fd)
             except OSError:

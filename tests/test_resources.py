@@ -1,6 +1,8 @@
 """GPU shares from the memory estimate (no GPU needed: the estimate reads only the model's config)."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from sweeper import Benchmark, Model, Resources, Study
@@ -93,7 +95,11 @@ def test_spread_shares_fill_every_gpu_when_trials_fit_at_once():
 
     assert spread_shares([0.05] * 8, gpus=2) == [0.25] * 8  # 4 per GPU instead of 8 on GPU 0
     assert spread_shares([0.05] * 3, gpus=2) == [0.5] * 3  # 2 + 1: all three still run at once
-    assert spread_shares([0.05] * 8, gpus=1) == [0.1] * 8  # one GPU: all 8 still fit
+    assert spread_shares([0.05] * 8, gpus=1) == [0.125] * 8  # one GPU: all 8 still fit
+    assert spread_shares([0.05] * 16, gpus=2) == [0.125] * 16  # 8 + 8, not 10 + 6 (as 0.1 would give)
+    assert spread_shares([0.05] * 6, gpus=2) == [0.3333] * 6  # 3 per GPU; 4 x 0.3333 would not fit
+    assert spread_shares([0.05] * 20, gpus=1) == [0.05] * 20  # exactly the 0.05 slots
+    assert spread_shares([0.05] * 21, gpus=1) == [0.05] * 21
     assert spread_shares([0.05] * 30, gpus=1) == [0.05] * 30  # more trials than slots: the estimate stands
     assert spread_shares([0.05, 0.6, 0.05], gpus=2) == [0.5, 0.6, 0.5]  # a larger estimate is kept
     assert spread_shares([0.05, 0.05], gpus=2) == [1.0, 1.0]  # one trial per GPU
@@ -115,14 +121,16 @@ def test_ray_packs_fractional_gpus_onto_one_gpu_and_spread_shares_undo_it():
 
     ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        def placement(share):
-            actors = [Holder.options(num_cpus=0, num_gpus=share).remote() for _ in range(8)]  # alive at once
+        def placement(share, n=8):
+            actors = [Holder.options(num_cpus=0, num_gpus=share).remote() for _ in range(n)]  # alive at once
             ids = ray.get([a.gpu.remote() for a in actors], timeout=120)
             for a in actors:
                 ray.kill(a)
-            return {g for ids_ in ids for g in ids_}
+            return sorted(Counter(g for ids_ in ids for g in ids_).values())
 
-        assert len(placement(0.05)) == 1  # 8 x 0.05: all on one GPU
-        assert len(placement(spread_shares([0.05] * 8, gpus=2)[0])) == 2  # 8 x 0.25: both GPUs
+        assert placement(0.05) == [8]  # 8 x 0.05: all on one GPU
+        assert placement(spread_shares([0.05] * 8, gpus=2)[0]) == [4, 4]  # 8 x 0.25: both GPUs
+        assert placement(0.1, 16) == [6, 10]  # 0.05 steps do not balance 16 trials
+        assert placement(spread_shares([0.05] * 16, gpus=2)[0], 16) == [8, 8]  # 16 x 0.125
     finally:
         ray.shutdown()
