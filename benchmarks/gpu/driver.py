@@ -5,6 +5,8 @@ summaries under --out (at most 8 files: driver.log, trials.csv, metrics.csv, sum
     python3 benchmarks/gpu/driver.py --out $OUT grid          # points 1, 4, 5: the 0.5B + 8B grid through sweep launch
     python3 benchmarks/gpu/driver.py --out $OUT pack oom timing   # points 2, 3, 4
     python3 benchmarks/gpu/driver.py --out $OUT ttt           # point 6: benchmarks/time_to_table.py
+    python3 benchmarks/gpu/driver.py --out $OUT tttprobe startup   # point 6: the sweep side alone; a fresh process's start-up
+    python3 benchmarks/gpu/driver.py --out $OUT multi --multi-models 2   # point 7: 16 trials on 1 GPU vs all GPUs
 
 Every sweep runs as `python3 -m sweeper.cli launch <study> --results <dir> --fresh` in a subprocess (local Ray on this
 machine), and its wall time is taken around that subprocess.
