@@ -10,7 +10,6 @@ violation. The same check with 3 kills runs in CI (tests/test_reliability.py).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import subprocess

@@ -141,8 +141,6 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
 def _benchmark(spec, loaded, store, lease):
     from .stages.benchmark import run_benchmark
 
-    if not spec.benchmark.enabled:
-        return None
     weight_bytes = next(m["value"] for m in loaded.metrics if m["metric"] == "weights_bytes")
     rows, facts = run_benchmark(loaded.model, loaded.tokenizer, spec.benchmark, loaded.device, spec.seed,
                                 lease=lease, weight_bytes=weight_bytes,
@@ -153,8 +151,6 @@ def _benchmark(spec, loaded, store, lease):
 def _perplexity(spec, loaded, store, lease):
     from .stages.perplexity import token_perplexity
 
-    if spec.perplexity is None:
-        return None
     return token_perplexity(loaded.model, loaded.tokenizer, spec.perplexity), {}, None
 
 
@@ -163,8 +159,6 @@ def _kl(spec, loaded, store, lease):
     from .stages import kl
     from .store import atomic_write_bytes
 
-    if spec.kl is None:
-        return None
     ref_id = kl.reference_id(spec.baseline_spec(), settings=spec.kl)
     path = store.ref_path(ref_id)
     if not path.exists():
@@ -187,16 +181,14 @@ def _tasks(spec, loaded, store, lease):
     """lm-eval tasks on the model already in memory: one evaluation call for all of them."""
     from .stages.tasks import run_tasks
 
-    if not spec.tasks:
-        return None
     # lm-eval's "auto" batch probes up to its default cap; on a GPU share its OOM comes at the share's cap already
     rows, samples = run_tasks(loaded.model, loaded.tokenizer, spec, loaded.device)
     return rows, {}, samples
 
 
 def _stages(spec: TrialSpec):
-    """The stages after load that this trial has work for, in their usual order:
-    (name, fn(spec, loaded, store, lease) -> (metrics, row updates, samples) | None)."""
+    """The stages after load that this trial has work for (the only place that decides it), in their usual order:
+    (name, fn(spec, loaded, store, lease) -> (metrics, row updates, samples))."""
     stages = [("benchmark", _benchmark, spec.benchmark.enabled), ("perplexity", _perplexity, spec.perplexity is not None),
               ("kl", _kl, spec.kl is not None), ("tasks", _tasks, bool(spec.tasks))]
     return [(name, fn) for name, fn, has_work in stages if has_work]

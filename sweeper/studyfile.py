@@ -1,7 +1,8 @@
 """Loading a study file: trusted Python code that defines a module-level ``study = Study(...)``.
 
 Relative paths in a study (local model folders starting with ``./``, ``../``, ``/`` or ``~``, perplexity text, task
-data, a calibrated precision's ``calib_data``) are resolved against the study file's folder, so a study runs the same from any working directory.
+data, a calibrated precision's ``calib_data``) are resolved against the study file's folder, so a study runs the same
+from any working directory.
 """
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def _baseline_identity(study: Study) -> list[Any]:
     return [bp, bcd, _precisions.get(bp).resolve_options(study.precision_options.get(bp))]
 
 
-def _calibration_identity(precision: str, options: dict[str, Any]) -> str | None:
+def _calibration_identity(options: dict[str, Any]) -> str | None:
     """The content of the calibration text a calibrated precision will use (it changes the quantized weights)."""
     if "calib_data" not in options:
         return None
@@ -158,7 +158,7 @@ def _calibration_identity(precision: str, options: dict[str, Any]) -> str | None
 
 
 def trial_identity(study: Study, model: Model, precision: str, compute_dtype: str) -> dict[str, Any]:
-    p = _precisions.get(precision)
+    options = _precisions.get(precision).resolve_options(study.precision_options.get(precision))
     ppl = None
     if study.perplexity is not None:
         ppl = {"context": study.perplexity.context, "max_tokens": study.perplexity.max_tokens,
@@ -166,8 +166,8 @@ def trial_identity(study: Study, model: Model, precision: str, compute_dtype: st
     return {
         **model_identity(model, model_fingerprint(model)),
         "precision": precision,
-        "options": p.resolve_options(study.precision_options.get(precision)),
-        "calibration_text": _calibration_identity(precision, p.resolve_options(study.precision_options.get(precision))),
+        "options": options,
+        "calibration_text": _calibration_identity(options),
         "compute_dtype": compute_dtype,
         "tasks": [_task_identity(t, study) for t in study.tasks],
         "benchmark": asdict(study.benchmark),

@@ -9,7 +9,7 @@ import json
 import polars as pl
 import pytest
 
-from helpers import fast_benchmark, read_trials, sweep, write_study
+from helpers import read_trials, sweep, write_study
 
 pytest.importorskip("torchao")
 

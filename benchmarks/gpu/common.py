@@ -19,3 +19,6 @@ GRID_BENCHMARK = Benchmark(prompt_tokens=128, new_tokens=32, batch_sizes=(1, 8),
                            graph_decode=GRAPH)
 GRID_PERPLEXITY = Perplexity(WIKITEXT, context=512, max_tokens=4096)
 AWQ_OPTIONS = {"calib_data": str(Path(WIKITEXT).with_name("valid.txt")), "calib_samples": 8}
+# the precision studies (torchao_grid.py, precisions_grid.py): bf16 compute against the bf16 baseline, grid settings
+BF16_PRECISION_GRID = dict(precision_options={"awq4": AWQ_OPTIONS}, compute_dtypes=["bf16"], baseline="bf16", kl=False,
+                           benchmark=GRID_BENCHMARK, perplexity=GRID_PERPLEXITY)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import AWQ_OPTIONS, GRID_BENCHMARK, GRID_PERPLEXITY, LLAMA8B, QWEN  # noqa: E402
+from common import BF16_PRECISION_GRID, LLAMA8B, QWEN  # noqa: E402
 
 from sweeper import Model, Study  # noqa: E402
 
@@ -15,10 +15,5 @@ study = Study(
     description="8B and 0.5B shapes x bf16 / w8a16 / w4a16 / fp8 / awq4 / hqq4 / hqq8 (bf16 compute) on one H100",
     models=[Model(LLAMA8B, label="llama3-8b-shape"), Model(QWEN, label="qwen2.5-0.5b-shape")],
     precisions=["bf16", "w8a16", "w4a16", "fp8", "awq4", "hqq4", "hqq8"],
-    precision_options={"awq4": AWQ_OPTIONS},
-    compute_dtypes=["bf16"],
-    baseline="bf16",
-    kl=False,
-    benchmark=GRID_BENCHMARK,
-    perplexity=GRID_PERPLEXITY,
+    **BF16_PRECISION_GRID,
 )

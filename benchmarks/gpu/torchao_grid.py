@@ -1,10 +1,10 @@
 """torchao precisions (w8a16, w8a8, w4a16, fp8, calibrated awq4) on the 0.5B shape, bf16 compute, with the bf16
-baseline, on one H100. Run by benchmarks/gpu/driver.py (torchao). (hqq is not in the GPU wheelhouse.)"""
+baseline, on one H100. Run by benchmarks/gpu/driver.py (torchao). hqq runs in precisions_grid.py."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import AWQ_OPTIONS, GRID_BENCHMARK, GRID_PERPLEXITY, QWEN  # noqa: E402
+from common import BF16_PRECISION_GRID, QWEN  # noqa: E402
 
 from sweeper import Model, Study  # noqa: E402
 
@@ -13,10 +13,5 @@ study = Study(
     description="0.5B shape x bf16 / torchao w8a16, w8a8, w4a16, fp8, awq4 (bf16 compute) on one H100",
     models=[Model(QWEN, label="qwen2.5-0.5b-shape")],
     precisions=["bf16", "w8a16", "w8a8", "w4a16", "fp8", "awq4"],
-    precision_options={"awq4": AWQ_OPTIONS},
-    compute_dtypes=["bf16"],
-    baseline="bf16",
-    kl=False,
-    benchmark=GRID_BENCHMARK,
-    perplexity=GRID_PERPLEXITY,
+    **BF16_PRECISION_GRID,
 )

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,16 +67,10 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, index: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(index, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)  # atomic: concurrent workers never read half a file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    from ..store import atomic_write_bytes
+
+    try:  # atomic: concurrent workers never read half a file
+        atomic_write_bytes(path, pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError as err:  # a read-only home is not an error: the index was built, only not kept
         log.warning("could not cache lm-eval's task index in %s: %s", path.parent, err)
 
