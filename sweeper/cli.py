@@ -72,7 +72,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     from .lock import LaunchLock
     from .resources import share_function
 
-    p, _ = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)  # validate before Ray starts
+    p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)  # validate before Ray
     with LaunchLock(p.store.root):
         if fresh:
             moved = L.move_aside(p.store)
@@ -83,8 +83,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
         cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose)
         share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpus else None
-        p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent,
-                          gpu_share_for=share_for, cluster_gpus=cluster.gpus)
+        p = L.for_cluster(p, share_for, cluster.gpus)
         _print_plan(p, notes, render)
         click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
                    + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else ""))

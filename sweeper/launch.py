@@ -19,7 +19,7 @@ from .resources import spread_shares
 from .store import ResultsStore
 from .study import Resources, Study
 from .studyfile import load_study_file
-from .trials import Dropped, TrialSpec, expand
+from .trials import Dropped, TrialSpec, expand, trial_share
 
 ONLY_KEYS = ("model", "precision", "compute_dtype")
 
@@ -98,9 +98,9 @@ def check_results_dir(store: ResultsStore, study: Study) -> None:
 
 
 def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = (), limit: float | None = None,
-         gpus_per_trial: float | None = None, max_concurrent: int | None = None,
-         gpu_share_for=None, cluster_gpus: float = 0) -> tuple[Plan, list[str]]:
-    """The study's trials, their status in the store and their GPU shares (``cluster_gpus`` > 0: a GPU cluster)."""
+         gpus_per_trial: float | None = None, max_concurrent: int | None = None) -> tuple[Plan, list[str]]:
+    """The study's trials and their status in the store, with the shares of a CPU-only cluster (0); checks
+    everything it can before Ray starts. :func:`for_cluster` then gives the shares of the real cluster."""
     study = load_study_file(study_path)
     study, notes = apply_overrides(study, limit, gpus_per_trial, max_concurrent)
     if study.tasks:  # lm-eval's task index is only built when a study has tasks
@@ -109,17 +109,26 @@ def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = ()
         validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
     store = ResultsStore(results or default_results_dir(study))
     check_results_dir(store, study)
-    trials, dropped = expand(study, gpu_share_for=gpu_share_for, cluster_has_gpus=cluster_gpus > 0)
+    trials, dropped = expand(study)
     if only:
         trials = narrow(trials, parse_only(only))
-    status = store.trial_status(skip_damaged=True)
+    return Plan(study=study, study_path=Path(study_path), store=store, trials=trials, dropped=dropped,
+                status=store.trial_status(skip_damaged=True)), notes
+
+
+def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0) -> Plan:
+    """``p`` on the cluster Ray reported (``cluster_gpus`` > 0: GPUs): each trial's GPU share (``auto`` shares
+    spread over the GPUs), and the store's status read again (after --fresh or a quarantine)."""
+    study = p.study
+    trials = [dataclasses.replace(t, gpu_share=trial_share(study, t.model, t.precision, t.compute_dtype, gpu_share_for,
+                                                           cluster_gpus > 0)) for t in p.trials]
+    status = p.store.trial_status(skip_damaged=True)
     if cluster_gpus > 0 and study.resources.gpus_per_trial == "auto":
         pending = [i for i, t in enumerate(trials) if status.get(t.trial_id) != "done"]
         spread = spread_shares([trials[i].gpu_share for i in pending], cluster_gpus, study.resources.max_concurrent)
         for i, share in zip(pending, spread):
             trials[i] = dataclasses.replace(trials[i], gpu_share=share)
-    return Plan(study=study, study_path=Path(study_path), store=store, trials=trials, dropped=dropped,
-                status=status), notes
+    return dataclasses.replace(p, trials=trials, status=status)
 
 
 def move_aside(store: ResultsStore) -> Path | None:

@@ -157,18 +157,13 @@ def _calibration_identity(options: dict[str, Any]) -> str | None:
         return None  # reported when the trial loads
 
 
-def trial_identity(study: Study, model: Model, precision: str, compute_dtype: str) -> dict[str, Any]:
-    options = _precisions.get(precision).resolve_options(study.precision_options.get(precision))
+def study_identity(study: Study) -> dict[str, Any]:
+    """The parts of every trial's identity that the whole study shares (data files are hashed here, once)."""
     ppl = None
     if study.perplexity is not None:
         ppl = {"context": study.perplexity.context, "max_tokens": study.perplexity.max_tokens,
                "file": file_fingerprint(study.perplexity.path) if os.path.isfile(study.perplexity.path) else study.perplexity.path}
     return {
-        **model_identity(model, model_fingerprint(model)),
-        "precision": precision,
-        "options": options,
-        "calibration_text": _calibration_identity(options),
-        "compute_dtype": compute_dtype,
         "tasks": [_task_identity(t, study) for t in study.tasks],
         "benchmark": asdict(study.benchmark),
         "perplexity": ppl,
@@ -180,6 +175,31 @@ def trial_identity(study: Study, model: Model, precision: str, compute_dtype: st
     }
 
 
+def trial_identity(study: Study, model: Model, precision: str, compute_dtype: str,
+                   fingerprint: str | None, shared: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides a trial's numbers; ``fingerprint`` is the model's, ``shared`` is study_identity()."""
+    options = _precisions.get(precision).resolve_options(study.precision_options.get(precision))
+    return {
+        **model_identity(model, fingerprint),
+        "precision": precision,
+        "options": options,
+        "calibration_text": _calibration_identity(options),
+        "compute_dtype": compute_dtype,
+        **shared,
+    }
+
+
+def trial_share(study: Study, model: Model, precision: str, compute_dtype: str, gpu_share_for=None,
+                cluster_has_gpus: bool = False) -> float:
+    """A trial's GPU share: 0 on a CPU-only cluster, the study's pinned share, or ``gpu_share_for``'s estimate."""
+    if not cluster_has_gpus:
+        return 0.0
+    pinned = study.resources.gpus_per_trial
+    if pinned != "auto":
+        return float(pinned)
+    return gpu_share_for(study, model, precision, compute_dtype) if gpu_share_for else 1.0
+
+
 def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> tuple[list[TrialSpec], list[Dropped]]:
     """The study's trials in grid order (each model's baseline first) and the cells dropped, with reasons.
 
@@ -187,6 +207,7 @@ def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> 
     CPU-only cluster) shares are 0.
     """
     base_precision, base_cd = study.baseline_cell()
+    shared = study_identity(study)
     trials: list[TrialSpec] = []
     dropped: list[Dropped] = []
     for model in study.models:
@@ -207,14 +228,11 @@ def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> 
         if (base_precision, base_cd) not in cells:  # only reachable through an explicit compute dtype mismatch
             raise AssertionError(f"baseline {base_precision}/{base_cd} missing from grid")
         fp = model_fingerprint(model)
-        ids = {c: _sha(trial_identity(study, model, *c)) for c in cells}
+        ids = {c: _sha(trial_identity(study, model, *c, fp, shared)) for c in cells}
         base_id = ids[(base_precision, base_cd)]
         cells.sort(key=lambda c: c != (base_precision, base_cd))  # baseline first
         for pname, cd in cells:
-            share = 0.0
-            if cluster_has_gpus:
-                pinned = study.resources.gpus_per_trial
-                share = float(pinned) if pinned != "auto" else (gpu_share_for(study, model, pname, cd) if gpu_share_for else 1.0)
+            share = trial_share(study, model, pname, cd, gpu_share_for, cluster_has_gpus)
             trials.append(TrialSpec(
                 trial_id=ids[(pname, cd)], study=study.name, model=model, model_fingerprint=fp, precision=pname,
                 precision_options=_precisions.get(pname).resolve_options(study.precision_options.get(pname)),

@@ -134,3 +134,25 @@ def test_ray_packs_fractional_gpus_onto_one_gpu_and_spread_shares_undo_it():
         assert placement(spread_shares([0.05] * 16, gpus=2)[0], 16) == [8, 8]
     finally:
         ray.shutdown()
+
+
+def test_for_cluster_gives_the_clusters_shares_and_spreads_only_pending_trials(tmp_path, llama8b_config):
+    """`sweep launch` plans once before Ray starts (shares 0), then for_cluster sets the shares of the cluster Ray
+    reports: estimates on GPUs, raised so the trials not done yet spread over the GPUs."""
+    from sweeper import launch as L
+    from sweeper.runner import config_row
+
+    study_file = tmp_path / "s.py"
+    study_file.write_text(f'from sweeper import Study\nstudy = Study(name="s", models=[{str(llama8b_config)!r}], '
+                          'precisions=["fp16", "nf4", "int8"], compute_dtypes=["fp16"])\n')
+    p, _ = L.plan(str(study_file), str(tmp_path / "res"))
+    assert {t.gpu_share for t in p.trials} == {0.0}
+    estimated = L.for_cluster(p, share_function(80 * GB), cluster_gpus=0.0)  # CPU-only cluster: still 0
+    assert {t.gpu_share for t in estimated.trials} == {0.0}
+    one_gpu = {t.precision: t.gpu_share for t in L.for_cluster(p, share_function(800 * GB), 1).trials}
+    assert one_gpu == {"fp16": 0.3333, "nf4": 0.3333, "int8": 0.3333}  # 3 trials fit at once on 1 GPU
+    # the fp16 trial is done: the two pending ones get a GPU each of 2
+    p.store.write_trial({**config_row(p.trials[0]), "status": "done"}, [])
+    two = L.for_cluster(p, share_function(800 * GB), 2)
+    assert two.status == {p.trials[0].trial_id: "done"}  # the status is read again
+    assert [t.gpu_share for t in two.pending] == [1.0, 1.0]
