@@ -57,6 +57,11 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
         # a random moment: while Ray starts, while a trial runs, or right as a file lands
         delay = rng.uniform(1.0, 12.0)
         time.sleep(delay)
+        if kill == 2:  # the last kill comes after this launch finished a trial, so the resume has rows to keep
+            before = len(finished)
+            deadline = time.time() + 180
+            while len(_rows(results)) <= before and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         for f in _rows(results):
@@ -66,6 +71,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
         for sub in ("trials", "metrics"):
             for f in (results / sub).glob("*.parquet") if (results / sub).is_dir() else []:
                 pl.read_parquet(f)
+    assert finished, "no trial finished before the kills: the resume check below would prove nothing"
     r = sweep("launch", str(study), "--results", str(results))
     assert r.returncode == 0, r.stdout + r.stderr
     trials = read_trials(results)
@@ -263,10 +269,16 @@ def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker_node(tmp_pat
     # both nodes run trials; then the worker node dies mid-sweep
     assert _wait_for(lambda: len(nodes_seen()) == 2 or len(_rows(results)) >= 3, timeout=300)
     assert len(nodes_seen()) == 2, "trials did not spread over both nodes"
+    killed_at, killed = time.time(), []
     for pid in _pids_matching("worker_node"):
         if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore"):
             os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    assert killed, "found no raylet of the worker node to kill"
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     t = read_trials(results)
     assert t.height == 5 and set(t["status"]) == {"done"} and t["trial_id"].n_unique() == 5
+    # the node died mid-sweep: trials still ended after it
+    ended = (t["load_started_at"] + t["duration_s"]).to_list()
+    assert max(ended) > killed_at, "the sweep had finished before the node was killed"
