@@ -72,8 +72,16 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     from .lock import LaunchLock
     from .resources import share_function
 
-    p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)  # validate before Ray
+    # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
+    p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
+    checking_tasks = L.Background(L.validate_study_tasks, p.study)
     with LaunchLock(p.store.root):
+        cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose)
+        try:
+            checking_tasks.result()
+        except BaseException:
+            scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+            raise
         if fresh:
             moved = L.move_aside(p.store)
             if moved:
@@ -81,7 +89,6 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         p.store.remove_stale_temp_files()
         for path, dest, why in p.store.quarantine_damaged():
             click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
-        cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose)
         share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpus else None
         p = L.for_cluster(p, share_for, cluster.gpus)
         _print_plan(p, notes, render)

@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,15 +99,17 @@ def check_results_dir(store: ResultsStore, study: Study) -> None:
 
 
 def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = (), limit: float | None = None,
-         gpus_per_trial: float | None = None, max_concurrent: int | None = None) -> tuple[Plan, list[str]]:
+         gpus_per_trial: float | None = None, max_concurrent: int | None = None,
+         with_tasks: bool = True) -> tuple[Plan, list[str]]:
     """The study's trials and their status in the store, with the shares of a CPU-only cluster (0); checks
-    everything it can before Ray starts. :func:`for_cluster` then gives the shares of the real cluster."""
+    everything it can before Ray starts. :func:`for_cluster` then gives the shares of the real cluster.
+
+    ``with_tasks=False`` leaves out :func:`validate_study_tasks`, the one slow check (lm-eval's imports and task
+    index: seconds, more on a cold cache): `sweep launch` runs it while Ray starts."""
     study = load_study_file(study_path)
     study, notes = apply_overrides(study, limit, gpus_per_trial, max_concurrent)
-    if study.tasks:  # lm-eval's task index is only built when a study has tasks
-        from .stages.tasks import validate_tasks
-
-        validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
+    if with_tasks:
+        validate_study_tasks(study)
     store = ResultsStore(results or default_results_dir(study))
     check_results_dir(store, study)
     trials, dropped = expand(study)
@@ -114,6 +117,36 @@ def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = ()
         trials = narrow(trials, parse_only(only))
     return Plan(study=study, study_path=Path(study_path), store=store, trials=trials, dropped=dropped,
                 status=store.trial_status(skip_damaged=True)), notes
+
+
+class Background:
+    """``fn(*args)`` on a daemon thread (an interrupted launch does not wait for it); :meth:`result` waits for it
+    and raises its exception in the caller's thread."""
+
+    def __init__(self, fn, *args):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name=f"sweep-{fn.__name__}", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def validate_study_tasks(study: Study) -> None:
+    """:class:`UserError` for an unknown lm-eval task or bad task data (lm-eval's index is only built when a study
+    has tasks)."""
+    if study.tasks:
+        from .stages.tasks import validate_tasks
+
+        validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
 
 
 def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0) -> Plan:

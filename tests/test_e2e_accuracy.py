@@ -81,11 +81,37 @@ def test_tasks_and_kl_in_the_same_trial(tmp_path, tiny_model, shared_data):
     (lambda d: d / "missing.jsonl", "does not exist"),
     (lambda d: (d / "bad.jsonl").write_text('{"goal": "x"\n') and d / "bad.jsonl", "bad.jsonl"),
 ])
-def test_task_with_missing_or_malformed_data_exits_2(tmp_path, tiny_model, shared_data, make, needle):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_task_with_missing_or_malformed_data_exits_2(tmp_path, tiny_model, shared_data, make, needle, dry_run):
+    """A launch checks the tasks while Ray starts (a dry run before printing): the error is still one line, exit 2,
+    and nothing is run or written."""
     path = make(tmp_path)
     study = _study(tmp_path, tiny_model, shared_data, f'Task("piqa", limit=4, data={str(path)!r})')
-    r = sweep("launch", str(study), "--results", str(tmp_path / "res"))
+    r = sweep("launch", str(study), "--results", str(tmp_path / "res"), *(["--dry-run"] if dry_run else []))
     assert r.returncode == 2, r.stdout + r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "Traceback" not in r.stderr, r.stderr
+    assert "running" not in r.stdout and "pending" not in r.stdout, r.stdout
     assert not (tmp_path / "res").exists()
+
+
+def test_background_check_runs_beside_the_caller_and_hands_back_its_error():
+    """launch.Background: how `sweep launch` checks the tasks while Ray starts."""
+    import threading
+
+    from sweeper.errors import UserError
+    from sweeper.launch import Background
+
+    started, release = threading.Event(), threading.Event()
+
+    def check(name):
+        started.set()
+        assert release.wait(10)
+        raise UserError(f"unknown task {name!r}")
+
+    bg = Background(check, "arc_easyy")
+    assert started.wait(10)  # it runs while the caller goes on (in `sweep launch`: while Ray starts)
+    release.set()
+    with pytest.raises(UserError, match="unknown task 'arc_easyy'"):
+        bg.result()
+    Background(lambda: None).result()  # no error: result() returns

@@ -5,6 +5,7 @@ summaries under --out (at most 8 files: driver.log, trials.csv, metrics.csv, sum
     python3 benchmarks/gpu/driver.py --out $OUT grid          # points 1, 4, 5: the 0.5B + 8B grid through sweep launch
     python3 benchmarks/gpu/driver.py --out $OUT pack oom timing   # points 2, 3, 4
     python3 benchmarks/gpu/driver.py --out $OUT ttt           # point 6: benchmarks/time_to_table.py
+    python3 benchmarks/gpu/driver.py --out $OUT ttt --ttt-part naive   # then, in the next call: --ttt-part sweep
     python3 benchmarks/gpu/driver.py --out $OUT tttprobe startup   # point 6: the sweep side alone; a fresh process's start-up
     python3 benchmarks/gpu/driver.py --out $OUT multi --multi-models 2   # point 7: 16 trials on 1 GPU vs all GPUs
 
@@ -329,11 +330,17 @@ def do_rest8b(out: Out, a) -> None:
 
 
 def do_multi(out: Out, a) -> None:
-    """Issue 6 point 7: the same 8 trials with one GPU visible and with all of them, whole GPU per trial and packed."""
+    """Issue 6 point 7: the same trials (8, 16 or 32: --multi-models) with one GPU visible and with all of them,
+    whole GPU per trial and packed."""
     import torch
 
     n = torch.cuda.device_count()
-    ensure_models(out, ["qwen2.5-0.5b-shape"] + (["qwen2.5-0.5b-body-v4k"] if a.multi_models == 2 else []))
+    ensure_models(out, ["qwen2.5-0.5b-shape"] + (["qwen2.5-0.5b-body-v4k"] if a.multi_models >= 2 else []))
+    if a.multi_models == 4:  # the same two models under a second path: 16 more trials of the same work
+        for name in ("qwen2.5-0.5b-shape", "qwen2.5-0.5b-body-v4k"):
+            again = MODELS / f"{name}-again"
+            if not again.exists():
+                again.symlink_to(MODELS / name, target_is_directory=True)
     walls = {}
     modes = {"whole": ["--gpus-per-trial", "1"], "auto": []}
     for mode, extra in ((m, modes[m]) for m in a.multi_modes):
@@ -390,8 +397,8 @@ def do_ttt(out: Out, a) -> None:
     model = REPO / ".gpu" / "h100" / "llama-4m"
     cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_table.py"), "--model", str(model),
            "--work", "/tmp/ttt", "--report", str(out.folder / "time_to_table.json"), "--limit", str(a.ttt_limit),
-           "--share", str(a.ttt_share)]
-    rc, wall, text = out.run(cmd, timeout=a.ttt_timeout)
+           "--share", str(a.ttt_share)] + {"both": [], "naive": ["--skip-sweep"], "sweep": ["--reuse-naive"]}[a.ttt_part]
+    rc, wall, text = out.run(cmd, timeout=min(a.ttt_timeout, out.deadline - time.time() - 5))
     for line in text.splitlines()[-60:]:
         out.say("ttt: " + line, summary=True)
 
@@ -442,8 +449,12 @@ def main() -> None:
     ap.add_argument("--ttt-timeout", type=float, default=540)
     ap.add_argument("--ttt-limit", type=int, default=16)
     ap.add_argument("--multi-modes", nargs="+", choices=["whole", "auto"], default=["whole", "auto"])
-    ap.add_argument("--multi-models", type=int, choices=[1, 2], default=1, help="multi: 8 trials (1) or 16 (2)")
+    ap.add_argument("--multi-models", type=int, choices=[1, 2, 4], default=1,
+                    help="multi: 8 trials (1), 16 (2) or 32 (4)")
     ap.add_argument("--ttt-share", type=float, default=0.1, help="ttt: the sweep's GPU share per trial")
+    ap.add_argument("--ttt-part", choices=["both", "naive", "sweep"], default="both",
+                    help="ttt: both sides in this call, or the naive cells now and the sweep (reusing them) in a "
+                         "later call on the same machine")
     ap.add_argument("--ttt-probe-shares", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     ap.add_argument("--timing-timeout", type=float, default=300)
     ap.add_argument("--deadline", type=float, default=585, help="seconds from start: every command ends before")
