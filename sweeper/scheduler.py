@@ -129,6 +129,13 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
 
 def _trainable(config: dict) -> None:
     """A Tune trial: run one sweeper trial unless the store says it is done. Runs on a Ray worker."""
+    from . import precisions
+    from .import_guard import hide_unless_needed
+
+    case = config["case"]
+    spec = TrialSpec.from_dict(case["spec"])
+    hide_unless_needed(precisions.get(spec.precision).requires)  # before transformers is imported
+
     import torch
     from ray import tune
 
@@ -138,8 +145,6 @@ def _trainable(config: dict) -> None:
 
     from .lock import TrialClaim
 
-    case = config["case"]
-    spec = TrialSpec.from_dict(case["spec"])
     store = ResultsStore(config["store"])
     with TrialClaim(store.root, spec.trial_id):
         previous = store.read_trial_row(spec.trial_id)

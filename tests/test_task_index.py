@@ -142,3 +142,33 @@ def test_default_cache_folder(monkeypatch, tmp_path):
     for off in ("off", "0", "OFF", "false"):
         monkeypatch.setenv("SWEEPER_TASK_INDEX_CACHE", off)
         assert task_index.cache_dir() is None
+
+
+def test_parallel_build_gives_lm_evals_own_index(tasks_dir):
+    """A cold build parses the YAML files in child processes and lets lm-eval assemble them: the index equals the one
+    lm-eval builds itself, with the built-in tasks, an include folder overriding one of them, a duplicate within a
+    folder and a broken file (skipped both ways)."""
+    from pathlib import Path
+
+    import lm_eval
+    from lm_eval.tasks._index import TaskIndex
+
+    (tasks_dir / "broken.yaml").write_text("task: [unclosed\n")
+    (tasks_dir / "override.yaml").write_text(TASK_YAML.format(name="piqa"))
+    (tasks_dir / "sub" / "dup.yaml").write_text(TASK_YAML.format(name="my_one"))
+    paths = [Path(lm_eval.__file__).parent / "tasks", tasks_dir]
+    expected = TaskIndex.build(paths)
+    got = task_index.parallel_build(TaskIndex.build, paths, workers=2)
+    assert got == expected and list(got) == list(expected)
+    assert len(got) > 10000 and got["piqa"].yaml_path == tasks_dir / "override.yaml"
+    assert got["my_one"].yaml_path == tasks_dir / "one.yaml"
+
+
+def test_parallel_build_falls_back_when_a_child_fails(tasks_dir, monkeypatch, caplog):
+    from lm_eval.tasks._index import TaskIndex
+
+    monkeypatch.setattr(task_index, "_PARSE_CHILD", "import sys; sys.exit('no parsing here')")
+    with caplog.at_level(logging.WARNING):
+        got = task_index.parallel_build(TaskIndex.build, [tasks_dir], workers=2)
+    assert got == TaskIndex.build([tasks_dir]) and set(got) == {"my_one", "my_two"}
+    assert "no parsing here" in caplog.text and "parsing them here" in caplog.text

@@ -8,6 +8,9 @@ each Ray worker). The index only changes when the YAML files do, so it is pickle
 The cache key is lm-eval's version plus the path, size and modification time of every YAML file under the scanned
 folders, so an upgraded lm-eval, an edited task file or a new ``include_path`` task builds a fresh index.
 ``SWEEPER_TASK_INDEX_CACHE=off`` disables the cache. A damaged or unreadable cache file is rebuilt, never trusted.
+
+A cache miss parses the YAML files in up to 8 child processes (:func:`parallel_build`), then lets lm-eval's own
+``build`` assemble the index from the parsed files, so the result is exactly lm-eval's.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import hashlib
 import logging
 import os
 import pickle
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when what is pickled changes
 _IGNORE_DIRS = {"__pycache__", ".ipynb_checkpoints"}  # as lm_eval.tasks._index
-_PATCH_LOCK = threading.Lock()
+_PATCH_LOCK = threading.RLock()  # make_task_manager holds it while parallel_build patches
 
 
 def cache_dir() -> Path | None:
@@ -86,9 +92,100 @@ def cached_build(build, paths, *, resolve_includes: bool = True) -> dict[str, An
     if index is not None:
         log.info("lm-eval task index read from %s", path)
         return index
-    index = build(paths, resolve_includes=resolve_includes)
+    index = parallel_build(build, paths, resolve_includes=resolve_includes)
     _write(path, index)
     return index
+
+
+# A child process parses its share of the YAML files with lm-eval's loader, read from its file so that the child does
+# not import lm-eval (seconds): argv = loader file, input pickle (files, recursive), output pickle.
+_PARSE_CHILD = """
+import importlib.util, pickle, sys
+spec = importlib.util.spec_from_file_location("_sweeper_lm_eval_yaml_loader", sys.argv[1])
+loader = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(loader)
+with open(sys.argv[2], "rb") as fh:
+    files, recursive = pickle.load(fh)
+out = {}
+for f in files:
+    try:
+        out[f] = (True, loader.load_yaml(f, resolve_func=False, recursive=recursive))
+    except Exception as err:
+        out[f] = (False, f"{type(err).__name__}: {err}")
+with open(sys.argv[3], "wb") as fh:
+    pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+"""
+
+
+def parse_workers() -> int:
+    """Child processes for a cold index build: one per CPU, at most 8 (1: parse in this process)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def _parse_in_children(files: list[str], recursive: bool, workers: int) -> dict[str, tuple[bool, Any]] | None:
+    """{file: (True, config) or (False, error)} parsed by ``workers`` child processes; None if a child failed."""
+    from lm_eval.tasks import _yaml_loader
+
+    with tempfile.TemporaryDirectory(prefix="sweeper-index-") as tmp:
+        procs = []
+        for i in range(workers):
+            src, dst = Path(tmp) / f"in{i}.pkl", Path(tmp) / f"out{i}.pkl"
+            src.write_bytes(pickle.dumps((files[i::workers], recursive)))
+            procs.append((subprocess.Popen([sys.executable, "-c", _PARSE_CHILD, _yaml_loader.__file__, str(src),
+                                            str(dst)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), dst))
+        parsed: dict[str, tuple[bool, Any]] = {}
+        failed = None
+        for proc, dst in procs:
+            err = proc.communicate()[1]
+            if proc.returncode != 0 and failed is None:
+                failed = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+            elif proc.returncode == 0:
+                with dst.open("rb") as fh:
+                    parsed.update(pickle.load(fh))
+    if failed is not None:
+        log.warning("parsing lm-eval's task files in child processes failed (%s): parsing them here", failed[0])
+        return None
+    return parsed
+
+
+def parallel_build(build, paths, *, resolve_includes: bool = True, workers: int | None = None) -> dict[str, Any]:
+    """``build(paths)`` (lm-eval's ``TaskIndex.build``) with the YAML files parsed in child processes first.
+
+    ``build`` itself still walks the files in its order and assembles the index (duplicates, overrides, tags); only
+    its ``load_yaml`` is answered from the parsed files. Where lm-eval lacks that layout, or with one worker, it is
+    ``build(paths)`` as is.
+    """
+    from lm_eval.tasks import _index
+
+    workers = parse_workers() if workers is None else workers
+    real = getattr(_index, "load_yaml", None)
+    walk = getattr(getattr(_index, "TaskIndex", None), "_iter_yaml_files", None)
+    if workers < 2 or real is None or walk is None:
+        return build(paths, resolve_includes=resolve_includes)
+    files = [str(f) for root in paths for f in walk(Path(root))]
+    parsed = _parse_in_children(files, resolve_includes, workers) if files else None
+    if parsed is None:
+        return build(paths, resolve_includes=resolve_includes)
+
+    def load_yaml(path, *, resolve_func=True, recursive=True, **kwargs):
+        hit = parsed.get(str(path)) if (not resolve_func and recursive == resolve_includes and not kwargs) else None
+        if hit is None:
+            return real(path, resolve_func=resolve_func, recursive=recursive, **kwargs)
+        ok, value = hit
+        if ok:
+            return value
+        raise ValueError(value)  # build skips the file, as it does for the loader's own error
+
+    with _PATCH_LOCK:
+        _index.load_yaml = load_yaml
+        try:
+            return build(paths, resolve_includes=resolve_includes)
+        finally:
+            _index.load_yaml = real
 
 
 def make_task_manager(**kwargs) -> "TaskManager":
