@@ -20,6 +20,10 @@ classes, lm-eval, bitsandbytes, Ray and Tune), so neither pays for reading those
 one on the same machine (`--reuse-naive`: a cell with its results and its recorded time is not run again), so the
 two sides fit in separate device calls; the report says which cells were reused.
 
+`--ray-head` measures the sweep as run against a Ray head that is already up (`ray start --head` first, not
+counted; `sweep launch --address auto`): what a user who keeps a head running on the machine sees, without the
+seconds `sweep launch` spends starting a private Ray instance.
+
 The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
 for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.
 The sweep's output is printed with the seconds since launch, and its trials' stage times go into the report.
@@ -219,6 +223,8 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--reuse-naive", action="store_true",
                     help="reuse naive cells already run in --work (their results and recorded seconds)")
+    ap.add_argument("--ray-head", action="store_true",
+                    help="start a Ray head first (not counted) and launch the sweep with --address auto")
     ap.add_argument("--no-warm-imports", action="store_true",
                     help="do not import the libraries once in a throwaway process before timing")
     a = ap.parse_args()
@@ -246,16 +252,27 @@ def main() -> None:
 
     # ---------------------------------------------------------------- the sweep
     if not a.skip_sweep:
+        ray_cli = [py, "-m", "ray.scripts.scripts"]
+        if a.ray_head:
+            t0 = time.perf_counter()
+            head = subprocess.run(ray_cli + ["start", "--head", "--disable-usage-stats", "--include-dashboard=false"],
+                                  cwd=REPO, env=env, capture_output=True, text=True)
+            report["ray_head_start_s"] = time.perf_counter() - t0
+            say(f"ray head started (not counted): {report['ray_head_start_s']:.1f}s, rc {head.returncode}")
+            if head.returncode != 0:
+                say(head.stdout[-1500:] + head.stderr[-1500:])
         t0 = time.perf_counter()
-        rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"],
-                    env, t0)
+        rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
+                    + (["--address", "auto"] if a.ray_head else []), env, t0)
         t_launch = time.perf_counter() - t0
         tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"], cwd=REPO,
                              env=env, capture_output=True, text=True)
         t_sweep = time.perf_counter() - t0
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
-                      sweep_trials=trial_times(work / "sweep"))
+                      sweep_trials=trial_times(work / "sweep"), ray_head=a.ray_head)
+        if a.ray_head:
+            subprocess.run(ray_cli + ["stop"], cwd=REPO, env=env, capture_output=True, text=True)
         say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way

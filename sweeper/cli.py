@@ -76,7 +76,8 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
     checking_tasks = L.Background(L.validate_study_tasks, p.study)
     with LaunchLock(p.store.root):
-        cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose)
+        cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose,
+                                    gpu_memory=p.study.resources.gpus_per_trial == "auto")
         try:
             checking_tasks.result()
         except BaseException:
@@ -89,7 +90,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         p.store.remove_stale_temp_files()
         for path, dest, why in p.store.quarantine_damaged():
             click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
-        share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpus else None
+        share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpu_memory_bytes else None
         p = L.for_cluster(p, share_for, cluster.gpus)
         _print_plan(p, notes, render)
         click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"

@@ -43,8 +43,12 @@ class ClusterInfo:
     gpu_memory_bytes: float | None
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> ClusterInfo:
-    """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001", "host:6379")."""
+def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
+            gpu_memory: bool = True) -> ClusterInfo:
+    """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001", "host:6379").
+
+    ``gpu_memory=False``: the GPUs' memory is not read (only `auto` GPU shares need it; on a cluster reading it starts
+    a worker process that imports torch, seconds)."""
     import ray
 
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, ignore_reinit_error=True,
@@ -67,7 +71,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
     mem = None
-    if gpus > 0:  # this machine's nvidia-smi when Ray is local (fast), else a probe task on a GPU worker
+    if gpus > 0 and gpu_memory:  # this machine's nvidia-smi when Ray is local (fast), else a probe task on a GPU worker
         mem = (None if address else _local_gpu_memory_bytes()) or _gpu_memory_bytes()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     return ClusterInfo(address=address, nodes=nodes, cpus=float(res.get("CPU", 0)), gpus=gpus, gpu_memory_bytes=mem)

@@ -1,0 +1,34 @@
+"""Where `ray.init` spends its time on this machine: each variant in a fresh process, timed, with the first lines of
+the head's logs. Run by hand on the device: python3 benchmarks/gpu/ray_start_probe.py > $OUT/ray_probe.txt"""
+import os
+import subprocess
+import sys
+import time
+
+CODE = """
+import time, logging
+t0 = time.perf_counter()
+import ray
+t1 = time.perf_counter()
+ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, {extra}
+         runtime_env={{"env_vars": {{"TOKENIZERS_PARALLELISM": "false"}}}})
+t2 = time.perf_counter()
+print(f"import ray {{t1 - t0:.2f}}s  ray.init {{t2 - t1:.2f}}s  resources {{ray.cluster_resources()}}", flush=True)
+ray.shutdown()
+"""
+VARIANTS = [("default", {}, ""), ("usage stats off", {"RAY_USAGE_STATS_ENABLED": "0"}, ""),
+            ("auth off", {"RAY_AUTH_MODE": "disabled"}, ""), ("num_cpus=4", {}, "num_cpus=4,"),
+            ("default again", {}, "")]
+for name, env, extra in VARIANTS:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", CODE.format(extra=extra)], env={**os.environ, **env},
+                       capture_output=True, text=True, timeout=120)
+    print(f"{name}: wall {time.perf_counter() - t:.2f}s rc {r.returncode}: {r.stdout.strip()} {r.stderr.strip()[-300:]}",
+          flush=True)
+logs = "/tmp/ray/session_latest/logs"
+for f in ("gcs_server.out", "raylet.out"):
+    p = os.path.join(logs, f)
+    if os.path.exists(p):
+        lines = open(p).read().splitlines()
+        print(f"--- {f}: {len(lines)} lines; first and last 8")
+        print("\n".join(lines[:8] + ["..."] + lines[-8:]))
