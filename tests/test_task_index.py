@@ -126,9 +126,9 @@ def test_task_manager_through_the_cache_knows_the_same_tasks(cache, tasks_dir):
     built = task_index.make_task_manager(include_defaults=False, include_path=str(tasks_dir))
     assert lm_manager.TaskIndex.__name__ == "TaskIndex"  # the swap is undone
     (pkl,) = cache.glob("*.pkl")
-    stamp = pkl.stat().st_mtime_ns
+    inode = pkl.stat().st_ino
     cached = task_index.make_task_manager(include_defaults=False, include_path=str(tasks_dir))
-    assert pkl.stat().st_mtime_ns == stamp  # read, not rewritten
+    assert pkl.stat().st_ino == inode  # read, not rewritten (a write replaces the file)
     assert plain.all_tasks == built.all_tasks == cached.all_tasks == ["my_one", "my_two"]
     assert cached.task_index["my_two"].yaml_path == plain.task_index["my_two"].yaml_path
     # the cached entries load real tasks
@@ -172,3 +172,31 @@ def test_parallel_build_falls_back_when_a_child_fails(tasks_dir, monkeypatch, ca
         got = task_index.parallel_build(TaskIndex.build, [tasks_dir], workers=2)
     assert got == TaskIndex.build([tasks_dir]) and set(got) == {"my_one", "my_two"}
     assert "no parsing here" in caplog.text and "parsing them here" in caplog.text
+
+
+def test_only_the_most_recently_used_index_files_are_kept(cache, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(task_index, "KEEP", 3)
+    build, calls = counting_build()
+    folders, files = [], []
+    for i in range(5):  # 5 different task folders: 5 different index files
+        d = tmp_path / f"t{i}"
+        d.mkdir()
+        (d / "a.yaml").write_text(TASK_YAML.format(name=f"t{i}"))
+        folders.append(d)
+    for i, d in enumerate(folders[:3]):
+        before = set(cache.glob("*.pkl"))
+        task_index.cached_build(build, [d])
+        (new,) = set(cache.glob("*.pkl")) - before
+        os.utime(new, (1_000_000 + i, 1_000_000 + i))  # used in the order t0, t1, t2
+        files.append(new)
+    task_index.cached_build(build, [folders[0]])  # a hit: t0 becomes the most recently used
+    assert len(calls) == 3 and files[0].stat().st_mtime > 2_000_000
+    task_index.cached_build(build, [folders[3]])  # 4 files: the least recently used (t1) goes
+    assert not files[1].exists() and files[0].exists() and files[2].exists()
+    task_index.cached_build(build, [folders[4]])  # then t2
+    assert len(list(cache.glob("*.pkl"))) == 3
+    assert not files[2].exists() and files[0].exists()
+    task_index.cached_build(build, [folders[0]])  # still cached: no rebuild
+    assert len(calls) == 5

@@ -8,6 +8,7 @@ each Ray worker). The index only changes when the YAML files do, so it is pickle
 The cache key is lm-eval's version plus the path, size and modification time of every YAML file under the scanned
 folders, so an upgraded lm-eval, an edited task file or a new ``include_path`` task builds a fresh index.
 ``SWEEPER_TASK_INDEX_CACHE=off`` disables the cache. A damaged or unreadable cache file is rebuilt, never trusted.
+The folder keeps the 8 most recently used index files.
 
 A cache miss parses the YAML files in up to 8 child processes (:func:`parallel_build`), then lets lm-eval's own
 ``build`` assemble the index from the parsed files, so the result is exactly lm-eval's.
@@ -91,10 +92,32 @@ def cached_build(build, paths, *, resolve_includes: bool = True) -> dict[str, An
     index = _read(path)
     if index is not None:
         log.info("lm-eval task index read from %s", path)
+        _touch(path)
         return index
     index = parallel_build(build, paths, resolve_includes=resolve_includes)
     _write(path, index)
+    _prune(folder)
     return index
+
+
+KEEP = 8  # index files kept (each ~15 MB); one per lm-eval version and set of task folders
+
+
+def _touch(path: Path) -> None:
+    try:  # the modification time says when an index was last used: the least recently used go first
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _prune(folder: Path) -> None:
+    """Delete all but the KEEP most recently used index files (an upgraded lm-eval or edited tasks leave old ones)."""
+    try:
+        files = sorted(folder.glob("*.pkl"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in files[KEEP:]:
+            old.unlink()
+    except OSError as err:  # another process pruned first, or a read-only folder: nothing lost
+        log.debug("could not prune %s: %s", folder, err)
 
 
 # A child process parses its share of the YAML files with lm-eval's loader, read from its file so that the child does
