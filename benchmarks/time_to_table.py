@@ -17,7 +17,8 @@ perplexity. The offline task data (piqa, gsm8k, wikitext) is the same files on b
 Before either side is timed, one throwaway process imports what both sides import (torch, transformers' model
 classes, lm-eval, bitsandbytes, Ray and Tune), so neither pays for reading those files from disk the first time
 (`--no-warm-imports` leaves this out). The naive cells can be run in one call (`--skip-sweep`) and reused by a later
-one on the same machine (`--reuse-naive`: a cell with its results and its recorded time is not run again), so the
+one on the same machine (`--reuse-naive`: a cell with its results and its recorded time, run with the same
+checkpoint, limit, batch, seed and device, is not run again), so the
 two sides fit in separate device calls; the report says which cells were reused.
 
 `--ray-head` measures the sweep as run against a Ray head that is already up (`ray start --head` first, not
@@ -260,10 +261,14 @@ def main() -> None:
             report["ray_head_start_s"] = time.perf_counter() - t0
             say(f"ray head started (not counted): {report['ray_head_start_s']:.1f}s, rc {head.returncode}")
             if head.returncode != 0:
-                say(head.stdout[-1500:] + head.stderr[-1500:])
+                raise SystemExit(f"`ray start --head` failed:\n{head.stdout[-1500:]}{head.stderr[-1500:]}")
         t0 = time.perf_counter()
-        rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
-                    + (["--address", "auto"] if a.ray_head else []), env, t0)
+        try:
+            rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
+                        + (["--address", "auto"] if a.ray_head else []), env, t0)
+        finally:
+            if a.ray_head:
+                subprocess.run(ray_cli + ["stop"], cwd=REPO, env=env, capture_output=True, text=True)
         t_launch = time.perf_counter() - t0
         tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"], cwd=REPO,
                              env=env, capture_output=True, text=True)
@@ -271,8 +276,6 @@ def main() -> None:
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
                       sweep_trials=trial_times(work / "sweep"), ray_head=a.ray_head)
-        if a.ray_head:
-            subprocess.run(ray_cli + ["stop"], cwd=REPO, env=env, capture_output=True, text=True)
         say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way
@@ -287,8 +290,10 @@ def main() -> None:
         for p, cd in CELLS:
             dest = work / "naive" / f"{p}-{cd}"
             seconds = work / "naive" / f"{p}-{cd}.seconds.json"
-            if a.reuse_naive and seconds.exists() and read_naive(dest):
-                rec = json.loads(seconds.read_text())
+            ran_with = {"checkpoint": ckpts[(p, cd)], "limit": a.limit, "batch": a.batch, "seed": a.seed,
+                        "device": a.device}
+            rec = json.loads(seconds.read_text()) if a.reuse_naive and seconds.exists() else None
+            if rec and rec.get("ran_with") == ran_with and read_naive(dest):
                 per_cell[f"{p}/{cd}"] = rec["seconds"]
                 reused.append({"cell": f"{p}/{cd}", **rec})
                 say(f"naive {p}/{cd}: reused, {rec['seconds']:.1f}s (measured at {rec['at']})")
@@ -305,7 +310,7 @@ def main() -> None:
             if r.returncode != 0:
                 say(r.stdout[-1500:] + r.stderr[-2500:])
             else:
-                seconds.write_text(json.dumps({"seconds": per_cell[f"{p}/{cd}"],
+                seconds.write_text(json.dumps({"seconds": per_cell[f"{p}/{cd}"], "ran_with": ran_with,
                                                "at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
         # the sum of the cells: equal to the wall time when none is reused (the loop does nothing else)
         report["naive_s"] = sum(per_cell.values())

@@ -74,12 +74,22 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
-    checking_tasks = L.Background(L.validate_study_tasks, p.study)
     with LaunchLock(p.store.root):
-        cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose,
-                                    gpu_memory=p.study.resources.gpus_per_trial == "auto")
+        scheduler.import_ray()  # before the check's thread imports what Ray imports too
+        checking_tasks = L.Background(L.validate_study_tasks, p.study)
+        try:
+            cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose,
+                                        gpu_memory=p.study.resources.gpus_per_trial == "auto")
+        except BaseException:
+            checking_tasks.wait()  # its child processes end before this process does
+            raise
         try:
             checking_tasks.result()
+        except UserError as e:
+            if not scheduler.disconnect():  # quietly: the task error stays the launch's one line
+                click.echo(f"sweep: error: {e}", err=True)
+                _finish(EXIT_USER_ERROR, ray_stopped=False)
+            raise
         except BaseException:
             scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
             raise

@@ -25,3 +25,12 @@ def hide_unless_needed(needed: Iterable[str]) -> None:
                 del sys.modules[name]
         elif name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]
+
+
+def for_precision(name: str) -> None:
+    """:func:`hide_unless_needed` for a trial of precision ``name``, before the trial looks its precision up (which
+    checks that its libraries are importable, so hqq must be visible again by then)."""
+    from .precisions import REGISTRY
+
+    precision = REGISTRY.get(name)
+    hide_unless_needed(precision.requires if precision is not None else ())

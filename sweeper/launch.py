@@ -134,8 +134,11 @@ class Background:
         except BaseException as e:  # handed to the caller by result()
             self._error = e
 
-    def result(self) -> None:
+    def wait(self) -> None:
         self._thread.join()
+
+    def result(self) -> None:
+        self.wait()
         if self._error is not None:
             raise self._error
 

@@ -8,6 +8,7 @@ their references (KL), so the ordering survives any interruption: a relaunch see
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -41,6 +42,11 @@ class ClusterInfo:
     cpus: float
     gpus: float
     gpu_memory_bytes: float | None
+
+
+def import_ray() -> None:
+    """Import Ray in this thread (`sweep launch` does it before a thread that imports Ray's dependencies starts)."""
+    importlib.import_module("ray")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
@@ -133,12 +139,11 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
 
 def _trainable(config: dict) -> None:
     """A Tune trial: run one sweeper trial unless the store says it is done. Runs on a Ray worker."""
-    from . import precisions
-    from .import_guard import hide_unless_needed
+    from .import_guard import for_precision
 
     case = config["case"]
     spec = TrialSpec.from_dict(case["spec"])
-    hide_unless_needed(precisions.get(spec.precision).requires)  # before transformers is imported
+    for_precision(spec.precision)  # before transformers is imported
 
     import torch
     from ray import tune

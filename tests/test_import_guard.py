@@ -12,8 +12,9 @@ pytest.importorskip("hqq")
 HIDDEN_THEN_NEEDED = """
 import sys
 import torch
-from sweeper.import_guard import hide_unless_needed
-hide_unless_needed(())
+from sweeper import precisions
+from sweeper.import_guard import for_precision
+for_precision("fp16")  # the worker's first trial: hqq hidden
 from transformers import AutoModelForCausalLM, LlamaConfig
 import transformers.cache_utils
 cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
@@ -21,9 +22,12 @@ cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, nu
 model = AutoModelForCausalLM.from_config(cfg)
 model(torch.tensor([[1, 2, 3]]))
 assert sys.modules["hqq"] is None and "hqq.core.quantize" not in sys.modules, "hqq was imported while hidden"
-hide_unless_needed(("hqq",))  # the next trial is hqq4
+for_precision("hqq4")  # the same worker's next trial
+precisions.get("hqq4")  # the trial's own check finds hqq installed
 from sweeper.quantize.hqq import quantize_model
 quantize_model(model, 4, 64, torch.float32, "cpu")
+for_precision("fp16")  # a later fp16 trial leaves the imported hqq alone
+assert sys.modules["hqq"] is not None
 assert type(model.model.layers[0].mlp.up_proj).__name__ == "HQQLinear"
 print(float(model(torch.tensor([[1, 2, 3]])).logits.abs().sum()) > 0)
 """

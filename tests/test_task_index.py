@@ -144,7 +144,7 @@ def test_default_cache_folder(monkeypatch, tmp_path):
         assert task_index.cache_dir() is None
 
 
-def test_parallel_build_gives_lm_evals_own_index(tasks_dir):
+def test_parallel_build_gives_lm_evals_own_index(tasks_dir, caplog):
     """A cold build parses the YAML files in child processes and lets lm-eval assemble them: the index equals the one
     lm-eval builds itself, with the built-in tasks, an include folder overriding one of them, a duplicate within a
     folder and a broken file (skipped both ways)."""
@@ -158,7 +158,9 @@ def test_parallel_build_gives_lm_evals_own_index(tasks_dir):
     (tasks_dir / "sub" / "dup.yaml").write_text(TASK_YAML.format(name="my_one"))
     paths = [Path(lm_eval.__file__).parent / "tasks", tasks_dir]
     expected = TaskIndex.build(paths)
-    got = task_index.parallel_build(TaskIndex.build, paths, workers=2)
+    with caplog.at_level(logging.WARNING):
+        got = task_index.parallel_build(TaskIndex.build, paths, workers=2)
+    assert "parsing them here" not in caplog.text  # the children parsed: no fallback to lm-eval's own parsing
     assert got == expected and list(got) == list(expected)
     assert len(got) > 10000 and got["piqa"].yaml_path == tasks_dir / "override.yaml"
     assert got["my_one"].yaml_path == tasks_dir / "one.yaml"
@@ -200,3 +202,8 @@ def test_only_the_most_recently_used_index_files_are_kept(cache, tmp_path, monke
     assert not files[2].exists() and files[0].exists()
     task_index.cached_build(build, [folders[0]])  # still cached: no rebuild
     assert len(calls) == 5
+    foreign = cache / "someone-elses.pkl"  # only index files (named by their key) are ever pruned
+    foreign.write_bytes(b"x")
+    os.utime(foreign, (1, 1))
+    task_index.cached_build(build, [folders[1]])
+    assert foreign.exists() and len(list(cache.glob("*.pkl"))) == 4

@@ -399,11 +399,10 @@ def do_ttt(out: Out, a) -> None:
            "--work", "/tmp/ttt", "--report", str(out.folder / "time_to_table.json"), "--limit", str(a.ttt_limit),
            "--share", str(a.ttt_share)] + {"both": [], "naive": ["--skip-sweep"], "sweep": ["--reuse-naive"]}[a.ttt_part] \
         + (["--ray-head"] if a.ttt_ray_head else [])
-    rc, wall, text = out.run(cmd, timeout=min(a.ttt_timeout, out.deadline - time.time() - 5))
-    if a.ttt_ray_head:  # the report and the sweep folder of a second ttt in the same call keep their own names
-        for f in (out.folder / "time_to_table.json",):
-            if f.exists():
-                f.rename(f.with_name("time_to_table_ray_head.json"))
+    rc, wall, text = out.run(cmd, timeout=max(10.0, min(a.ttt_timeout, out.deadline - time.time() - 5)))
+    report = out.folder / "time_to_table.json"
+    if a.ttt_ray_head and report.exists():  # its own name, beside a plain ttt's report
+        report.rename(report.with_name("time_to_table_ray_head.json"))
     for line in text.splitlines()[-60:]:
         out.say("ttt: " + line, summary=True)
 

@@ -15,7 +15,7 @@ from sweeper import Benchmark, Model, Perplexity, Study  # noqa: E402
 
 study = Study(
     name="gpu-packing",
-    description="8 cells of the 0.5B shape (16 with the v4k body): packed (auto shares) vs a whole GPU each",
+    description="8 cells per model (1, 2 or 4 models: SWEEPER_GPU_PACK_MODELS): packed (auto shares) vs a whole GPU each",
     models=[Model(QWEN, label="qwen2.5-0.5b-shape"), Model(QWEN_V4K, label="qwen2.5-0.5b-body-v4k"),
             Model(QWEN + "-again", label="qwen2.5-0.5b-shape-again"),
             Model(QWEN_V4K + "-again", label="qwen2.5-0.5b-body-v4k-again")][:int(os.environ.get("SWEEPER_GPU_PACK_MODELS", "1"))],

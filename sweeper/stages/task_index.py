@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -113,7 +114,8 @@ def _touch(path: Path) -> None:
 def _prune(folder: Path) -> None:
     """Delete all but the KEEP most recently used index files (an upgraded lm-eval or edited tasks leave old ones)."""
     try:
-        files = sorted(folder.glob("*.pkl"), key=lambda f: f.stat().st_mtime, reverse=True)
+        ours = [f for f in folder.glob("*.pkl") if re.fullmatch(r"[0-9a-f]{32}\.pkl", f.name)]  # index_key names only
+        files = sorted(ours, key=lambda f: f.stat().st_mtime, reverse=True)
         for old in files[KEEP:]:
             old.unlink()
     except OSError as err:  # another process pruned first, or a read-only folder: nothing lost
@@ -162,13 +164,19 @@ def _parse_in_children(files: list[str], recursive: bool, workers: int) -> dict[
                                             str(dst)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), dst))
         parsed: dict[str, tuple[bool, Any]] = {}
         failed = None
-        for proc, dst in procs:
-            err = proc.communicate()[1]
-            if proc.returncode != 0 and failed is None:
-                failed = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            elif proc.returncode == 0:
-                with dst.open("rb") as fh:
-                    parsed.update(pickle.load(fh))
+        try:
+            for proc, dst in procs:
+                err = proc.communicate()[1]
+                if proc.returncode != 0 and failed is None:
+                    failed = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                elif proc.returncode == 0:
+                    with dst.open("rb") as fh:
+                        parsed.update(pickle.load(fh))
+        finally:  # interrupted: no child outlives the build
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     if failed is not None:
         log.warning("parsing lm-eval's task files in child processes failed (%s): parsing them here", failed[0])
         return None
@@ -184,13 +192,13 @@ def parallel_build(build, paths, *, resolve_includes: bool = True, workers: int 
     """
     from lm_eval.tasks import _index
 
-    workers = parse_workers() if workers is None else workers
-    real = getattr(_index, "load_yaml", None)
     walk = getattr(getattr(_index, "TaskIndex", None), "_iter_yaml_files", None)
-    if workers < 2 or real is None or walk is None:
+    if walk is None or getattr(_index, "load_yaml", None) is None:
         return build(paths, resolve_includes=resolve_includes)
     files = [str(f) for root in paths for f in walk(Path(root))]
-    parsed = _parse_in_children(files, resolve_includes, workers) if files else None
+    if workers is None:  # a child per ~500 files at most: starting one costs more than parsing a few hundred
+        workers = min(parse_workers(), len(files) // 500)
+    parsed = _parse_in_children(files, resolve_includes, workers) if workers >= 2 and files else None
     if parsed is None:
         return build(paths, resolve_includes=resolve_includes)
 
@@ -204,6 +212,7 @@ def parallel_build(build, paths, *, resolve_includes: bool = True, workers: int 
         raise ValueError(value)  # build skips the file, as it does for the loader's own error
 
     with _PATCH_LOCK:
+        real = _index.load_yaml
         _index.load_yaml = load_yaml
         try:
             return build(paths, resolve_includes=resolve_includes)
@@ -221,17 +230,17 @@ def make_task_manager(**kwargs) -> "TaskManager":
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks import manager as _manager
 
-    base = getattr(_manager, "TaskIndex", None)
-    original = getattr(base, "build", None)
-    if base is None or original is None or cache_dir() is None:
-        return TaskManager(**kwargs)
+    with _PATCH_LOCK:  # read and swapped under the lock: a concurrent caller never takes the swap for the original
+        base = getattr(_manager, "TaskIndex", None)
+        original = getattr(base, "build", None)
+        if base is None or original is None or cache_dir() is None:
+            return TaskManager(**kwargs)
 
-    class CachedTaskIndex(base):
-        @staticmethod
-        def build(paths, *, resolve_includes=True):
-            return cached_build(original, paths, resolve_includes=resolve_includes)
+        class CachedTaskIndex(base):
+            @staticmethod
+            def build(paths, *, resolve_includes=True):
+                return cached_build(original, paths, resolve_includes=resolve_includes)
 
-    with _PATCH_LOCK:
         _manager.TaskIndex = CachedTaskIndex
         try:
             return TaskManager(**kwargs)
