@@ -100,7 +100,7 @@ def gpu_share(estimate_bytes: float, gpu_memory_bytes: float) -> float:
 
 
 def share_function(gpu_memory_bytes: float):
-    """A ``gpu_share_for(study, model, precision, compute_dtype)`` for :func:`sweeper.trials.expand`."""
+    """A ``gpu_share_for(study, model, precision, compute_dtype)`` for :func:`sweeper.trials.trial_share`."""
     shapes: dict[str, ModelShape | None] = {}
 
     def share_for(study: Study, model: Model, precision: str, compute_dtype: str) -> float:

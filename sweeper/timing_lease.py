@@ -11,7 +11,8 @@ writer holds the turnstile while it waits for and holds the main lock; readers p
 main lock shared. A third, the timing queue, is held by a writer from before it waits until it is done: timed sections
 queue on it, and :meth:`TimingLease.try_reserve` tells a trial, without waiting, that another trial is timing (or
 about to), so it can do untimed work first instead of idling in the queue (the runner defers its benchmark stage).
-Lock files live in the node's temp dir, keyed by the GPU's UUID, so only trials on the same physical device interact. No Ray here: it works for any processes on one host.
+Lock files live in the node's temp dir, keyed by the GPU's UUID, so only trials on the same physical device
+interact. No Ray here: it works for any processes on one host.
 
 CUDA work is asynchronous: a forward pass returns on the host while its kernels are still queued. So on CUDA the shared
 side synchronises the device before it releases (a neighbour's queued kernels never run inside a timed section), and

@@ -200,11 +200,11 @@ def trial_share(study: Study, model: Model, precision: str, compute_dtype: str, 
     return gpu_share_for(study, model, precision, compute_dtype) if gpu_share_for else 1.0
 
 
-def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> tuple[list[TrialSpec], list[Dropped]]:
+def expand(study: Study) -> tuple[list[TrialSpec], list[Dropped]]:
     """The study's trials in grid order (each model's baseline first) and the cells dropped, with reasons.
 
-    ``gpu_share_for(study, model, precision, compute_dtype) -> float`` decides GPU shares; without it (or on a
-    CPU-only cluster) shares are 0.
+    Shares are 0 (a CPU-only cluster): :func:`sweeper.launch.for_cluster` gives the cluster's, through
+    :func:`trial_share`.
     """
     base_precision, base_cd = study.baseline_cell()
     shared = study_identity(study)
@@ -232,7 +232,6 @@ def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> 
         base_id = ids[(base_precision, base_cd)]
         cells.sort(key=lambda c: c != (base_precision, base_cd))  # baseline first
         for pname, cd in cells:
-            share = trial_share(study, model, pname, cd, gpu_share_for, cluster_has_gpus)
             trials.append(TrialSpec(
                 trial_id=ids[(pname, cd)], study=study.name, model=model, model_fingerprint=fp, precision=pname,
                 precision_options=_precisions.get(pname).resolve_options(study.precision_options.get(pname)),
@@ -241,6 +240,6 @@ def expand(study: Study, gpu_share_for=None, cluster_has_gpus: bool = False) -> 
                 seed=study.seed, is_baseline=(pname, cd) == (base_precision, base_cd), baseline_id=base_id,
                 baseline_precision=base_precision, baseline_compute_dtype=base_cd,
                 baseline_options=_precisions.get(base_precision).resolve_options(study.precision_options.get(base_precision)),
-                kl=study.kl, gpu_share=share, cpus=study.resources.cpus_per_trial,
+                kl=study.kl, gpu_share=0.0, cpus=study.resources.cpus_per_trial,
             ))
     return trials, dropped

@@ -7,7 +7,7 @@ import pytest
 
 from sweeper import Benchmark, Model, Resources, Study
 from sweeper.resources import estimate_peak_bytes, gpu_share, model_shape, share_function
-from sweeper.trials import expand
+from sweeper.trials import expand, trial_share
 
 GB = 1e9
 
@@ -53,24 +53,26 @@ def test_share_rounding_and_bounds():
     assert gpu_share(4.01 * GB, 80 * GB) == 0.1  # rounded up to the next 0.05
 
 
-def test_expand_uses_auto_shares_on_gpu_clusters_and_pins_when_asked(llama8b_config):
+def gpu_shares(study, gpu_share_for):
+    """Each trial's share on a GPU cluster, as launch.for_cluster decides it before spreading."""
+    return {t.precision: trial_share(study, t.model, t.precision, t.compute_dtype, gpu_share_for, True)
+            for t in expand(study)[0]}
+
+
+def test_auto_shares_on_gpu_clusters_and_pinned_when_asked(llama8b_config):
     study = Study(name="s", models=[str(llama8b_config)], precisions=["fp16", "nf4"])
-    auto, _ = expand(study, gpu_share_for=share_function(80 * GB), cluster_has_gpus=True)
-    shares = {t.precision: t.gpu_share for t in auto}
+    shares = gpu_shares(study, share_function(80 * GB))
     assert 0 < shares["nf4"] < shares["fp16"] < 1
     cpu, _ = expand(study)
     assert {t.gpu_share for t in cpu} == {0.0}
     pinned = Study(name="s", models=[str(llama8b_config)], precisions=["fp16", "nf4"],
                    resources=Resources(gpus_per_trial=0.5))
-    assert {t.gpu_share for t in expand(pinned, gpu_share_for=share_function(80 * GB), cluster_has_gpus=True)[0]} == {0.5}
-    # the share is not part of the identity: the same cell on another cluster is the same trial
-    assert [t.trial_id for t in auto] == [t.trial_id for t in cpu]
+    assert set(gpu_shares(pinned, share_function(80 * GB)).values()) == {0.5}
 
 
 def test_unreadable_config_falls_back_to_a_whole_gpu(tmp_path):
     study = Study(name="s", models=["no-such-org/no-such-model"], precisions=["fp16"])
-    trials, _ = expand(study, gpu_share_for=share_function(80 * GB), cluster_has_gpus=True)
-    assert trials[0].gpu_share == 1.0
+    assert gpu_shares(study, share_function(80 * GB)) == {"fp16": 1.0}
 
 
 def test_local_gpu_memory_reads_nvidia_smi_and_honours_visible_devices(tmp_path, monkeypatch):
