@@ -193,13 +193,24 @@ STAGE_COLUMNS = ("stage_load_s", "stage_benchmark_s", "timing_wait_s", "stage_pe
                  "stage_write_s", "duration_s")
 
 
-def trial_times(root: Path) -> list[dict]:
-    """Each trial's stage times from the results store, printed as a table."""
+START_COLUMNS = ("process_started_at", "trainable_started_at", "load_started_at")
+
+
+def trial_times(root: Path, launched_at: float) -> list[dict]:
+    """Each trial's start-up (seconds since the launch began: its worker process started, its Tune trial began, its
+    load began) and stage times from the results store, printed as a table."""
     import pyarrow.parquet as pq
 
     rows = sorted((pq.read_table(f).to_pylist()[0] for f in (root / "trials").glob("*.parquet")),
                   key=lambda r: (r["precision"], r["compute_dtype"]))
-    out = [{"cell": f"{r['precision']}/{r['compute_dtype']}", **{c: r.get(c) for c in STAGE_COLUMNS}} for r in rows]
+    out = [{"cell": f"{r['precision']}/{r['compute_dtype']}",
+            **{c.replace("_started_at", "_at_s"): None if r.get(c) is None else r[c] - launched_at
+               for c in START_COLUMNS},
+            **{c: r.get(c) for c in STAGE_COLUMNS}} for r in rows]
+    say("  trial start-up (s since launch): cell process trainable load")
+    for r in out:
+        say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}"
+                                             for c in ("process_at_s", "trainable_at_s", "load_at_s")))
     say("  trial stage times (s): cell " + " ".join(c.removesuffix("_s").removeprefix("stage_") for c in STAGE_COLUMNS))
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}" for c in STAGE_COLUMNS))
@@ -262,7 +273,7 @@ def main() -> None:
             say(f"ray head started (not counted): {report['ray_head_start_s']:.1f}s, rc {head.returncode}")
             if head.returncode != 0:
                 raise SystemExit(f"`ray start --head` failed:\n{head.stdout[-1500:]}{head.stderr[-1500:]}")
-        t0 = time.perf_counter()
+        t0, launched_at = time.perf_counter(), time.time()
         try:
             rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
                         + (["--address", "auto"] if a.ray_head else []), env, t0)
@@ -275,7 +286,7 @@ def main() -> None:
         t_sweep = time.perf_counter() - t0
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
-                      sweep_trials=trial_times(work / "sweep"), ray_head=a.ray_head)
+                      sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head)
         say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way

@@ -137,8 +137,20 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     return not worker.is_alive()
 
 
+def _process_started_at() -> float | None:
+    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _trainable(config: dict) -> None:
     """A Tune trial: run one sweeper trial unless the store says it is done. Runs on a Ray worker."""
+    # where a trial's start-up goes: worker process start -> this call -> the row's load_started_at
+    entered = time.time()
     from .import_guard import for_precision
 
     case = config["case"]
@@ -162,7 +174,9 @@ def _trainable(config: dict) -> None:
             return
         torch.set_num_threads(max(1, spec.cpus))
         attempt = (previous or {}).get("attempt", 0) + 1
-        row = run_trial(spec, store, attempt=attempt, extra={"ray_node_id": ray.get_runtime_context().get_node_id()})
+        row = run_trial(spec, store, attempt=attempt, extra={"ray_node_id": ray.get_runtime_context().get_node_id(),
+                                                             "process_started_at": _process_started_at(),
+                                                             "trainable_started_at": entered})
     tune.report({"status": row["status"], "error": row["error"] or "", "error_type": row["error_type"] or "",
                  "trial_seconds": row["duration_s"]})
 

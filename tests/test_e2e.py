@@ -56,6 +56,14 @@ def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
     ppl = m.filter(pl.col("metric") == "token_perplexity")["value"]
     assert len(ppl) == 5 and ppl.is_finite().all() and (ppl > 1).all()
     assert set(trials["device"]) == {"cpu"}
+    # a trial's start-up, in order: the worker process, the Tune trial in it, the load
+    for proc, entered, load in zip(trials["process_started_at"], trials["trainable_started_at"],
+                                   trials["load_started_at"]):
+        assert proc <= entered <= load < proc + 600, (proc, entered, load)
+    # bitsandbytes was imported before a load clock: on the worker's first bnb trial only
+    imports = m.filter(pl.col("metric") == "library_import_s").join(trials.select("trial_id", "precision"), on="trial_id")
+    by = dict(zip(imports["precision"], imports["value"]))
+    assert by["fp32"] == by["bf16"] == 0.0 and sum(by[p] > 0 for p in ("int8", "nf4", "fp4")) >= 1, by
     # study.json records the expanded study
     assert '"name": "tiny"' in (results / "study.json").read_text()
     # sweep results: one readable row per trial, in every format

@@ -1,13 +1,12 @@
-"""A Ray worker hides hqq from transformers until a trial needs it (sweeper.import_guard): transformers then does not
-import hqq (and through it torch's inductor) at start-up, and an hqq trial in the same process still quantizes."""
+"""sweeper.import_guard: a Ray worker hides hqq from transformers until a trial needs it (transformers then does not
+import hqq, and through it torch's inductor, at start-up; an hqq trial in the same process still quantizes), and
+bitsandbytes is imported with its module-level torch.compile calls deferred to their first call."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
 import pytest
-
-pytest.importorskip("hqq")
 
 HIDDEN_THEN_NEEDED = """
 import sys
@@ -44,6 +43,7 @@ def run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_hidden_hqq_is_not_imported_and_shows_again_for_a_trial_that_needs_it():
+    pytest.importorskip("hqq")
     r = run(HIDDEN_THEN_NEEDED)
     assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stdout + r.stderr[-3000:]
 
@@ -51,5 +51,62 @@ def test_hidden_hqq_is_not_imported_and_shows_again_for_a_trial_that_needs_it():
 def test_without_the_guard_transformers_imports_hqq():
     """The control: the guard matters only while transformers imports hqq on its own (if this fails, it no longer
     does, and the guard can go)."""
+    pytest.importorskip("hqq")
     r = run(NOT_HIDDEN)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stdout + r.stderr[-3000:]
+
+
+BNB_DEFERRED = """
+import sys, torch
+from sweeper.import_guard import for_precision, import_precision_library
+for_precision("nf4")  # a worker: hqq hidden, so transformers itself does not import the inductor
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+real_compile = torch.compile
+seconds = import_precision_library("bitsandbytes")
+assert seconds > 0 and import_precision_library("bitsandbytes") == 0.0
+assert torch.compile is real_compile, "torch.compile was not restored"
+print("inductor", "torch._inductor.compile_fx" in sys.modules)
+"""
+
+BNB_PLAIN = """
+import sys
+from sweeper.import_guard import for_precision
+for_precision("nf4")
+from transformers import AutoModelForCausalLM
+import bitsandbytes
+print("inductor", "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def test_bitsandbytes_is_imported_without_compiling_machinery():
+    r = run(BNB_DEFERRED)
+    assert r.returncode == 0 and r.stdout.strip().endswith("inductor False"), r.stdout + r.stderr[-3000:]
+    control = run(BNB_PLAIN)  # a plain import does pull in torch's inductor (else the deferral has nothing to do)
+    assert control.returncode == 0 and control.stdout.strip().endswith("inductor True"), control.stdout + control.stderr[-3000:]
+
+
+def test_deferred_compile_compiles_on_first_call_and_falls_back_when_compile_refuses():
+    import torch
+
+    from sweeper.import_guard import deferred_compile
+
+    calls = []
+    real = torch.compile
+    try:
+        torch.compile = lambda fn, **kw: calls.append(kw) or (lambda *a: ("compiled", fn(*a)))
+        with deferred_compile():
+            f = torch.compile(lambda x: x + 1, dynamic=False)
+            g = torch.compile(dynamic=True)(lambda x: x * 2)
+        assert calls == [] and torch.compile is not real  # nothing compiled at decoration; our fake restored
+        assert f(1) == ("compiled", 2) and g(3) == ("compiled", 6) and f(2) == ("compiled", 3)
+        assert calls == [{"dynamic": False}, {"dynamic": True}]  # once per function, with its arguments
+
+        def refuse(fn, **kw):
+            raise RuntimeError("torch.compile is not supported here")
+
+        torch.compile = refuse
+        with deferred_compile():
+            h = torch.compile(lambda x: x - 1)
+        assert h(5) == 4 and h(6) == 5  # the plain function, as bitsandbytes' own fallback does
+    finally:
+        torch.compile = real

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 from .. import precisions
 from ..errors import StageError
+from ..import_guard import import_precision_library
 from ..measure import rss_bytes, synchronize
 from ..trials import TrialSpec
 
@@ -129,6 +130,8 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
             {"stage": "load", "metric": "calibration_tokens", "value": float(meta["calibration_tokens"]),
              "unit": "tokens"},
         ]
+    # the quantization library's first import in this process is not part of the load (seconds on a fresh worker)
+    library_import_s = import_precision_library(precision.library)
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -157,6 +160,8 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
         {"stage": "load", "metric": "weights_bytes", "value": float(stored_bytes(model)), "unit": "bytes"},
         {"stage": "load", "metric": "allocated_bytes", "value": float(allocated), "unit": unit},
         {"stage": "load", "metric": "num_params", "value": float(n_params), "unit": "count"},
+        # what this process spent importing the precision's library before the clock (0 once it is imported)
+        {"stage": "load", "metric": "library_import_s", "value": library_import_s, "n": 1, "unit": "s"},
     ] + metrics
     log.info("loaded %s in %.2fs", spec.cell, load_s)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, metrics=metrics)
