@@ -277,13 +277,13 @@ def main() -> None:
         try:
             rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
                         + (["--address", "auto"] if a.ray_head else []), env, t0)
-        finally:
+            t_launch = time.perf_counter() - t0
+            tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"],
+                                 cwd=REPO, env=env, capture_output=True, text=True)
+            t_sweep = time.perf_counter() - t0
+        finally:  # the head was up before the clock and is stopped after it (its stop is not the sweep's time)
             if a.ray_head:
                 subprocess.run(ray_cli + ["stop"], cwd=REPO, env=env, capture_output=True, text=True)
-        t_launch = time.perf_counter() - t0
-        tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"], cwd=REPO,
-                             env=env, capture_output=True, text=True)
-        t_sweep = time.perf_counter() - t0
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
                       sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head)
