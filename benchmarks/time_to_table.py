@@ -21,13 +21,14 @@ one on the same machine (`--reuse-naive`: a cell with its results and its record
 checkpoint, limit, batch, seed and device, is not run again), so the
 two sides fit in separate device calls; the report says which cells were reused.
 
-`--ray-head` measures the sweep as run against a Ray head that is already up (`ray start --head` first, not
-counted; `sweep launch --address auto`): what a user who keeps a head running on the machine sees, without the
+`--ray-head` measures the sweep as run against a Ray head that is already up (`ray start --head` first and
+`ray stop` after the table, neither counted; `sweep launch --address auto`): what a user who keeps a head running on the machine sees, without the
 seconds `sweep launch` spends starting a private Ray instance.
 
 The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
 for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.
-The sweep's output is printed with the seconds since launch, and its trials' stage times go into the report.
+The sweep's output is printed with the seconds since launch, and its trials' start-up times (worker process, Tune
+trial, load) and stage times go into the report.
 
 Both sides use the same lm-eval batch size, limit and seeds, so the accuracy numbers must be equal; the report checks
 every (cell, task, metric) pair.
