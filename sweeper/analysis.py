@@ -35,7 +35,8 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from .results import TASK_MAIN_METRICS, Results, top_level_tasks
+from .results import TASK_MAIN_METRICS, Results, task_metric_rank, top_level_tasks
+from .results import task_main_metrics as results_task_main_metrics
 
 log = logging.getLogger(__name__)
 
@@ -98,25 +99,11 @@ def _trials(res: Results) -> pl.LazyFrame:
         pl.col("gpu_share").cast(pl.Float64, strict=False))
 
 
-def _metric_rank() -> pl.Expr:
-    return pl.col("metric").replace_strict({k: i for i, k in enumerate(TASK_MAIN_METRICS)}, default=None,
-                                           return_dtype=pl.Int64)
-
-
 def task_main_metrics(res: Results) -> pl.DataFrame:
-    """Long frame (trial_id, task, metric, value, stderr, n): each top-level task's main metric (first present of
-    TASK_MAIN_METRICS, chosen per task over all trials so every trial and its baseline use the same metric)."""
-    m = res.metrics.filter(pl.col("stage") == "tasks").select("trial_id", "task", "metric", "value", "stderr", "n")
-    m = m.with_columns(_metric_rank().alias("_rank")).filter(pl.col("_rank").is_not_null()).collect()
-    if m.height == 0:
-        return pl.DataFrame(schema={"trial_id": pl.String, "task": pl.String, "metric": pl.String,
-                                    "value": pl.Float64, "stderr": pl.Float64, "n": pl.Int64})
-    top = top_level_tasks(m.get_column("task").unique().to_list())
-    m = m.filter(pl.col("task").replace_strict(top, default=None) == pl.col("task"))
-    main = m.group_by("task").agg(pl.col("_rank").min().alias("_best"))
-    return (m.join(main, on="task").filter(pl.col("_rank") == pl.col("_best"))
-            .unique(["trial_id", "task"], keep="first", maintain_order=True)
-            .select("trial_id", "task", "metric", "value", "stderr", "n"))
+    """Long frame (trial_id, task, metric, value, stderr, n): each top-level task's main metric
+    (:func:`sweeper.results.task_main_metrics`: chosen per task over all trials, so every trial and its baseline use
+    the same metric)."""
+    return results_task_main_metrics(res.metrics)
 
 
 def _scalar_metrics(res: Results) -> pl.LazyFrame:
@@ -365,13 +352,9 @@ class Bootstrap:
 
 
 def _samples_long(res: Results) -> pl.DataFrame:
-    s = res.samples
-    empty = pl.DataFrame(schema={"trial_id": pl.String, "task": pl.String, "metric": pl.String, "doc": pl.String,
-                                 "score": pl.Float64})
-    if s is None:
-        return empty
-    s = _ensure(s, {"task": pl.String, "doc_id": pl.String, "metric": pl.String, "value": pl.Float64,
-                    "correct": pl.Boolean, "filter": pl.String})
+    # old samples files may lack columns (missing ones are inserted by the scan only when some file has them)
+    s = _ensure(res.samples, {"task": pl.String, "doc_id": pl.String, "metric": pl.String, "value": pl.Float64,
+                              "correct": pl.Boolean, "filter": pl.String})
     s = s.select(
         "trial_id", "task",
         pl.when(pl.col("filter").is_null() | (pl.col("filter") == "none")).then(pl.col("metric"))
@@ -404,7 +387,7 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
     s = s.with_columns(pl.col("task").replace_strict(top, default=pl.col("task")).alias("group"),
                        pl.format("{}/{}", pl.col("task"), pl.col("doc")).alias("doc"))
     # main per-item metric per group, the same for trial and baseline
-    ranked = s.select("group", "metric").unique().with_columns(_metric_rank().alias("_rank"))
+    ranked = s.select("group", "metric").unique().with_columns(task_metric_rank().alias("_rank"))
     ranked = ranked.with_columns(pl.col("_rank").fill_null(len(TASK_MAIN_METRICS)))
     main = ranked.sort(["group", "_rank", "metric"]).group_by("group", maintain_order=True).first().select("group", "metric")
     s = s.join(main, on=["group", "metric"]).select("trial_id", pl.col("group").alias("task"), "metric", "doc", "score")

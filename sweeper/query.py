@@ -59,15 +59,6 @@ def _metrics_view(res: Results) -> pl.LazyFrame:
                                                                                  if c != "trial_id"]])
 
 
-def _samples_view(res: Results) -> pl.LazyFrame:
-    s = res.samples
-    if s is None:
-        return pl.LazyFrame(schema={"trial_id": pl.String, "task": pl.String, "doc_id": pl.Int64, "metric": pl.String,
-                                    "value": pl.Float64, "correct": pl.Boolean, "gold_loglik": pl.Float64,
-                                    "filter": pl.String})
-    return s
-
-
 def view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable[[], pl.LazyFrame]]:
     """name -> function building that view (lazy where Polars allows; analyses are computed when called)."""
     def cmp() -> pl.LazyFrame:
@@ -77,7 +68,7 @@ def view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable
         "summary": (cmp if vs_baseline else res.summary),
         "trials": lambda: res.trials,
         "metrics": lambda: _metrics_view(res),
-        "samples": lambda: _samples_view(res),
+        "samples": lambda: res.samples,
         "compare": cmp,
         "significance": lambda: analysis.significance(res).lazy(),
         "pareto": lambda: analysis.pareto(cmp()).lazy(),

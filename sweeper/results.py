@@ -71,28 +71,60 @@ def _scan(paths: list[Path], sub: str) -> pl.LazyFrame | None:
     return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
 
 
+def _empty(schema) -> pl.LazyFrame:
+    """A frame with no rows and the columns (and types) a store file of this kind has."""
+    return pl.LazyFrame(schema=pl.from_arrow(schema.empty_table()).schema)
+
+
+def task_metric_rank() -> pl.Expr:
+    """A metric's position in TASK_MAIN_METRICS (lower is preferred), null for any other metric."""
+    return pl.col("metric").replace_strict({k: i for i, k in enumerate(TASK_MAIN_METRICS)}, default=None,
+                                           return_dtype=pl.Int64)
+
+
+def task_main_metrics(metrics: pl.LazyFrame) -> pl.DataFrame:
+    """Long frame (trial_id, task, metric, value, stderr, n): each top-level task's main metric (the first of
+    TASK_MAIN_METRICS that any trial has for that task, the same for every trial, so a column never mixes metrics).
+    A trial without that metric for the task has no row."""
+    m = (metrics.filter(pl.col("stage") == "tasks").select("trial_id", "task", "metric", "value", "stderr", "n")
+         .with_columns(task_metric_rank().alias("_rank")).filter(pl.col("_rank").is_not_null()).collect())
+    if m.height == 0:
+        return pl.DataFrame(schema={"trial_id": pl.String, "task": pl.String, "metric": pl.String,
+                                    "value": pl.Float64, "stderr": pl.Float64, "n": pl.Int64})
+    top = top_level_tasks(m.get_column("task").unique().to_list())
+    m = m.filter(pl.col("task").replace_strict(top, default=None) == pl.col("task"))
+    main = m.group_by("task").agg(pl.col("_rank").min().alias("_best"))
+    return (m.join(main, on="task").filter(pl.col("_rank") == pl.col("_best"))
+            .unique(["trial_id", "task"], keep="first", maintain_order=True)
+            .select("trial_id", "task", "metric", "value", "stderr", "n"))
+
+
 @dataclass
 class Results:
+    """The trials, metrics and samples of one or more results directories. Each is a LazyFrame with the store's
+    columns even when the directories hold no file of that kind yet, so a query never fails on an empty sweep."""
     dirs: list[Path]
 
     @property
     def trials(self) -> pl.LazyFrame:
+        from .store import TRIALS_SCHEMA
+
         lf = _scan(self.dirs, "trials")
-        if lf is None:
-            return pl.LazyFrame(schema={"trial_id": pl.String, "study": pl.String, "model": pl.String,
-                                        "precision": pl.String, "compute_dtype": pl.String, "status": pl.String})
-        return lf
+        return lf if lf is not None else _empty(TRIALS_SCHEMA)
 
     @property
     def metrics(self) -> pl.LazyFrame:
         from .store import METRICS_SCHEMA
 
         lf = _scan(self.dirs, "metrics")
-        return lf if lf is not None else pl.LazyFrame(schema=pl.Schema(pl.from_arrow(METRICS_SCHEMA.empty_table()).schema))
+        return lf if lf is not None else _empty(METRICS_SCHEMA)
 
     @property
-    def samples(self) -> pl.LazyFrame | None:
-        return _scan(self.dirs, "samples")
+    def samples(self) -> pl.LazyFrame:
+        from .store import SAMPLES_SCHEMA
+
+        lf = _scan(self.dirs, "samples")
+        return lf if lf is not None else _empty(SAMPLES_SCHEMA)
 
     def summary(self) -> pl.LazyFrame:
         """One row per trial: config, status, the headline speed / memory / quality numbers, task main metrics."""
@@ -106,19 +138,13 @@ class Results:
         bt = (bt.sort("batch_size").group_by("trial_id").agg(
             pl.col("value").last().alias("batch_tok_s"), pl.col("batch_size").last().alias("batch_size")))
         wide = m.group_by("trial_id").agg(cols).join(bt, on="trial_id", how="left")
-        # one column per task: its main metric
-        tasks = m.filter(pl.col("stage") == "tasks").with_columns(
-            pl.col("metric").replace_strict({k: i for i, k in enumerate(TASK_MAIN_METRICS)}, default=None).alias("_rank"))
-        tasks = (tasks.filter(pl.col("_rank").is_not_null()).sort("_rank").group_by(["trial_id", "task"])
-                 .agg(pl.col("value").first()).collect())
+        # one column per top-level task (a group such as mmlu, not its 57 subtasks): its main metric
+        tasks = task_main_metrics(m).select("trial_id", "task", "value")
         t = self.trials
         keep = ["trial_id", "study", "model", "precision", "compute_dtype", "status", "device", "error_stage", "error"]
         present = t.collect_schema().names()
         out = t.select([c for c in keep if c in present]).join(wide, on="trial_id", how="left")
         if tasks.height:
-            # one column per top-level task (a group such as mmlu, not its 57 subtasks)
-            top = top_level_tasks(tasks.get_column("task").unique().to_list())
-            tasks = tasks.filter(pl.col("task").replace_strict(top, default=None) == pl.col("task"))
             pivot = tasks.pivot(on="task", index="trial_id", values="value")
             out = out.join(pivot.lazy(), on="trial_id", how="left")
         if "study" not in present:

@@ -39,6 +39,13 @@ METRICS_SCHEMA = pa.schema([
     ("unit", pa.string()),
 ])
 
+# Per-item lm-eval rows (the tasks stage's samples table): one row per (document, metric, filter).
+SAMPLES_SCHEMA = pa.schema([
+    ("trial_id", pa.string()), ("task", pa.string()), ("doc_id", pa.int64()), ("filter", pa.string()),
+    ("metric", pa.string()), ("value", pa.float64()), ("weight", pa.float64()), ("correct", pa.bool_()),
+    ("gold_loglik", pa.float64()), ("prompt_hash", pa.string()), ("doc_hash", pa.string()),
+])
+
 TRIAL_STATUSES = ("done", "failed")
 
 _S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()

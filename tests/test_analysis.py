@@ -300,3 +300,33 @@ def test_empty_results_dir(tmp_path):
     assert analysis.significance(res).height == 0
     assert analysis.pareto(cmp).height == 0
     assert analysis.recommend(cmp).height == 0
+
+
+def test_empty_results_dir_frames_have_the_store_columns(tmp_path):
+    """A sweep with nothing written yet still answers queries: every frame has the columns a file would have."""
+    from sweeper.store import METRICS_SCHEMA, SAMPLES_SCHEMA, TRIALS_SCHEMA
+
+    (tmp_path / "e" / "trials").mkdir(parents=True)
+    res = open_results([str(tmp_path / "e")])
+    assert res.trials.collect_schema().names() == TRIALS_SCHEMA.names
+    assert res.metrics.collect_schema().names() == METRICS_SCHEMA.names
+    assert res.samples.collect_schema().names() == SAMPLES_SCHEMA.names
+    assert res.trials.filter(pl.col("gpu_share") > 0).select("process_started_at").collect().height == 0
+    summary = res.summary().collect()
+    assert summary.height == 0 and {"precision", "decode_tok_s", "load_s"} <= set(summary.columns)
+
+
+def test_summary_task_column_never_mixes_metrics(tmp_path):
+    """One trial has acc_norm and acc for arc_easy, the other only acc: the summary's arc_easy column is acc_norm for
+    both (null where a trial lacks it), as in compare, never acc_norm for one row and acc for the next."""
+    store = ResultsStore(tmp_path / "mix")
+    store.write_study({"name": "hand"})
+    store.write_trial(_trial_row("B"), [{"trial_id": "B", "stage": "tasks", "task": "arc_easy", "metric": m, "value": v}
+                                        for m, v in (("acc_norm", 0.8), ("acc", 0.7))])
+    store.write_trial(_trial_row("T1"), [{"trial_id": "T1", "stage": "tasks", "task": "arc_easy", "metric": "acc",
+                                          "value": 0.6}])
+    res = open_results([str(tmp_path / "mix")])
+    by = dict(zip(*res.summary().collect().select("trial_id", "arc_easy").to_dict(as_series=False).values()))
+    assert by == {"B": 0.8, "T1": None}
+    cmp = analysis.compare(res).collect()
+    assert dict(zip(cmp["trial_id"], cmp["arc_easy"])) == by

@@ -362,18 +362,10 @@ def metric_rows(results: dict[str, Any], trial_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-SAMPLES_COLUMNS = ("trial_id", "task", "doc_id", "filter", "metric", "value", "weight", "correct", "gold_loglik",
-                   "prompt_hash", "doc_hash")
-
-
 def samples_schema() -> "pa.Schema":
-    import pyarrow as pa
+    from ..store import SAMPLES_SCHEMA
 
-    return pa.schema([
-        ("trial_id", pa.string()), ("task", pa.string()), ("doc_id", pa.int64()), ("filter", pa.string()),
-        ("metric", pa.string()), ("value", pa.float64()), ("weight", pa.float64()), ("correct", pa.bool_()),
-        ("gold_loglik", pa.float64()), ("prompt_hash", pa.string()), ("doc_hash", pa.string()),
-    ])
+    return SAMPLES_SCHEMA
 
 
 def _gold_loglik(output_type: str | None, ex: dict[str, Any]) -> float | None:
@@ -405,7 +397,7 @@ def samples_table(results: dict[str, Any], trial_id: str, output_types: dict[str
     import pyarrow as pa
 
     output_types = output_types or {}
-    cols: dict[str, list] = {c: [] for c in SAMPLES_COLUMNS}
+    cols: dict[str, list] = {c: [] for c in samples_schema().names}
     for task, examples in (results.get("samples") or {}).items():
         otype = output_types.get(task)
         for ex in examples:
