@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when what is pickled changes
-_IGNORE_DIRS = {"__pycache__", ".ipynb_checkpoints"}  # as lm_eval.tasks._index
+_IGNORE_DIRS_FALLBACK = frozenset({"__pycache__", ".ipynb_checkpoints"})  # lm-eval 0.4.13's, if it stops exporting it
 _PATCH_LOCK = threading.RLock()  # make_task_manager holds it while parallel_build patches
 
 
@@ -46,15 +46,21 @@ def cache_dir() -> Path | None:
 
 
 def index_key(paths: list[Path], resolve_includes: bool) -> str:
-    """A hash of lm-eval's version and every YAML file (path, size, mtime) under ``paths``."""
-    import lm_eval
+    """A hash of lm-eval's version and every YAML file (path, size, mtime) under ``paths``.
 
+    The files are those lm-eval's index reads (its ignored folders skipped), found with ``os.walk``: it runs on every
+    cache hit, and lm-eval's own walker (``TaskIndex._iter_yaml_files``: a recursive glob, then a sort) took 0.56 s
+    for its 13,986 files on the 2-core machine, against 0.04 s for this walk."""
+    import lm_eval
+    from lm_eval.tasks import _index
+
+    ignore = getattr(_index, "_IGNORE_DIRS", _IGNORE_DIRS_FALLBACK)
     h = hashlib.sha256(f"{CACHE_FORMAT}|{getattr(lm_eval, '__version__', '?')}|{resolve_includes}".encode())
     for root in paths:
         root = Path(root).resolve()
         h.update(f"\0root:{root}".encode())
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in _IGNORE_DIRS)
+            dirnames[:] = sorted(d for d in dirnames if d not in ignore)
             for name in sorted(filenames):
                 if name.endswith(".yaml"):
                     st = os.stat(os.path.join(dirpath, name))
