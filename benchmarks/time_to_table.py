@@ -195,6 +195,7 @@ STAGE_COLUMNS = ("stage_load_s", "stage_benchmark_s", "timing_wait_s", "stage_pe
 
 
 START_COLUMNS = ("process_started_at", "trainable_started_at", "load_started_at")
+LOAD_METRICS = ("load_s", "library_import_s")
 
 
 def trial_times(root: Path, launched_at: float) -> list[dict]:
@@ -204,14 +205,21 @@ def trial_times(root: Path, launched_at: float) -> list[dict]:
 
     rows = sorted((pq.read_table(f).to_pylist()[0] for f in (root / "trials").glob("*.parquet")),
                   key=lambda r: (r["precision"], r["compute_dtype"]))
+    def load_metrics(trial_id: str) -> dict:
+        f = root / "metrics" / f"{trial_id}.parquet"
+        ms = pq.read_table(f).to_pylist() if f.exists() else []
+        return {m["metric"]: m["value"] for m in ms if m["stage"] == "load" and m["metric"] in LOAD_METRICS}
+
     out = [{"cell": f"{r['precision']}/{r['compute_dtype']}",
             **{c.replace("_started_at", "_at_s"): None if r.get(c) is None else r[c] - launched_at
                for c in START_COLUMNS},
-            **{c: r.get(c) for c in STAGE_COLUMNS}} for r in rows]
-    say("  trial start-up (s since launch): cell process trainable load")
+            **{c: r.get(c) for c in STAGE_COLUMNS}, **{c: None for c in LOAD_METRICS},
+            **load_metrics(r["trial_id"])} for r in rows]
+    say("  trial start-up (s since launch): cell process trainable load | load_s library_import_s")
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}"
-                                             for c in ("process_at_s", "trainable_at_s", "load_at_s")))
+                                             for c in ("process_at_s", "trainable_at_s", "load_at_s"))
+            + " | " + " ".join("-" if r[c] is None else f"{r[c]:.2f}" for c in LOAD_METRICS))
     say("  trial stage times (s): cell " + " ".join(c.removesuffix("_s").removeprefix("stage_") for c in STAGE_COLUMNS))
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}" for c in STAGE_COLUMNS))

@@ -1,4 +1,5 @@
-"""Keep transformers from importing an optional package that the trial does not use.
+"""What a worker imports, and when: transformers kept from importing an optional package the trial does not use, and
+a precision's quantization library imported before its load clock starts (:func:`import_precision_library`).
 
 transformers imports hqq when it is installed (for a quantized KV cache the sweep never uses), and hqq's
 ``torch.compile`` decorators import torch's inductor: 11.5 s of a fresh worker's start on the H100 host
@@ -9,7 +10,9 @@ availability check) reads as "not installed". It is only ever done in Ray worker
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 HIDEABLE = ("hqq",)
 
@@ -36,59 +39,81 @@ def for_precision(name: str) -> None:
     hide_unless_needed(precision.requires if precision is not None else ())
 
 
-# The library each precision quantizes with, imported before the load clock starts: a fresh worker's first
-# from_pretrained would otherwise time the library's import (seconds) as part of that precision's load_s.
-_LIBRARY_MODULES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "hqq": "hqq.core.quantize"}
-# Libraries whose module-level ``torch.compile(fn)`` calls may be deferred (checked by reading their use of the
-# result: bitsandbytes 0.4x-0.50 only ever calls it, as a fallback for devices without a kernel of their own).
-_DEFER_COMPILE = frozenset({"bitsandbytes"})
+# The modules of each precision's quantization library that its load uses, imported before the load clock starts: a
+# fresh worker's first from_pretrained would otherwise time their import (seconds) as part of that precision's load_s.
+_LIBRARY_MODULES = {"bitsandbytes": ("bitsandbytes",), "torchao": ("torchao",),
+                    "hqq": ("hqq.core.quantize", "hqq.models.hf.base")}
+# bitsandbytes versions whose module-level ``torch.compile(fn)`` calls are known to only ever be called (never
+# inspected): 0.48-0.50 wrap fallback kernels for devices without their own (its CUDA backend registers its own).
+# Other versions are imported plainly.
+_DEFER_COMPILE_UP_TO = {"bitsandbytes": (0, 50)}
+_DEFER_LOCK = threading.Lock()
 
 
 def import_precision_library(library: str) -> float:
-    """Import the quantization library ``library`` (a Precision's ``library``) if it is not imported yet; return the
-    seconds it took (0.0 when there was nothing to import).
+    """Import the modules of the quantization library ``library`` (a Precision's ``library``) that are not imported
+    yet; return the seconds it took (0.0 when there was nothing to import).
 
     bitsandbytes is imported with :func:`deferred_compile`: at import it wraps fallback kernels in ``torch.compile``,
-    which imports torch's dynamo and inductor at once (2.8 s of its 2.9 s import on a 2-core machine), although its
-    CUDA backend registers kernels of its own for those ops."""
+    which imports torch's inductor then and there (a plain import took 2.4-3.3 s on the 2-core machine, the deferred
+    one 0.03-0.05 s; part of the difference, torch's dynamo, is then imported by the first load instead)."""
     import importlib
     import time
 
-    module = _LIBRARY_MODULES.get(library)
-    if module is None or module in sys.modules:
+    missing = [m for m in _LIBRARY_MODULES.get(library, ()) if m not in sys.modules]
+    if not missing:
         return 0.0
     t0 = time.perf_counter()
-    if library in _DEFER_COMPILE:
-        with deferred_compile():
+    with (deferred_compile() if _may_defer(library) else nullcontext()):
+        for module in missing:
             importlib.import_module(module)
-    else:
-        importlib.import_module(module)
     return time.perf_counter() - t0
 
 
+def _may_defer(library: str) -> bool:
+    import importlib.metadata
+    import re
+
+    limit = _DEFER_COMPILE_UP_TO.get(library)
+    if limit is None:
+        return False
+    try:
+        m = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(library))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return m is not None and (int(m.group(1)), int(m.group(2))) <= limit
+
+
 class deferred_compile:
-    """While active, ``torch.compile(fn, **kw)`` returns a function that calls ``torch.compile(fn, **kw)`` on its
-    first call and the compiled function from then on. torch.compile compiles on the first call anyway; what moves
-    is only the import of its machinery, from the decoration to that first call. If the real ``torch.compile``
+    """While active, ``torch.compile(fn, **kw)`` called by this thread on a plain function returns a function that
+    calls ``torch.compile(fn, **kw)`` on its first call and the compiled function from then on. torch.compile compiles
+    on the first call anyway; what moves is only the import of its machinery, from the decoration to that first call.
+    Other threads, and modules (``nn.Module``) or other callables, get the real ``torch.compile``. If the real one
     raises, the plain function is used, as bitsandbytes' own ``_try_torch_compile`` does at decoration."""
 
     def __enter__(self):
         import torch
 
-        self._torch, self._real = torch, torch.compile
+        _DEFER_LOCK.acquire()  # one deferral at a time: each restores what it replaced
+        self._torch, self._real, self._owner = torch, torch.compile, threading.get_ident()
         torch.compile = self._lazy
         return self
 
     def __exit__(self, *exc):
         self._torch.compile = self._real
+        _DEFER_LOCK.release()
         return False
 
     def _lazy(self, model=None, **kwargs):
         import functools
-        import threading
+        import inspect
 
+        if threading.get_ident() != self._owner:
+            return self._real(model, **kwargs) if model is not None else self._real(**kwargs)
         if model is None:  # used as @torch.compile(**kwargs)
             return lambda fn: self._lazy(fn, **kwargs)
+        if not inspect.isfunction(model):
+            return self._real(model, **kwargs)
         real, lock, compiled = self._real, threading.Lock(), []
 
         @functools.wraps(model)

@@ -60,10 +60,14 @@ def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
     for proc, entered, load in zip(trials["process_started_at"], trials["trainable_started_at"],
                                    trials["load_started_at"]):
         assert proc <= entered <= load < proc + 600, (proc, entered, load)
-    # bitsandbytes was imported before a load clock: on the worker's first bnb trial only
-    imports = m.filter(pl.col("metric") == "library_import_s").join(trials.select("trial_id", "precision"), on="trial_id")
-    by = dict(zip(imports["precision"], imports["value"]))
-    assert by["fp32"] == by["bf16"] == 0.0 and sum(by[p] > 0 for p in ("int8", "nf4", "fp4")) >= 1, by
+    # bitsandbytes is imported before the load clock, once per worker process: its first bitsandbytes trial pays
+    # it (transformers never imports bitsandbytes on its own), later ones in that process find it imported
+    imports = (m.filter(pl.col("metric") == "library_import_s")
+               .join(trials.select("trial_id", "precision", "worker_pid", "worker_trial_index"), on="trial_id")
+               .filter(pl.col("precision").is_in(["int8", "nf4", "fp4"])).sort("worker_pid", "worker_trial_index"))
+    for pid, group in imports.group_by("worker_pid", maintain_order=True):
+        values = group["value"].to_list()
+        assert values[0] > 0 and all(v == 0.0 for v in values[1:]), (pid, group)
     # study.json records the expanded study
     assert '"name": "tiny"' in (results / "study.json").read_text()
     # sweep results: one readable row per trial, in every format

@@ -101,6 +101,19 @@ def test_deferred_compile_compiles_on_first_call_and_falls_back_when_compile_ref
         assert f(1) == ("compiled", 2) and g(3) == ("compiled", 6) and f(2) == ("compiled", 3)
         assert calls == [{"dynamic": False}, {"dynamic": True}]  # once per function, with its arguments
 
+        # another thread, and a module, get the real torch.compile even while the deferral is active
+        import threading
+
+        calls.clear()
+        module = torch.nn.Linear(2, 2)
+        with deferred_compile():
+            from_thread = []
+            th = threading.Thread(target=lambda: from_thread.append(torch.compile(lambda x: x * 3)))
+            th.start()
+            th.join()
+            compiled_module = torch.compile(module)
+        assert len(calls) == 2 and from_thread[0](2) == ("compiled", 6) and compiled_module(torch.ones(2))[0] == "compiled"
+
         def refuse(fn, **kw):
             raise RuntimeError("torch.compile is not supported here")
 
@@ -110,3 +123,48 @@ def test_deferred_compile_compiles_on_first_call_and_falls_back_when_compile_ref
         assert h(5) == 4 and h(6) == 5  # the plain function, as bitsandbytes' own fallback does
     finally:
         torch.compile = real
+
+
+def test_deferral_only_for_known_bitsandbytes_versions(monkeypatch):
+    import importlib.metadata
+
+    from sweeper import import_guard
+
+    for version, defer in (("0.48.0", True), ("0.50.2", True), ("0.51.0", False), ("1.0.0", False)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: v)
+        assert import_guard._may_defer("bitsandbytes") is defer, version
+    assert import_guard._may_defer("torchao") is False
+
+
+SAME_LOGITS = """
+import sys, torch
+from sweeper.import_guard import import_precision_library
+if sys.argv[1] == "deferred":
+    assert import_precision_library("bitsandbytes") > 0
+else:
+    import bitsandbytes
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=128)
+AutoModelForCausalLM.from_config(cfg).save_pretrained(sys.argv[2])
+out = []
+for qc in (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+           BitsAndBytesConfig(load_in_8bit=True)):
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[2], quantization_config=qc, dtype=torch.float32)
+    with torch.inference_mode():
+        out.append(m(torch.tensor([[1, 2, 3, 4, 5]])).logits)
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_deferred_and_plain_bitsandbytes_give_the_same_logits(tmp_path):
+    import torch
+
+    runs = {}
+    for how in ("deferred", "plain"):
+        r = subprocess.run([sys.executable, "-c", SAME_LOGITS, how, str(tmp_path / f"m-{how}"),
+                            str(tmp_path / f"{how}.pt")], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[how] = torch.load(tmp_path / f"{how}.pt")
+    assert all(torch.equal(a, b) for a, b in zip(runs["deferred"], runs["plain"]))

@@ -151,8 +151,10 @@ def test_every_cpu_precision_runs_end_to_end(launched):
     assert stored["hqq4"] < stored["hqq8"] < stored["fp32"]
     assert footprint["w8a16"] == footprint["fp32"]  # the model's own report misses torchao's packing ...
     assert stored["w8a16"] < footprint["w8a16"]     # ... the stored bytes do not
-    imported = dict(zip(wide["precision"], wide["library_import_s"]))  # before the load clock, never inside it
-    assert imported["fp32"] == 0.0 and all(v >= 0.0 for v in imported.values()), imported
+    # every load reports what it spent importing its library before the clock (whether a trial pays it depends on
+    # what ran before it in its worker: tests/test_e2e.py checks that per worker for bitsandbytes)
+    imported = dict(zip(wide["precision"], wide["library_import_s"]))
+    assert set(imported) == {p for p, s in status.items() if s == "done"} and min(imported.values()) >= 0.0, imported
     ppl = m.filter(pl.col("metric") == "token_perplexity")
     assert ppl.height == 6 and ppl["value"].is_finite().all()
     assert (m.filter(pl.col("metric") == "decode_tok_s")["value"] > 0).all()

@@ -111,6 +111,9 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
                                          spec.precision_options)
     if problem:
         raise StageError(problem, "PrecisionUnsupported")
+    # the quantization library's first import in this process is not part of the load (seconds on a fresh worker);
+    # before the kwargs, whose build imports torchao
+    library_import_s = import_precision_library(precision.library)
     kwargs = precision.from_pretrained_kwargs(spec.compute_dtype, spec.precision_options, device)
     if device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
@@ -130,8 +133,6 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
             {"stage": "load", "metric": "calibration_tokens", "value": float(meta["calibration_tokens"]),
              "unit": "tokens"},
         ]
-    # the quantization library's first import in this process is not part of the load (seconds on a fresh worker)
-    library_import_s = import_precision_library(precision.library)
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
