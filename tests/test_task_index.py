@@ -207,3 +207,35 @@ def test_only_the_most_recently_used_index_files_are_kept(cache, tmp_path, monke
     os.utime(foreign, (1, 1))
     task_index.cached_build(build, [folders[1]])
     assert foreign.exists() and len(list(cache.glob("*.pkl"))) == 4
+
+
+CONCURRENT_BUILD = """
+import os, sys, time
+from sweeper.stages import task_index
+
+def slow_build(paths, *, resolve_includes=True):
+    with open(sys.argv[2], "a") as fh:  # one line per build, from whichever process built
+        fh.write(f"{os.getpid()}\\n")
+    time.sleep(2.0)
+    return {"built_by": os.getpid()}
+
+print(task_index.cached_build(slow_build, [sys.argv[1]])["built_by"])
+"""
+
+
+def test_processes_starting_together_build_a_missing_index_once(cache, tasks_dir, tmp_path):
+    """Trials that start together on a node with no cached index: one builds it, the others wait and read it."""
+    import os
+    import subprocess
+    import sys
+
+    builds = tmp_path / "builds.txt"
+    env = {**os.environ, "SWEEPER_TASK_INDEX_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD, str(tasks_dir), str(builds)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    builders = builds.read_text().split()
+    assert len(builders) == 1, builders  # without the lock, each of the three builds
+    assert {o[0].strip() for o in outs} == {builders[0]}  # every process got the one index that was built
+    assert len(list(cache.glob("*.lock"))) == 1 and len(list(cache.glob("*.pkl"))) == 1

@@ -97,14 +97,64 @@ def cached_build(build, paths, *, resolve_includes: bool = True) -> dict[str, An
         return build(paths, resolve_includes=resolve_includes)
     path = folder / f"{index_key(paths, resolve_includes)}.pkl"
     index = _read(path)
-    if index is not None:
-        log.info("lm-eval task index read from %s", path)
-        _touch(path)
-        return index
-    index = parallel_build(build, paths, resolve_includes=resolve_includes)
-    _write(path, index)
-    _prune(folder)
+    if index is None:
+        # one process per machine builds a missing index (the trials starting together on a fresh node would each
+        # build it, each with its own parse children); the others wait for it and read what it wrote
+        with _build_lock(path.with_suffix(".lock")):
+            index = _read(path)
+            if index is None:
+                index = parallel_build(build, paths, resolve_includes=resolve_includes)
+                _write(path, index)
+                _prune(folder)
+                log.info("lm-eval task index built and cached in %s", path)
+                return index
+    log.info("lm-eval task index read from %s", path)
+    _touch(path)
     return index
+
+
+BUILD_LOCK_WAIT_S = 600.0  # a build takes seconds; past this, build without the lock rather than wait on a hung one
+
+
+class _build_lock:
+    """An exclusive ``flock`` on ``path`` (released by the kernel if its holder dies). Where the folder cannot be
+    written or the file system has no flock, the build goes ahead unlocked, as before."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        import fcntl
+        import time
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as err:
+            log.debug("no build lock at %s: %s", self.path, err)
+            return self
+        deadline = time.monotonic() + BUILD_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("lm-eval task index: still locked by another build after %.0fs (%s); building here",
+                                BUILD_LOCK_WAIT_S, self.path)
+                    break
+                time.sleep(0.2)
+            except OSError as err:  # no flock on this file system
+                log.debug("no build lock at %s: %s", self.path, err)
+                break
+        os.close(self.fd)
+        self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+        return False
 
 
 KEEP = 8  # index files kept (each ~15 MB); one per lm-eval version and set of task folders
@@ -124,6 +174,7 @@ def _prune(folder: Path) -> None:
         files = sorted(ours, key=lambda f: f.stat().st_mtime, reverse=True)
         for old in files[KEEP:]:
             old.unlink()
+            old.with_suffix(".lock").unlink(missing_ok=True)  # its build lock (a least recently used key)
     except OSError as err:  # another process pruned first, or a read-only folder: nothing lost
         log.debug("could not prune %s: %s", folder, err)
 
