@@ -55,8 +55,9 @@ def import_precision_library(library: str) -> float:
     yet; return the seconds it took (0.0 when there was nothing to import).
 
     bitsandbytes is imported with :func:`deferred_compile`: at import it wraps fallback kernels in ``torch.compile``,
-    which imports torch's inductor then and there (a plain import took 2.4-3.3 s on the 2-core machine, the deferred
-    one 0.03-0.05 s; part of the difference, torch's dynamo, is then imported by the first load instead)."""
+    which imports torch's inductor then and there (a plain import took 2.25-3.20 s on the 2-core machine, the
+    deferred one 0.025-0.042 s, ``benchmarks/logs/import_costs_cpu.txt``; part of the difference, torch's dynamo, is
+    then imported by the first load instead)."""
     import importlib
     import time
 
