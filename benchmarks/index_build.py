@@ -1,6 +1,6 @@
 """A cold lm-eval task index: lm-eval's own build vs sweeper's parallel parse (sweeper.stages.task_index), side by side.
 
-Rounds alternate the two (so neither always meets a warmer file cache), in one process; each checks the two indexes
+Rounds alternate which of the two goes first (so neither always meets a warmer file cache), in one process; each checks the two indexes
 are equal. No cache is read or written.
 
     python benchmarks/index_build.py --rounds 4
@@ -30,15 +30,18 @@ def main() -> None:
     roots = [Path(lm_eval.__file__).parent / "tasks"]
     plain, parallel = [], []
     for r in range(a.rounds):
-        t0 = time.perf_counter()
-        expected = TaskIndex.build(roots)
-        t1 = time.perf_counter()
-        got = parallel_build(TaskIndex.build, roots)
-        t2 = time.perf_counter()
-        plain.append(t1 - t0)
-        parallel.append(t2 - t1)
-        print(f"round {r + 1}: lm-eval build {t1 - t0:.2f}s, parallel {t2 - t1:.2f}s, "
-              f"{len(got)} entries, equal {got == expected}", flush=True)
+        timed: dict[str, float] = {}
+        built: dict[str, dict] = {}
+        # even rounds time lm-eval's build first, odd rounds the parallel one: neither always goes second (warmer)
+        for which in (("plain", "parallel") if r % 2 == 0 else ("parallel", "plain")):
+            t0 = time.perf_counter()
+            built[which] = TaskIndex.build(roots) if which == "plain" else parallel_build(TaskIndex.build, roots)
+            timed[which] = time.perf_counter() - t0
+        plain.append(timed["plain"])
+        parallel.append(timed["parallel"])
+        print(f"round {r + 1} ({'lm-eval first' if r % 2 == 0 else 'parallel first'}): lm-eval build "
+              f"{timed['plain']:.2f}s, parallel {timed['parallel']:.2f}s, {len(built['parallel'])} entries, "
+              f"equal {built['parallel'] == built['plain']}", flush=True)
     print(f"{os.cpu_count()} CPUs, {parse_workers()} parse workers at most, lm-eval {lm_eval.__version__}: "
           f"median lm-eval build {statistics.median(plain):.2f}s, parallel {statistics.median(parallel):.2f}s, "
           f"ratio x{statistics.median(plain) / statistics.median(parallel):.2f}")

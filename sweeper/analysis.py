@@ -35,8 +35,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from .results import TASK_MAIN_METRICS, Results, task_metric_rank, top_level_tasks
-from .results import task_main_metrics as results_task_main_metrics
+from .results import TASK_MAIN_METRICS, Results, task_main_metrics, task_metric_rank, top_level_tasks
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +88,10 @@ def _ensure(lf: pl.LazyFrame, cols: dict[str, pl.DataType]) -> pl.LazyFrame:
 
 
 def _trials(res: Results) -> pl.LazyFrame:
-    t = _ensure(res.trials, {"trial_id": pl.String, "study": pl.String, "model": pl.String, "model_id": pl.String,
-                             "precision": pl.String, "compute_dtype": pl.String, "is_baseline": pl.Boolean,
-                             "baseline_id": pl.String, "status": pl.String, "device": pl.String,
-                             "device_name": pl.String, "gpu_share": pl.Float64, "error_stage": pl.String,
-                             "error_type": pl.String, "error": pl.String})
-    return t.with_columns(
-        pl.col("is_baseline").fill_null(pl.col("trial_id") == pl.col("baseline_id")).fill_null(False),
-        pl.col("gpu_share").cast(pl.Float64, strict=False))
-
-
-def task_main_metrics(res: Results) -> pl.DataFrame:
-    """Long frame (trial_id, task, metric, value, stderr, n): each top-level task's main metric
-    (:func:`sweeper.results.task_main_metrics`: chosen per task over all trials, so every trial and its baseline use
-    the same metric)."""
-    return results_task_main_metrics(res.metrics)
+    """The trial rows (every TRIALS_SCHEMA column, old files included), with is_baseline filled where an old row lacks
+    it."""
+    return res.trials.with_columns(
+        pl.col("is_baseline").fill_null(pl.col("trial_id") == pl.col("baseline_id")).fill_null(False))
 
 
 def _scalar_metrics(res: Results) -> pl.LazyFrame:
@@ -177,7 +165,7 @@ def compare(res: Results) -> pl.LazyFrame:
         .alias("ppl_delta_per_gb_saved"))
 
     # tasks: main metric per top-level task, retention against the baseline's same task and metric
-    tm = task_main_metrics(res)
+    tm = task_main_metrics(res.metrics)
     task_names: list[str] = sorted(tm.get_column("task").unique().to_list()) if tm.height else []
     if task_names:
         link = (t.select("trial_id", "baseline_id").unique("trial_id", keep="first").collect())

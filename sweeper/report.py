@@ -157,7 +157,7 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
     sig = analysis.significance(res, **(significance_kwargs or {}))
     par = analysis.pareto(cmp)
     rec = analysis.recommend(cmp)
-    tm = analysis.task_main_metrics(res)
+    tm = analysis.task_main_metrics(res.metrics)
     tasks = sorted({(t, m) for t, m in tm.select("task", "metric").unique().iter_rows()}) if tm.height else []
 
     trials = res.trials.collect()

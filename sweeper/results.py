@@ -140,27 +140,20 @@ class Results:
         wide = m.group_by("trial_id").agg(cols).join(bt, on="trial_id", how="left")
         # one column per top-level task (a group such as mmlu, not its 57 subtasks): its main metric
         tasks = task_main_metrics(m).select("trial_id", "task", "value")
-        t = self.trials
+        t = self.trials  # every TRIALS_SCHEMA column, even for old files or none
         keep = ["trial_id", "study", "model", "precision", "compute_dtype", "status", "device", "error_stage", "error"]
-        present = t.collect_schema().names()
-        out = t.select([c for c in keep if c in present]).join(wide, on="trial_id", how="left")
+        out = t.select(keep + ["is_baseline"]).join(wide, on="trial_id", how="left")
         if tasks.height:
             pivot = tasks.pivot(on="task", index="trial_id", values="value")
             out = out.join(pivot.lazy(), on="trial_id", how="left")
-        if "study" not in present:
-            return out
         # each model's baseline first, then the registry's order (plain dtypes, bitsandbytes, torchao, ...)
         from .precisions import REGISTRY
 
         order = {name: i for i, name in enumerate(REGISTRY)}
-        base = t.select("trial_id", "is_baseline") if "is_baseline" in present else None
-        if base is not None:
-            out = out.join(base, on="trial_id", how="left")
         out = out.with_columns(pl.col("precision").replace_strict(order, default=len(order)).alias("_p"))
-        keys = ["study", "model"] + (["is_baseline"] if base is not None else []) + ["_p", "compute_dtype"]
-        desc = [False, False] + ([True] if base is not None else []) + [False, False]
-        out = out.sort(keys, descending=desc, nulls_last=True).drop("_p")
-        return out.drop("is_baseline") if base is not None else out
+        return (out.sort(["study", "model", "is_baseline", "_p", "compute_dtype"],
+                         descending=[False, False, True, False, False], nulls_last=True)
+                .drop("_p", "is_baseline"))
 
 
 def open_results(dirs: list[str] | str, check: bool = True) -> Results:

@@ -8,6 +8,7 @@ their references (KL), so the ordering survives any interruption: a relaunch see
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -137,8 +138,9 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     return not worker.is_alive()
 
 
+@functools.lru_cache(maxsize=1)
 def _process_started_at() -> float | None:
-    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None."""
+    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None. Read once."""
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])

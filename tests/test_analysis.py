@@ -311,7 +311,6 @@ def test_empty_results_dir_frames_have_the_store_columns(tmp_path):
     assert res.trials.collect_schema().names() == TRIALS_SCHEMA.names
     assert res.metrics.collect_schema().names() == METRICS_SCHEMA.names
     assert res.samples.collect_schema().names() == SAMPLES_SCHEMA.names
-    assert res.trials.filter(pl.col("gpu_share") > 0).select("process_started_at").collect().height == 0
     summary = res.summary().collect()
     assert summary.height == 0 and {"precision", "decode_tok_s", "load_s"} <= set(summary.columns)
 

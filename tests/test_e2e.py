@@ -65,6 +65,7 @@ def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
     imports = (m.filter(pl.col("metric") == "library_import_s")
                .join(trials.select("trial_id", "precision", "worker_pid", "worker_trial_index"), on="trial_id")
                .filter(pl.col("precision").is_in(["int8", "nf4", "fp4"])).sort("worker_pid", "worker_trial_index"))
+    assert imports.height == 3, imports  # every bitsandbytes load reports it
     for pid, group in imports.group_by("worker_pid", maintain_order=True):
         values = group["value"].to_list()
         assert values[0] > 0 and all(v == 0.0 for v in values[1:]), (pid, group)

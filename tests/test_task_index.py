@@ -157,10 +157,25 @@ def test_parallel_build_gives_lm_evals_own_index(tasks_dir, caplog):
     (tasks_dir / "override.yaml").write_text(TASK_YAML.format(name="piqa"))
     (tasks_dir / "sub" / "dup.yaml").write_text(TASK_YAML.format(name="my_one"))
     paths = [Path(lm_eval.__file__).parent / "tasks", tasks_dir]
+    from lm_eval.tasks import _index
+
     expected = TaskIndex.build(paths)
-    with caplog.at_level(logging.WARNING):
-        got = task_index.parallel_build(TaskIndex.build, paths, workers=2)
+    parsed_here = []
+    real_load_yaml = _index.load_yaml
+
+    def counting_load_yaml(path, **kwargs):  # lm-eval's loader, as parallel_build finds it
+        parsed_here.append(path)
+        return real_load_yaml(path, **kwargs)
+
+    _index.load_yaml = counting_load_yaml
+    try:
+        with caplog.at_level(logging.WARNING):
+            got = task_index.parallel_build(TaskIndex.build, paths, workers=2)
+    finally:
+        _index.load_yaml = real_load_yaml
     assert "parsing them here" not in caplog.text  # the children parsed: no fallback to lm-eval's own parsing
+    # the index came from the children's parsing: the parent parsed none of the ~14,000 files itself
+    assert parsed_here == [], parsed_here[:5]
     assert got == expected and list(got) == list(expected)
     assert len(got) > 10000 and got["piqa"].yaml_path == tasks_dir / "override.yaml"
     assert got["my_one"].yaml_path == tasks_dir / "one.yaml"

@@ -362,12 +362,6 @@ def metric_rows(results: dict[str, Any], trial_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def samples_schema() -> "pa.Schema":
-    from ..store import SAMPLES_SCHEMA
-
-    return SAMPLES_SCHEMA
-
-
 def _gold_loglik(output_type: str | None, ex: dict[str, Any]) -> float | None:
     resps = ex.get("filtered_resps")
     if output_type == "multiple_choice":
@@ -396,8 +390,10 @@ def samples_table(results: dict[str, Any], trial_id: str, output_types: dict[str
     """
     import pyarrow as pa
 
+    from ..store import SAMPLES_SCHEMA
+
     output_types = output_types or {}
-    cols: dict[str, list] = {c: [] for c in samples_schema().names}
+    cols: dict[str, list] = {c: [] for c in SAMPLES_SCHEMA.names}
     for task, examples in (results.get("samples") or {}).items():
         otype = output_types.get(task)
         for ex in examples:
@@ -417,4 +413,4 @@ def samples_table(results: dict[str, Any], trial_id: str, output_types: dict[str
                              ("correct", correct), ("gold_loglik", gold_ll), ("prompt_hash", ex.get("prompt_hash")),
                              ("doc_hash", ex.get("doc_hash"))):
                     cols[c].append(v)
-    return pa.Table.from_pydict(cols, schema=samples_schema())
+    return pa.Table.from_pydict(cols, schema=SAMPLES_SCHEMA)
