@@ -27,8 +27,9 @@ seconds `sweep launch` spends starting a private Ray instance.
 
 The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
 for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.
-The sweep's output is printed with the seconds since launch, and its trials' start-up times (worker process, Tune
-trial, load) and stage times go into the report.
+The sweep's output is printed with the seconds since launch, and its trials' start-up times (the process that ran
+the trial, Tune trial, load; whether that process was a warm worker) and stage times go into the report.
+`--no-warm-workers` launches the sweep without warm workers (sweeper/warm_pool.py), as before they existed.
 
 Both sides use the same lm-eval batch size, limit and seeds, so the accuracy numbers must be equal; the report checks
 every (cell, task, metric) pair.
@@ -210,16 +211,17 @@ def trial_times(root: Path, launched_at: float) -> list[dict]:
         ms = pq.read_table(f).to_pylist() if f.exists() else []
         return {m["metric"]: m["value"] for m in ms if m["stage"] == "load" and m["metric"] in LOAD_METRICS}
 
-    out = [{"cell": f"{r['precision']}/{r['compute_dtype']}",
+    out = [{"cell": f"{r['precision']}/{r['compute_dtype']}", "warm_worker": r.get("warm_worker"),
             **{c.replace("_started_at", "_at_s"): None if r.get(c) is None else r[c] - launched_at
                for c in START_COLUMNS},
             **{c: r.get(c) for c in STAGE_COLUMNS}, **{c: None for c in LOAD_METRICS},
             **load_metrics(r["trial_id"])} for r in rows]
-    say("  trial start-up (s since launch): cell process trainable load | load_s library_import_s")
+    say("  trial start-up (s since launch): cell process trainable load | load_s library_import_s | warm worker")
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}"
                                              for c in ("process_at_s", "trainable_at_s", "load_at_s"))
-            + " | " + " ".join("-" if r[c] is None else f"{r[c]:.2f}" for c in LOAD_METRICS))
+            + " | " + " ".join("-" if r[c] is None else f"{r[c]:.2f}" for c in LOAD_METRICS)
+            + f" | {'yes' if r['warm_worker'] else 'no'}")
     say("  trial stage times (s): cell " + " ".join(c.removesuffix("_s").removeprefix("stage_") for c in STAGE_COLUMNS))
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}" for c in STAGE_COLUMNS))
@@ -246,6 +248,8 @@ def main() -> None:
                     help="reuse naive cells already run in --work (their results and recorded seconds)")
     ap.add_argument("--ray-head", action="store_true",
                     help="start a Ray head first (not counted) and launch the sweep with --address auto")
+    ap.add_argument("--no-warm-workers", action="store_true",
+                    help="launch the sweep with --no-warm-workers (every trial runs in a fresh Ray worker)")
     ap.add_argument("--no-warm-imports", action="store_true",
                     help="do not import the libraries once in a throwaway process before timing")
     a = ap.parse_args()
@@ -285,7 +289,8 @@ def main() -> None:
         t0, launched_at = time.perf_counter(), time.time()
         try:
             rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
-                        + (["--address", "auto"] if a.ray_head else []), env, t0)
+                        + (["--address", "auto"] if a.ray_head else [])
+                        + (["--no-warm-workers"] if a.no_warm_workers else []), env, t0)
             t_launch = time.perf_counter() - t0
             tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"],
                                  cwd=REPO, env=env, capture_output=True, text=True)
@@ -295,7 +300,8 @@ def main() -> None:
                 subprocess.run(ray_cli + ["stop"], cwd=REPO, env=env, capture_output=True, text=True)
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
-                      sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head)
+                      sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head,
+                      warm_workers=not a.no_warm_workers)
         say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way

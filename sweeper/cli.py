@@ -54,9 +54,12 @@ def main(debug: bool, verbose: bool) -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Times a trial is retried when its worker process dies.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray instance.")
+@click.option("--warm-workers/--no-warm-workers", default=True, show_default=True,
+              help="Start processes on this machine that import torch, transformers and lm-eval while Ray starts, "
+                   "and run this machine's trials in them.")
 @_handle_errors
 def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max_concurrent, only, limit, retries,
-           num_cpus):
+           num_cpus, warm_workers):
     """Run every trial of STUDY_FILE that is not done yet (resumes by default)."""
     from . import launch as L
     from .query import format_frame as render
@@ -75,53 +78,62 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
     with LaunchLock(p.store.root):
-        scheduler.import_ray()  # before the check's thread imports what Ray imports too
-        checking_tasks = L.Background(L.validate_study_tasks, p.study)
+        # warm workers start first: their imports then overlap Ray's start and the task check
+        pool = L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, fresh) if warm_workers else None
+        if pool is not None:
+            click.echo(f"warm workers: {len(pool.keys)} starting on this machine")
         try:
-            cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose,
-                                        gpu_memory=p.study.resources.gpus_per_trial == "auto")
-        except BaseException:
-            checking_tasks.wait()  # its child processes end before this process does
-            raise
-        try:
-            checking_tasks.result()
-        except UserError as e:
-            if not scheduler.disconnect():  # quietly: the task error stays the launch's one line
-                click.echo(f"sweep: error: {e}", err=True)
-                _finish(EXIT_USER_ERROR, ray_stopped=False)
-            raise
-        except BaseException:
-            scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
-            raise
-        if fresh:
-            moved = L.move_aside(p.store)
-            if moved:
-                click.echo(f"--fresh: moved old results to {moved}")
-        p.store.remove_stale_temp_files()
-        for path, dest, why in p.store.quarantine_damaged():
-            click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
-        share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpu_memory_bytes else None
-        p = L.for_cluster(p, share_for, cluster.gpus)
-        _print_plan(p, notes, render)
-        click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
-                   + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else ""))
-        L.record_launch(p, sys.argv, address)
-        pending = p.pending
-        if not pending:
-            click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}")
-            return
-        done_before = len(p.trials) - len(pending)
-        click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
-        ray_stopped = True
-        try:
-            scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
-                                 retries=retries, baselines_first=p.study.kl is not None)
-        except KeyboardInterrupt:
-            click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
-                       "again to resume", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            scheduler.import_ray()  # before the check's thread imports what Ray imports too
+            checking_tasks = L.Background(L.validate_study_tasks, p.study)
+            try:
+                cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose,
+                                            gpu_memory=p.study.resources.gpus_per_trial == "auto")
+            except BaseException:
+                checking_tasks.wait()  # its child processes end before this process does
+                raise
+            try:
+                checking_tasks.result()
+            except UserError as e:
+                if not scheduler.disconnect():  # quietly: the task error stays the launch's one line
+                    click.echo(f"sweep: error: {e}", err=True)
+                    _finish(EXIT_USER_ERROR, ray_stopped=False)
+                raise
+            except BaseException:
+                scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+                raise
+            if fresh:
+                moved = L.move_aside(p.store)
+                if moved:
+                    click.echo(f"--fresh: moved old results to {moved}")
+            p.store.remove_stale_temp_files()
+            for path, dest, why in p.store.quarantine_damaged():
+                click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
+            share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpu_memory_bytes else None
+            p = L.for_cluster(p, share_for, cluster.gpus)
+            _print_plan(p, notes, render)
+            click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
+                       + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else ""))
+            L.record_launch(p, sys.argv, address)
+            pending = p.pending
+            if not pending:
+                click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}")
+                return
+            done_before = len(p.trials) - len(pending)
+            click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
+            ray_stopped = True
+            try:
+                scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
+                                     retries=retries, baselines_first=p.study.kl is not None,
+                                     warm=pool.descriptor if pool is not None else None)
+            except KeyboardInterrupt:
+                click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
+                           "again to resume", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            finally:
+                ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
         finally:
-            ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+            if pool is not None:
+                pool.close(emit=lambda m: click.echo(m, err=True))
     _finish(_launch_summary(p, study_file), ray_stopped)
 
 

@@ -11,3 +11,8 @@ class StageError(Exception):
     def __init__(self, message: str, error_type: str | None = None):
         super().__init__(message)
         self.error_type = error_type or type(self).__name__
+
+
+class WarmWorkerDied(RuntimeError):
+    """The warm worker running a trial ended before it answered (the trial's row was not written); Tune retries the
+    trial as it does when its own worker process dies."""

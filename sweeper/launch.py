@@ -167,6 +167,19 @@ def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0) -> Plan:
     return dataclasses.replace(p, trials=trials, status=status)
 
 
+def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], fresh: bool = False):
+    """Start warm workers (sweeper/warm_pool.py) on this machine, one per trial that can run here at once, sized with
+    this machine's GPUs as :func:`for_cluster` sizes the cluster's; None when no trial could use one."""
+    from .resources import local_gpus, share_function
+    from .warm_pool import WarmPool, worker_keys
+
+    gpus = local_gpus()
+    here = for_cluster(p, share_function(min(gpus.values()) * 2**20) if gpus else None, len(gpus))
+    trials = here.trials if fresh else here.pending  # --fresh moves the results aside: every trial runs
+    keys = worker_keys(trials, list(gpus), num_cpus or os.cpu_count() or 1, p.study.resources.max_concurrent)
+    return WarmPool.start(keys, trials, env) if keys else None
+
+
 def move_aside(store: ResultsStore) -> Path | None:
     """--fresh: move existing results to <dir>.old-<timestamp> (never deleted)."""
     if not store.root.exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 from . import precisions
@@ -132,3 +133,29 @@ def spread_shares(shares: list[float], gpus: float, max_concurrent: int | None =
     if least < 0.05:
         return list(shares)
     return [min(1.0, max(s, least)) if s > 0 else s for s in shares]
+
+
+def local_gpus() -> dict[str, int]:
+    """This machine's visible GPUs as Ray names them to its workers -> memory in MiB: nvidia-smi's indices, or the
+    entries of CUDA_VISIBLE_DEVICES (indices or UUIDs) where it is set; {} where nvidia-smi is missing or finds none."""
+    import subprocess
+
+    cmd = ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    gpus = []  # (index, uuid, MiB)
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3 and parts[2].isdigit():
+            gpus.append((parts[0], parts[1], int(parts[2])))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not visible.strip():
+        return {index: mib for index, _, mib in gpus}
+    named = {}
+    for entry in (v.strip() for v in visible.split(",") if v.strip()):
+        match = [mib for index, uuid, mib in gpus if entry == index or (entry.startswith("GPU-") and uuid.startswith(entry))]
+        if match:
+            named[entry] = match[0]
+    return named

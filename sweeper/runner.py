@@ -5,6 +5,7 @@ No Ray here: the scheduler calls :func:`run_trial` inside a Ray Tune trial; test
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import logging
 import os
@@ -23,6 +24,19 @@ log = logging.getLogger(__name__)
 
 
 _PROCESS_TRIALS = [0]  # trials this worker process has run: > 0 means a reused worker (no torch / CUDA start-up)
+
+
+@functools.lru_cache(maxsize=1)
+def process_started_at() -> float | None:
+    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None. Read once."""
+    from pathlib import Path
+
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pick_device() -> str:
@@ -45,7 +59,8 @@ def classify_error(exc: BaseException) -> str:
     if isinstance(exc, MemoryError):
         return "OutOfMemory"
     if isinstance(exc, OSError) and ("does not appear to have" in str(exc) or "not a valid model identifier" in str(exc)
-                                      or "Can't load" in str(exc) or "is not a local folder" in str(exc)):
+                                      or "Can't load" in str(exc) or "is not a local folder" in str(exc)
+                                      or "Repo id must be in the form" in str(exc)):  # a path that is not there
         return "ModelNotFound"
     return type(exc).__name__
 
@@ -77,7 +92,8 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
     row: dict[str, Any] = {**config_row(spec), **static_environment(), **device_environment(device),
                            "attempt": attempt, "started_at": _now(), "status": "done", "error_stage": None,
                            "error_type": None, "error": None, "error_traceback": None,
-                           "worker_pid": os.getpid(), "worker_trial_index": _PROCESS_TRIALS[0], **(extra or {})}
+                           "worker_pid": os.getpid(), "worker_trial_index": _PROCESS_TRIALS[0],
+                           "process_started_at": process_started_at(), **(extra or {})}
     _PROCESS_TRIALS[0] += 1
     metrics: list[dict] = []
     samples = None
@@ -136,6 +152,22 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         m["trial_id"] = spec.trial_id
     store.write_trial(row, metrics, samples)
     return row
+
+
+def run_request(request: dict[str, Any]) -> dict[str, Any]:
+    """Run the trial of ``request`` (``spec`` as a dict, ``store`` root, ``attempt``, ``extra`` row values) in this
+    process; returns what its Tune trial reports: status, error, error_type, duration_s. How a Ray worker and a warm
+    worker (sweeper/warm_worker.py) run a trial."""
+    from .import_guard import for_precision
+
+    spec = TrialSpec.from_dict(request["spec"])
+    for_precision(spec.precision)  # before transformers is imported (a fresh process's first trial)
+    import torch
+
+    torch.set_num_threads(max(1, spec.cpus))
+    row = run_trial(spec, ResultsStore(request["store"]), attempt=request["attempt"], extra=request["extra"])
+    return {"status": row["status"], "error": row["error"] or "", "error_type": row["error_type"] or "",
+            "duration_s": row["duration_s"]}
 
 
 def _benchmark(spec, loaded, store, lease):

@@ -8,7 +8,6 @@ their references (KL), so the ordering survives any interruption: a relaunch see
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import json
 import logging
@@ -36,6 +35,10 @@ logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERRO
 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
+# the environment of every process that runs trials (Ray's workers, through the job's runtime_env, and warm workers)
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
 @dataclass
 class ClusterInfo:
     address: str | None
@@ -60,8 +63,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
 
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, ignore_reinit_error=True,
                                   logging_level=logging.INFO if verbose else logging.WARNING,
-                                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}})
+                                  runtime_env={"env_vars": dict(WORKER_ENV)})
     if address:
         kwargs["address"] = address
     else:
@@ -85,23 +87,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
 
 
 def _local_gpu_memory_bytes() -> float | None:
-    """Memory of this machine's smallest visible GPU from nvidia-smi (milliseconds; the Ray probe below starts a
-    worker process that imports torch, seconds), or None where nvidia-smi is missing or finds no GPU."""
-    import subprocess
+    """Memory of this machine's smallest visible GPU (nvidia-smi: milliseconds; the Ray probe below starts a worker
+    process that imports torch, seconds), or None where nvidia-smi is missing or finds no GPU."""
+    from .resources import local_gpus
 
-    cmd = ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    mib = {}
-    for line in out.splitlines():
-        idx, _, total = line.partition(",")
-        if total.strip().isdigit():
-            mib[idx.strip()] = int(total.strip())
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip():
-        mib = {i: m for i, m in mib.items() if i in {v.strip() for v in visible.split(",")}}
+    mib = local_gpus()
     return float(min(mib.values()) * 2**20) if mib else None
 
 
@@ -138,49 +128,63 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     return not worker.is_alive()
 
 
-@functools.lru_cache(maxsize=1)
-def _process_started_at() -> float | None:
-    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None. Read once."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
+# this Ray worker's warm worker (sweeper/warm_pool.py), kept for the next trial Tune runs in this process
+_WARM: dict[str, Any] = {}
+
+
+def _warm_worker(descriptor: dict | None, spec: TrialSpec):
+    """The warm worker this process holds, or a free one of this trial's GPU (or CPU) on this machine; None: none."""
+    from .warm_pool import claim
+
+    key = f"gpu:{os.environ.get('CUDA_VISIBLE_DEVICES', '')}" if spec.gpu_share else "cpu"
+    held = _WARM.get("worker")
+    if held is not None and held.key == key:
+        return held
+    if held is not None:
+        held.close()
+        _WARM.clear()
+    worker = claim(descriptor, key)
+    if worker is not None:
+        _WARM["worker"] = worker
+    return worker
 
 
 def _trainable(config: dict) -> None:
-    """A Tune trial: run one sweeper trial unless the store says it is done. Runs on a Ray worker."""
+    """A Tune trial: run one sweeper trial unless the store says it is done. Runs on a Ray worker; the trial itself
+    runs in a warm worker of this machine when there is a free one, else here."""
     # where a trial's start-up goes: worker process start -> this call -> the row's load_started_at
     entered = time.time()
-    from .import_guard import for_precision
-
-    case = config["case"]
-    spec = TrialSpec.from_dict(case["spec"])
-    for_precision(spec.precision)  # before transformers is imported
-
-    import torch
     from ray import tune
-
-    from .runner import run_trial
 
     import ray
 
     from .lock import TrialClaim
 
+    case = config["case"]
+    spec = TrialSpec.from_dict(case["spec"])
     store = ResultsStore(config["store"])
     with TrialClaim(store.root, spec.trial_id):
         previous = store.read_trial_row(spec.trial_id)
         if previous is not None and previous["status"] == "done":
             tune.report({"status": "skipped"})
             return
-        torch.set_num_threads(max(1, spec.cpus))
         attempt = (previous or {}).get("attempt", 0) + 1
-        row = run_trial(spec, store, attempt=attempt, extra={"ray_node_id": ray.get_runtime_context().get_node_id(),
-                                                             "process_started_at": _process_started_at(),
-                                                             "trainable_started_at": entered})
-    tune.report({"status": row["status"], "error": row["error"] or "", "error_type": row["error_type"] or "",
-                 "trial_seconds": row["duration_s"]})
+        extra = {"ray_node_id": ray.get_runtime_context().get_node_id(), "trainable_started_at": entered}
+        worker = _warm_worker(config.get("warm"), spec)
+        if worker is not None:
+            try:
+                outcome = worker.run(spec, str(store.root), attempt, extra)
+            except BaseException:  # it died (WarmWorkerDied) or this trial was stopped: let it go either way
+                worker.close()
+                _WARM.clear()
+                raise
+        else:
+            from .runner import run_request
+
+            outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
+                                   "extra": {**extra, "warm_worker": False}})
+    tune.report({"status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
+                 "trial_seconds": outcome["duration_s"]})
 
 
 @dataclass
@@ -244,8 +248,10 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
 
 
 def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str], None],
-               max_concurrent: int | None = None, retries: int = 2, baselines_first: bool = True) -> Progress:
-    """Run ``trials`` (the pending ones) on the connected Ray cluster; results go to ``store``."""
+               max_concurrent: int | None = None, retries: int = 2, baselines_first: bool = True,
+               warm: dict | None = None) -> Progress:
+    """Run ``trials`` (the pending ones) on the connected Ray cluster; results go to ``store``. ``warm``: the
+    launch's warm workers (:attr:`sweeper.warm_pool.WarmPool.descriptor`), or None."""
     progress = Progress(total=len(trials), labels={t.trial_id: t.cell for t in trials})
     phases = [trials]
     if baselines_first:
@@ -253,12 +259,12 @@ def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str
         rest = [t for t in trials if not t.is_baseline]
         phases = [p for p in (base, rest) if p]
     for i, phase in enumerate(phases):
-        _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}")
-        _retry_out_of_memory(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}")
+        _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}", warm=warm)
+        _retry_out_of_memory(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}", warm=warm)
     return progress
 
 
-def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries, name) -> None:
+def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries, name, warm=None) -> None:
     """Trials that ran out of memory on a GPU share run again with twice the share, up to a whole GPU."""
     shares = {t.trial_id: t.gpu_share for t in trials}
     round_ = 0
@@ -279,14 +285,15 @@ def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries,
                                f"{shares[t.trial_id]:g}"))
         # the retried specs carry their doubled share, so the scheduler, the row and a WorkerDied record agree
         _run_phase([dataclasses.replace(t, gpu_share=shares[t.trial_id]) for t in again], store, progress, emit,
-                   max_concurrent, retries, name=f"{name}-oom{round_}")
+                   max_concurrent, retries, name=f"{name}-oom{round_}", warm=warm)
 
 
 def _trial_name(trial) -> str:
     return trial.config["case"]["spec"]["trial_id"]
 
 
-def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name):
+def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
+               warm: dict | None = None):
     from ray import tune
 
     def resources(config):
@@ -294,7 +301,8 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
         return {"cpu": spec["cpus"], **({"gpu": spec["gpu_share"]} if spec["gpu_share"] else {})}
 
     specs = [t.to_dict() for t in trials]
-    param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve())}
+    param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve()),
+                   "warm": warm}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(

@@ -60,15 +60,22 @@ def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
     for proc, entered, load in zip(trials["process_started_at"], trials["trainable_started_at"],
                                    trials["load_started_at"]):
         assert proc <= entered <= load < proc + 600, (proc, entered, load)
-    # bitsandbytes is imported before the load clock, once per worker process: its first bitsandbytes trial pays
-    # it (transformers never imports bitsandbytes on its own), later ones in that process find it imported
+    # bitsandbytes is imported before the load clock, once per process: a warm worker did it before its first trial
+    # (sweeper/warm_worker.py); in a Ray worker, its first bitsandbytes trial pays it (transformers never imports
+    # bitsandbytes on its own) and later ones find it imported
     imports = (m.filter(pl.col("metric") == "library_import_s")
-               .join(trials.select("trial_id", "precision", "worker_pid", "worker_trial_index"), on="trial_id")
+               .join(trials.select("trial_id", "precision", "worker_pid", "worker_trial_index", "warm_worker"),
+                     on="trial_id")
                .filter(pl.col("precision").is_in(["int8", "nf4", "fp4"])).sort("worker_pid", "worker_trial_index"))
     assert imports.height == 3, imports  # every bitsandbytes load reports it
-    for pid, group in imports.group_by("worker_pid", maintain_order=True):
+    for (pid, warm), group in imports.group_by("worker_pid", "warm_worker", maintain_order=True):
         values = group["value"].to_list()
-        assert values[0] > 0 and all(v == 0.0 for v in values[1:]), (pid, group)
+        assert (all(v == 0.0 for v in values) if warm else values[0] > 0 and all(v == 0.0 for v in values[1:])), \
+            (pid, group)
+    # the launch started warm workers (2 CPUs, 1 per trial: two) and its trials ran in them, not in Ray's workers
+    assert "warm workers: 2 starting on this machine" in r.stdout
+    warm = trials.filter(pl.col("warm_worker"))
+    assert warm.height >= 3 and warm["worker_pid"].n_unique() <= 2, trials.select("warm_worker", "worker_pid")
     # study.json records the expanded study
     assert '"name": "tiny"' in (results / "study.json").read_text()
     # sweep results: one readable row per trial, in every format
@@ -94,8 +101,15 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
         first = list((results / "trials").glob("*.parquet")) if (results / "trials").is_dir() else []
         time.sleep(0.2)
     assert first, "no trial finished in time"
+    warm = _warm_worker_pids()
+    assert warm, "the launch started no warm workers"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # its warm workers die with it (they would otherwise keep a GPU's memory): none of them outlives the launch
+    deadline = time.time() + 30
+    while time.time() < deadline and set(warm) & set(_warm_worker_pids()):
+        time.sleep(0.2)
+    assert not set(warm) & set(_warm_worker_pids())
     snapshot = {f.name: f.read_bytes() for f in (results / "trials").glob("*.parquet")}
     assert 1 <= len(snapshot) < 5
     r = sweep("launch", str(study_file), "--results", str(results))
@@ -109,6 +123,19 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
     st = sweep("status", str(study_file), "--results", str(results))
     assert st.returncode == 0 and "5 trials: 5 done, 0 failed, 0 pending" in st.stdout, st.stdout + st.stderr
     assert not list(results.rglob(".*.tmp")), "temporary files left visible"
+
+
+def _warm_worker_pids() -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"sweeper.warm_worker" in cmd and state != "Z":
+            out.append(int(pid))
+    return out
 
 
 def test_dry_run_prints_the_trial_table(study_file, tmp_path):

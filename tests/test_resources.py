@@ -78,15 +78,20 @@ def test_unreadable_config_falls_back_to_a_whole_gpu(tmp_path):
 def test_local_gpu_memory_reads_nvidia_smi_and_honours_visible_devices(tmp_path, monkeypatch):
     from sweeper.scheduler import _local_gpu_memory_bytes
 
-    fake = tmp_path / "nvidia-smi"  # prints what `nvidia-smi --query-gpu=index,memory.total ...` prints
-    fake.write_text("#!/bin/sh\nprintf '0, 81559\\n1, 40960\\n2, 143771\\n'\n")
+    fake = tmp_path / "nvidia-smi"  # prints what `nvidia-smi --query-gpu=index,uuid,memory.total ...` prints
+    fake.write_text("#!/bin/sh\nprintf '0, GPU-aa11, 81559\\n1, GPU-5e1f, 40960\\n2, GPU-77c0, 143771\\n'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert _local_gpu_memory_bytes() == 40960 * 2**20  # the smallest GPU bounds every share
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
     assert _local_gpu_memory_bytes() == 81559 * 2**20
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5e1f")  # UUIDs: not resolved here, the Ray probe decides
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-77c0,GPU-aa")  # UUIDs, whole or a unique prefix
+    assert _local_gpu_memory_bytes() == 81559 * 2**20
+    from sweeper.resources import local_gpus
+
+    assert local_gpus() == {"GPU-77c0": 143771, "GPU-aa": 81559}  # named as Ray names them to its workers
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-ffff")  # no such GPU
     assert _local_gpu_memory_bytes() is None
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert _local_gpu_memory_bytes() is None

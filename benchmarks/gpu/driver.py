@@ -398,7 +398,7 @@ def do_ttt(out: Out, a) -> None:
     cmd = [sys.executable, str(REPO / "benchmarks" / "time_to_table.py"), "--model", str(model),
            "--work", "/tmp/ttt", "--report", str(out.folder / "time_to_table.json"), "--limit", str(a.ttt_limit),
            "--share", str(a.ttt_share)] + {"both": [], "naive": ["--skip-sweep"], "sweep": ["--reuse-naive"]}[a.ttt_part] \
-        + (["--ray-head"] if a.ttt_ray_head else [])
+        + (["--ray-head"] if a.ttt_ray_head else []) + (["--no-warm-workers"] if a.ttt_no_warm else [])
     rc, wall, text = out.run(cmd, timeout=max(10.0, min(a.ttt_timeout, out.deadline - time.time() - 5)))
     report = out.folder / "time_to_table.json"
     if a.ttt_ray_head and report.exists():  # its own name, beside a plain ttt's report
@@ -457,6 +457,7 @@ def main() -> None:
                     help="multi: 8 trials (1), 16 (2) or 32 (4)")
     ap.add_argument("--ttt-share", type=float, default=0.1, help="ttt: the sweep's GPU share per trial")
     ap.add_argument("--ttt-ray-head", action="store_true", help="ttt: the sweep against a Ray head already up")
+    ap.add_argument("--ttt-no-warm", action="store_true", help="ttt: the sweep launched with --no-warm-workers")
     ap.add_argument("--ttt-part", choices=["both", "naive", "sweep"], default="both",
                     help="ttt: both sides in this call, or the naive cells now and the sweep (reusing them) in a "
                          "later call on the same machine")

@@ -1,0 +1,264 @@
+"""Warm workers (sweeper/warm_worker.py) for one `sweep launch`: how many to start on the launching machine and on which
+GPU (:func:`worker_keys`, :class:`WarmPool`, the launch's side), and how a Tune trial on that machine takes one and
+hands it its trial (:func:`claim`, :class:`WarmWorker`, the trial's side). No Ray here.
+
+The pool lives in a temporary folder named in the trials' config. For worker N: ``worker-N.json`` (its key, pid,
+socket, lock and log), ``worker-N.sock`` (where it listens), ``worker-N.lock`` (flock'ed by the Tune trial process it
+serves, for as long as that process lives) and ``worker-N.log`` (its output between trials). A key is ``cpu`` or
+``gpu:<id>``: a worker pinned to GPU ``<id>`` serves only Tune trials whose ``CUDA_VISIBLE_DEVICES`` Ray set to that
+id, so a trial always runs on the GPU (and in the GPU share) Ray gave it. A trial that finds no free worker of its
+key (another machine, a GPU left without one, a worker that died) runs in its own process as before.
+
+Messages are JSON over a SOCK_SEQPACKET Unix socket. A request carries the Tune trial's stdout and stderr (as file
+descriptors), so the trial's output goes where it would have gone.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import WarmWorkerDied
+from .trials import TrialSpec
+from .warm_worker import NOT_READY, READY_TIMEOUT_S
+
+_MSG_BYTES = 1 << 22
+_PREFIX = "sweeper-warm-"
+
+
+# -------------------------------------------------------------------------------------------------- the launch's side
+def worker_keys(pending: list[TrialSpec], gpu_ids: list[str], cpus: int, max_concurrent: int | None) -> list[str]:
+    """One key per trial that can run at once on this machine: GPU trials need a free slot of their share on a GPU
+    and their CPUs; CPU trials their CPUs. ``gpu_ids``: this machine's GPUs as Ray names them to its workers."""
+    n = len(pending) if not max_concurrent else min(len(pending), max_concurrent)
+    if n == 0:
+        return []
+    least_cpus = max(1, min(t.cpus for t in pending))
+    n = min(n, max(1, cpus // least_cpus))
+    shares = [t.gpu_share for t in pending if t.gpu_share > 0]
+    if not shares:
+        return ["cpu"] * n
+    if not gpu_ids or min(shares) > 1:  # no GPU here, or trials of several GPUs (no single-GPU key matches them)
+        return []
+    per_gpu = min(math.floor(1 / min(shares) + 1e-9), math.ceil(n / len(gpu_ids)))
+    keys = [f"gpu:{g}" for _ in range(per_gpu) for g in gpu_ids]  # GPU after GPU, so a cap leaves none without
+    return keys[:n]
+
+
+class WarmPool:
+    """The warm workers of one launch: started by :meth:`start`, stopped (and their folder removed) by :meth:`close`."""
+
+    def __init__(self, folder: Path, procs: list[subprocess.Popen], keys: list[str]):
+        self.folder = folder
+        self.procs = procs
+        self.keys = keys
+
+    @property
+    def descriptor(self) -> dict[str, str]:
+        """What a Tune trial needs to find the pool (in its config)."""
+        return {"dir": str(self.folder), "host": socket.gethostname()}
+
+    @classmethod
+    def start(cls, keys: list[str], trials: list[TrialSpec], env: dict[str, str] | None = None) -> "WarmPool":
+        """Start one worker per key, preloading what ``trials`` use; returns at once (they warm up meanwhile)."""
+        from . import precisions
+
+        _remove_stale_pools()
+        folder = Path(tempfile.mkdtemp(prefix=_PREFIX))
+        used = [precisions.get(t.precision) for t in trials]
+        args: list[str] = []
+        for library in sorted({p.library for p in used} - {"torch"}):
+            args += ["--library", library]
+        for needed in sorted({m for p in used for m in p.requires}):
+            args += ["--needed", needed]
+        for model in sorted({t.model.id for t in trials if Path(t.model.id).is_dir()}):
+            args += ["--model", model]
+        if any(t.tasks for t in trials):
+            args.append("--tasks")
+        base_env = {**os.environ, **(env or {})}
+        package_root = str(Path(__file__).resolve().parents[1])  # this sweeper, wherever the launch imported it from
+        base_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, base_env.get("PYTHONPATH")) if p)
+        # as Ray does for its workers: one trial's CPUs worth of OpenMP threads unless the user set it
+        base_env.setdefault("OMP_NUM_THREADS", str(max(1, min((t.cpus for t in trials), default=1))))
+        procs = []
+        for i, key in enumerate(keys):
+            paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "log")}
+            worker_env = dict(base_env)
+            if key.startswith("gpu:"):
+                worker_env["CUDA_VISIBLE_DEVICES"] = key[len("gpu:"):]
+            with open(paths["log"], "wb") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--socket", paths["sock"],
+                                         "--key", key, *args], stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, env=worker_env, cwd=os.getcwd())
+            procs.append(proc)
+            info = {"key": key, "pid": proc.pid, "socket": paths["sock"], "lock": paths["lock"], "log": paths["log"]}
+            _write_json(folder / f"worker-{i}.json", info)
+        return cls(folder, procs, list(keys))
+
+    def close(self, emit: Callable[[str], None] | None = None, timeout_s: float = 10.0) -> None:
+        """Stop every worker (a trial still running in one is abandoned, as Ray's own workers' are when Ray stops)
+        and remove the folder; a worker whose warm-up failed is reported (``emit``) with its error."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if emit is not None:
+            for i, proc in enumerate(self.procs):
+                log = self.folder / f"worker-{i}.log"
+                lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+                failed = [line for line in lines if line.startswith(NOT_READY)]
+                if failed:
+                    emit(f"warning: {failed[-1]} (pid {proc.pid}); trials it would have run ran in Ray's workers")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "WarmPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _remove_stale_pools() -> None:
+    """Folders of pools whose launch was killed (its workers died with it, the folder stayed): every worker gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
+        infos = list(folder.glob("worker-*.json"))
+        try:
+            pids = [int(json.loads(p.read_text())["pid"]) for p in infos]
+            old = time.time() - folder.stat().st_mtime > 3600
+        except (OSError, ValueError, KeyError):
+            continue
+        if (pids and not any(_alive(pid) for pid in pids)) or (not pids and old):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+# --------------------------------------------------------------------------------------------------- the trial's side
+class WarmWorker:
+    """A warm worker taken by this process: run trials in it until :meth:`close` (or this process ends)."""
+
+    def __init__(self, conn: socket.socket, lock_fd: int, key: str, ready: dict[str, Any]):
+        self._conn = conn
+        self._lock_fd = lock_fd
+        self.key = key
+        self.pid = int(ready["pid"])
+        self.ready = ready
+
+    def run(self, spec: TrialSpec, store_root: str, attempt: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """Run ``spec`` there; returns its status, error, error_type and duration_s. :class:`WarmWorkerDied` if the
+        worker is gone before it answers (the trial's row was then not written)."""
+        request = {"spec": spec.to_dict(), "store": store_root, "attempt": attempt, "extra": extra}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            socket.send_fds(self._conn, [json.dumps(request).encode()], [1, 2])
+            reply = self._conn.recv(_MSG_BYTES)
+        except OSError:
+            reply = b""
+        if not reply:
+            self.close()
+            raise WarmWorkerDied(f"warm worker {self.pid} ended during trial {spec.trial_id} ({spec.cell})")
+        return json.loads(reply)
+
+    def close(self) -> None:
+        for close in (self._conn.close, lambda: os.close(self._lock_fd)):
+            try:
+                close()
+            except OSError:
+                pass
+
+
+def claim(descriptor: dict[str, str] | None, key: str, ready_timeout_s: float = READY_TIMEOUT_S) -> WarmWorker | None:
+    """A free warm worker of ``key`` from the pool ``descriptor`` names, connected and ready; None when this machine
+    has none (not the launching machine, all taken, none of that key, or each one dead or not ready in time)."""
+    if not descriptor or descriptor.get("host") != socket.gethostname() or not Path(descriptor["dir"]).is_dir():
+        return None
+    for info_path in sorted(Path(descriptor["dir"]).glob("worker-*.json")):
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("key") != key:
+            continue
+        try:
+            fd = os.open(info["lock"], os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another trial process has it
+            os.close(fd)
+            continue
+        conn, ready = _connect(info, ready_timeout_s)
+        if conn is None:
+            os.close(fd)  # releases the flock
+            continue
+        return WarmWorker(conn, fd, key, ready)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, a dead worker the launch has not reaped yet, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _connect(info: dict[str, Any], ready_timeout_s: float) -> tuple[socket.socket | None, dict[str, Any]]:
+    """Connect to a worker (it binds its socket first thing, so wait briefly for that) and wait for its ready
+    message (its imports); (None, {}) if it died or is not ready in time."""
+    deadline = time.monotonic() + ready_timeout_s
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    while True:
+        if not _alive(int(info["pid"])):
+            conn.close()
+            return None, {}
+        try:
+            conn.connect(info["socket"])
+            break
+        except ConnectionRefusedError:  # it listened first thing, so it has stopped listening: it is gone
+            conn.close()
+            return None, {}
+        except FileNotFoundError:  # not listening yet
+            if time.monotonic() > deadline:
+                conn.close()
+                return None, {}
+            time.sleep(0.05)
+    conn.settimeout(max(0.1, deadline - time.monotonic()))
+    try:
+        ready = conn.recv(_MSG_BYTES)
+    except OSError:  # socket.timeout included
+        ready = b""
+    conn.settimeout(None)
+    if not ready:
+        conn.close()
+        return None, {}
+    return conn, json.loads(ready)

@@ -1,0 +1,146 @@
+"""Warm workers (sweeper/warm_pool.py, sweeper/warm_worker.py): real processes running real trials on CPU."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from sweeper.errors import WarmWorkerDied
+from sweeper.store import ResultsStore
+from sweeper.study import Benchmark, Perplexity, Study
+from sweeper.trials import expand
+from sweeper.warm_pool import WarmPool, claim, worker_keys
+
+from helpers import read_trials
+
+
+def _trials(model: Path, data: Path, max_tokens: int = 256, precisions=("fp32", "bf16")):
+    study = Study(name="warm", models=[str(model)], precisions=list(precisions), compute_dtypes=["fp32"], kl=False,
+                  benchmark=Benchmark(enabled=False),
+                  perplexity=Perplexity(str(data / "wikitext-2" / "test.txt"), context=64, max_tokens=max_tokens))
+    return expand(study)[0]
+
+
+def _wait(pred, timeout=60.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_worker_keys_one_per_trial_that_fits_at_once():
+    import dataclasses
+
+    from sweeper.trials import TrialSpec  # noqa: F401  (the specs below are real ones with shares replaced)
+
+    base = expand(Study(name="k", models=["org/m"], precisions=["fp16", "int8", "nf4", "fp4"]))[0]
+    at = lambda share, n=len(base): [dataclasses.replace(t, gpu_share=share) for t in base[:n]]  # noqa: E731
+    assert worker_keys(at(0.25), ["0"], cpus=16, max_concurrent=None) == ["gpu:0"] * 4
+    assert worker_keys(at(0.5), ["0"], cpus=16, max_concurrent=None) == ["gpu:0"] * 2  # only two fit at once
+    assert worker_keys(at(0.25), ["0", "1"], cpus=16, max_concurrent=None) == ["gpu:0", "gpu:1"] * 2
+    assert worker_keys(at(0.25), ["0", "1"], cpus=16, max_concurrent=3) == ["gpu:0", "gpu:1", "gpu:0"]
+    assert worker_keys(at(0.25), ["0"], cpus=2, max_concurrent=None) == ["gpu:0"] * 2  # one CPU each
+    assert worker_keys(at(1.0), ["3"], cpus=16, max_concurrent=None) == ["gpu:3"]  # whole GPUs, one after another
+    assert worker_keys(at(2.0), ["0", "1"], cpus=16, max_concurrent=None) == []  # several GPUs per trial
+    assert worker_keys(at(0.25), [], cpus=16, max_concurrent=None) == []  # GPU trials, no GPU here
+    assert worker_keys(at(0.0), [], cpus=3, max_concurrent=None) == ["cpu"] * 3
+    assert worker_keys([], ["0"], cpus=16, max_concurrent=None) == []
+
+
+def test_a_warm_worker_runs_trials_for_one_client_at_a_time(tmp_path, tiny_model, shared_data):
+    first, second = _trials(tiny_model, shared_data)
+    store = ResultsStore(tmp_path / "res")
+    with WarmPool.start(["cpu"], [first, second]) as pool:
+        worker = claim(pool.descriptor, "cpu")
+        assert worker is not None and worker.pid == pool.procs[0].pid
+        assert set(worker.ready["steps"]) >= {"torch", "transformers", "libraries", "models"}
+        assert claim(pool.descriptor, "cpu") is None  # held by this client
+        assert claim(pool.descriptor, "gpu:0") is None  # no worker of that key
+        assert claim({**pool.descriptor, "host": "another-machine"}, "cpu") is None
+        out = worker.run(first, str(store.root), 1, {"trainable_started_at": time.time()})
+        assert out["status"] == "done", out
+        worker.close()
+        again = claim(pool.descriptor, "cpu")  # free again once its client let go; still warm
+        assert again is not None and again.pid == worker.pid
+        assert again.run(second, str(store.root), 1, {})["status"] == "done"
+        again.close()
+    rows = read_trials(store.root).sort("worker_trial_index")
+    assert rows["warm_worker"].to_list() == [True, True]
+    assert set(rows["worker_pid"]) == {worker.pid} and rows["worker_trial_index"].to_list() == [0, 1]
+    assert (rows["process_started_at"] < rows["load_started_at"]).all()
+    assert rows["trainable_started_at"].to_list()[0] is not None
+    # the pool's processes and folder are gone
+    assert pool.procs[0].poll() is not None and not pool.folder.exists()
+
+
+def test_a_client_that_goes_away_mid_trial_takes_the_trial_with_it(tmp_path, tiny_model, shared_data):
+    """As when a Tune trial's own process dies: the trial is abandoned (no row), not finished behind its back."""
+    (long_trial,) = _trials(tiny_model, shared_data, max_tokens=400_000, precisions=("fp32",))
+    store = ResultsStore(tmp_path / "res")
+    with WarmPool.start(["cpu"], [long_trial]) as pool:
+        worker = claim(pool.descriptor, "cpu")
+        assert worker is not None
+        errors = []
+        runner = threading.Thread(target=lambda: errors.append(_run_catching(worker, long_trial, store)))
+        runner.start()
+        time.sleep(3.0)  # the load is done and perplexity is running
+        worker._conn.shutdown(2)  # what the kernel does to a dead process's socket
+        assert _wait(lambda: pool.procs[0].poll() is not None, timeout=30), "the worker kept running the trial"
+        runner.join(30)
+        assert pool.procs[0].returncode == 75
+        assert isinstance(errors[0], WarmWorkerDied)
+    assert not (store.root / "trials").exists() or not list((store.root / "trials").glob("*.parquet"))
+
+
+def _run_catching(worker, spec, store):
+    try:
+        worker.run(spec, str(store.root), 1, {})
+    except Exception as e:  # noqa: BLE001 (handed to the test)
+        return e
+    return None
+
+
+def test_a_worker_that_dies_mid_trial_is_reported_to_the_client(tmp_path, tiny_model, shared_data):
+    (long_trial,) = _trials(tiny_model, shared_data, max_tokens=400_000, precisions=("fp32",))
+    store = ResultsStore(tmp_path / "res")
+    with WarmPool.start(["cpu"], [long_trial]) as pool:
+        worker = claim(pool.descriptor, "cpu")
+        threading.Timer(3.0, lambda: os.kill(worker.pid, signal.SIGKILL)).start()
+        with pytest.raises(WarmWorkerDied, match=f"warm worker {worker.pid} ended during trial {long_trial.trial_id}"):
+            worker.run(long_trial, str(store.root), 1, {})
+        assert claim(pool.descriptor, "cpu") is None  # the dead worker is not handed out again
+
+
+def test_a_worker_that_cannot_start_is_reported_and_never_claimed(tmp_path, tiny_model, shared_data):
+    trials = _trials(tiny_model, shared_data)
+    messages: list[str] = []
+    pool = WarmPool.start(["gpu:0"], trials)  # pinned to a GPU this machine does not have: its CUDA start fails
+    try:
+        assert claim(pool.descriptor, "gpu:0") is None  # a client does not wait for a dead worker
+    finally:
+        pool.close(emit=messages.append)
+    assert len(messages) == 1 and "warm worker could not start" in messages[0], messages
+    assert "CUDA" in messages[0], messages  # the reason: this torch has no CUDA
+
+
+def test_trial_output_goes_to_the_clients_stdout(tmp_path, tiny_model, shared_data, capfd):
+    (trial,) = _trials(tiny_model, shared_data, precisions=("fp32",))
+    with WarmPool.start(["cpu"], [trial]) as pool:
+        worker = claim(pool.descriptor, "cpu")
+        bad = trial.to_dict()
+        bad["model"]["id"] = str(tmp_path / "no-such-model")  # the trial fails, and says so in its log
+        from sweeper.trials import TrialSpec
+
+        out = worker.run(TrialSpec.from_dict(bad), str(tmp_path / "res"), 1, {})
+        worker.close()
+    assert out["status"] == "failed" and out["error_type"] == "ModelNotFound", out
+    captured = capfd.readouterr()
+    assert "failed in load" in captured.err, captured  # the runner's warning, written by the worker process
+    assert pl.read_parquet(str(tmp_path / "res" / "trials" / "*.parquet"))["warm_worker"].to_list() == [True]
