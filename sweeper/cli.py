@@ -79,7 +79,8 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
     with LaunchLock(p.store.root):
         # warm workers start first: their imports then overlap Ray's start and the task check
-        pool = L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, fresh) if warm_workers else None
+        pool = (L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, address, fresh,
+                                     emit=lambda m: click.echo(m, err=True)) if warm_workers else None)
         if pool is not None:
             click.echo(f"warm workers: {len(pool.keys)} starting on this machine")
         try:

@@ -5,7 +5,8 @@ transformers imports hqq when it is installed (for a quantized KV cache the swee
 ``torch.compile`` decorators import torch's inductor: 11.5 s of a fresh worker's start on the H100 host
 (docs/performance.md, run15), of which torch._dynamo, 6.9 s, is imported by generation anyway. A worker hides hqq
 until a trial needs it; hiding is a ``None`` in ``sys.modules``, which ``importlib.util.find_spec`` (transformers'
-availability check) reads as "not installed". It is only ever done in Ray workers, never in the user's process.
+availability check) reads as "not installed". It is only ever done in the processes that run trials (Ray workers,
+warm workers), never in the user's process.
 """
 from __future__ import annotations
 

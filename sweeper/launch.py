@@ -167,17 +167,29 @@ def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0) -> Plan:
     return dataclasses.replace(p, trials=trials, status=status)
 
 
-def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], fresh: bool = False):
+def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], address: str | None = None,
+                       fresh: bool = False, emit=None):
     """Start warm workers (sweeper/warm_pool.py) on this machine, one per trial that can run here at once, sized with
-    this machine's GPUs as :func:`for_cluster` sizes the cluster's; None when no trial could use one."""
+    this machine's GPUs as :func:`for_cluster` sizes the cluster's; None when no trial could use one: the launch
+    joins a cluster through a Ray client (``ray://``: this machine is no Ray node), or none fits here. A pool that
+    cannot start is reported through ``emit`` and the launch goes on without it (its trials run in Ray's workers)."""
     from .resources import local_gpus, share_function
     from .warm_pool import WarmPool, worker_keys
 
+    if address and address.startswith("ray://"):
+        return None
     gpus = local_gpus()
     here = for_cluster(p, share_function(min(gpus.values()) * 2**20) if gpus else None, len(gpus))
     trials = here.trials if fresh else here.pending  # --fresh moves the results aside: every trial runs
     keys = worker_keys(trials, list(gpus), num_cpus or os.cpu_count() or 1, p.study.resources.max_concurrent)
-    return WarmPool.start(keys, trials, env) if keys else None
+    if not keys:
+        return None
+    try:
+        return WarmPool.start(keys, trials, env)
+    except OSError as e:
+        if emit is not None:
+            emit(f"warning: warm workers not started ({e}); trials run in Ray's workers")
+        return None
 
 
 def move_aside(store: ResultsStore) -> Path | None:

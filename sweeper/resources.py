@@ -137,7 +137,8 @@ def spread_shares(shares: list[float], gpus: float, max_concurrent: int | None =
 
 def local_gpus() -> dict[str, int]:
     """This machine's visible GPUs as Ray names them to its workers -> memory in MiB: nvidia-smi's indices, or the
-    entries of CUDA_VISIBLE_DEVICES (indices or UUIDs) where it is set; {} where nvidia-smi is missing or finds none."""
+    entries of CUDA_VISIBLE_DEVICES (indices or UUIDs) where it is set; {} where nvidia-smi is missing or finds none,
+    or where CUDA_VISIBLE_DEVICES is empty."""
     import subprocess
 
     cmd = ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"]
@@ -151,8 +152,10 @@ def local_gpus() -> dict[str, int]:
         if len(parts) == 3 and parts[2].isdigit():
             gpus.append((parts[0], parts[1], int(parts[2])))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None or not visible.strip():
+    if visible is None:
         return {index: mib for index, _, mib in gpus}
+    if not visible.strip() or visible.strip() == "NoDevFiles":  # GPUs hidden (as Ray reads it too)
+        return {}
     named = {}
     for entry in (v.strip() for v in visible.split(",") if v.strip()):
         match = [mib for index, uuid, mib in gpus if entry == index or (entry.startswith("GPU-") and uuid.startswith(entry))]

@@ -138,7 +138,7 @@ def _warm_worker(descriptor: dict | None, spec: TrialSpec):
 
     key = f"gpu:{os.environ.get('CUDA_VISIBLE_DEVICES', '')}" if spec.gpu_share else "cpu"
     held = _WARM.get("worker")
-    if held is not None and held.key == key:
+    if held is not None and held.key == key and held.alive:
         return held
     if held is not None:
         held.close()

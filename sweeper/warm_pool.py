@@ -30,10 +30,10 @@ from typing import Any, Callable
 
 from .errors import WarmWorkerDied
 from .trials import TrialSpec
-from .warm_worker import NOT_READY, READY_TIMEOUT_S
+from .warm_worker import MSG_BYTES, NOT_READY, READY_TIMEOUT_S
 
-_MSG_BYTES = 1 << 22
 _PREFIX = "sweeper-warm-"
+_SOCKET_PATH_MAX = 100  # AF_UNIX paths end at 107 bytes on Linux (104 on macOS)
 
 
 # -------------------------------------------------------------------------------------------------- the launch's side
@@ -75,6 +75,9 @@ class WarmPool:
 
         _remove_stale_pools()
         folder = Path(tempfile.mkdtemp(prefix=_PREFIX))
+        if len(str(folder / f"worker-{len(keys)}.sock").encode()) > _SOCKET_PATH_MAX:
+            shutil.rmtree(folder, ignore_errors=True)  # a long TMPDIR: a short folder of the system's own /tmp
+            folder = Path(tempfile.mkdtemp(prefix=_PREFIX, dir="/tmp"))
         used = [precisions.get(t.precision) for t in trials]
         args: list[str] = []
         for library in sorted({p.library for p in used} - {"torch"}):
@@ -87,23 +90,35 @@ class WarmPool:
             args.append("--tasks")
         base_env = {**os.environ, **(env or {})}
         package_root = str(Path(__file__).resolve().parents[1])  # this sweeper, wherever the launch imported it from
-        base_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, base_env.get("PYTHONPATH")) if p)
+        # after the user's own path, so that a warm worker imports what Ray's workers import
+        base_env["PYTHONPATH"] = os.pathsep.join(p for p in (base_env.get("PYTHONPATH"), package_root) if p)
         # as Ray does for its workers: one trial's CPUs worth of OpenMP threads unless the user set it
         base_env.setdefault("OMP_NUM_THREADS", str(max(1, min((t.cpus for t in trials), default=1))))
-        procs = []
+        procs: list[subprocess.Popen] = []
+        try:
+            cls._spawn(folder, keys, args, base_env, procs)
+        except BaseException:
+            cls(folder, procs, list(keys)).close()
+            raise
+        return cls(folder, procs, list(keys))
+
+    @staticmethod
+    def _spawn(folder: Path, keys: list[str], args: list[str], base_env: dict[str, str],
+               procs: list[subprocess.Popen]) -> None:
         for i, key in enumerate(keys):
             paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "log")}
             worker_env = dict(base_env)
             if key.startswith("gpu:"):
                 worker_env["CUDA_VISIBLE_DEVICES"] = key[len("gpu:"):]
             with open(paths["log"], "wb") as log:
+                # its own session: a Ctrl-C at the terminal reaches the launch, which stops the workers itself
                 proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--socket", paths["sock"],
-                                         "--key", key, *args], stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, env=worker_env, cwd=os.getcwd())
+                                         "--key", key, "--parent", str(os.getpid()), *args],
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        env=worker_env, cwd=os.getcwd(), start_new_session=True)
             procs.append(proc)
             info = {"key": key, "pid": proc.pid, "socket": paths["sock"], "lock": paths["lock"], "log": paths["log"]}
             _write_json(folder / f"worker-{i}.json", info)
-        return cls(folder, procs, list(keys))
 
     def close(self, emit: Callable[[str], None] | None = None, timeout_s: float = 10.0) -> None:
         """Stop every worker (a trial still running in one is abandoned, as Ray's own workers' are when Ray stops)
@@ -172,13 +187,17 @@ class WarmWorker:
         sys.stderr.flush()
         try:
             socket.send_fds(self._conn, [json.dumps(request).encode()], [1, 2])
-            reply = self._conn.recv(_MSG_BYTES)
+            reply = self._conn.recv(MSG_BYTES)
         except OSError:
             reply = b""
         if not reply:
             self.close()
             raise WarmWorkerDied(f"warm worker {self.pid} ended during trial {spec.trial_id} ({spec.cell})")
         return json.loads(reply)
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid)
 
     def close(self) -> None:
         for close in (self._conn.close, lambda: os.close(self._lock_fd)):
@@ -188,33 +207,51 @@ class WarmWorker:
                 pass
 
 
-def claim(descriptor: dict[str, str] | None, key: str, ready_timeout_s: float = READY_TIMEOUT_S) -> WarmWorker | None:
+def claim(descriptor: dict[str, str] | None, key: str, ready_timeout_s: float = READY_TIMEOUT_S,
+          busy_wait_s: float = 10.0) -> WarmWorker | None:
     """A free warm worker of ``key`` from the pool ``descriptor`` names, connected and ready; None when this machine
-    has none (not the launching machine, all taken, none of that key, or each one dead or not ready in time)."""
+    has none (not the launching machine, none of that key, or each one dead or not ready in time).
+
+    When every live worker of the key is held, it waits up to ``busy_wait_s`` for one to be let go: the pool has one
+    per trial that runs at once here, so a held one belongs to a Tune trial process that is ending (Tune's next
+    phase, or a retry, starts new ones while the old ones stop). One deadline, ``ready_timeout_s``, covers the rest."""
     if not descriptor or descriptor.get("host") != socket.gethostname() or not Path(descriptor["dir"]).is_dir():
         return None
-    for info_path in sorted(Path(descriptor["dir"]).glob("worker-*.json")):
+    deadline = time.monotonic() + ready_timeout_s
+    busy_until = time.monotonic() + busy_wait_s
+    while True:
+        busy = False
+        for info in _infos(Path(descriptor["dir"]), key):
+            try:
+                fd = os.open(info["lock"], os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another trial process has it
+                os.close(fd)
+                busy = busy or _alive(int(info["pid"]))
+                continue
+            conn, ready = _connect(info, deadline)
+            if conn is None:
+                os.close(fd)  # releases the flock
+                continue
+            return WarmWorker(conn, fd, key, ready)
+        if not busy or time.monotonic() > busy_until:
+            return None
+        time.sleep(0.1)
+
+
+def _infos(folder: Path, key: str) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(folder.glob("worker-*.json")):
         try:
-            info = json.loads(info_path.read_text())
+            info = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("key") != key:
-            continue
-        try:
-            fd = os.open(info["lock"], os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another trial process has it
-            os.close(fd)
-            continue
-        conn, ready = _connect(info, ready_timeout_s)
-        if conn is None:
-            os.close(fd)  # releases the flock
-            continue
-        return WarmWorker(conn, fd, key, ready)
-    return None
+        if info.get("key") == key:
+            out.append(info)
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -232,10 +269,9 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _connect(info: dict[str, Any], ready_timeout_s: float) -> tuple[socket.socket | None, dict[str, Any]]:
+def _connect(info: dict[str, Any], deadline: float) -> tuple[socket.socket | None, dict[str, Any]]:
     """Connect to a worker (it binds its socket first thing, so wait briefly for that) and wait for its ready
-    message (its imports); (None, {}) if it died or is not ready in time."""
-    deadline = time.monotonic() + ready_timeout_s
+    message (its imports); (None, {}) if it died or is not ready by ``deadline`` (time.monotonic)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     while True:
         if not _alive(int(info["pid"])):
@@ -254,7 +290,7 @@ def _connect(info: dict[str, Any], ready_timeout_s: float) -> tuple[socket.socke
             time.sleep(0.05)
     conn.settimeout(max(0.1, deadline - time.monotonic()))
     try:
-        ready = conn.recv(_MSG_BYTES)
+        ready = conn.recv(MSG_BYTES)
     except OSError:  # socket.timeout included
         ready = b""
     conn.settimeout(None)

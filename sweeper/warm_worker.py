@@ -12,7 +12,7 @@ It serves one client (one Tune trial process) at a time, for as many trials as t
 goes away in the middle of a trial (Tune stopped it, its process died), this process exits at once: the trial is
 abandoned exactly as if it had run in the client's own process. No Ray here.
 
-    python -m sweeper.warm_worker --socket PATH --key KEY [--library bitsandbytes] [--model PATH] [--tasks]
+    python -m sweeper.warm_worker --socket PATH --key KEY --parent PID [--library bitsandbytes] [--model PATH] [--tasks]
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import threading
 import time
 
 NOT_READY = "warm worker could not start"  # its log's last line when its warm-up failed
-READY_TIMEOUT_S = 600.0  # what a client waits for the imports before it runs its trial itself
-_MSG_BYTES = 1 << 22  # one request or reply; trial specs are a few KB
+READY_TIMEOUT_S = 600.0  # what a client waits for a worker's imports before it runs its trial itself
+MSG_BYTES = 1 << 22  # the largest request or reply; trial specs are a few KB
 
 
 def _die_with_parent() -> None:
@@ -120,7 +120,7 @@ def serve(conn: socket.socket, ready: dict) -> None:
     def read() -> None:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(conn, _MSG_BYTES, 2)
+                data, fds, _, _ = socket.recv_fds(conn, MSG_BYTES, 2)
             except OSError:
                 data, fds = b"", []
             if not data:
@@ -129,7 +129,11 @@ def serve(conn: socket.socket, ready: dict) -> None:
                 requests.put(None)
                 return
             running.set()  # before the main thread sees it: a disconnect from here on abandons the trial
-            requests.put((json.loads(data), fds))
+            try:
+                request = json.loads(data)
+            except ValueError:  # not from sweeper's client: nobody would ever get an answer
+                os._exit(76)
+            requests.put((request, fds))
 
     from .runner import run_request
 
@@ -155,20 +159,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sweeper.warm_worker")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--key", required=True, help="cpu, or gpu:<CUDA_VISIBLE_DEVICES> (set in this env)")
+    parser.add_argument("--parent", type=int, required=True, help="the launch's pid: this process ends with it")
     parser.add_argument("--library", action="append", default=[])
     parser.add_argument("--needed", action="append", default=[], help="optional packages the trials need")
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--tasks", action="store_true")
     args = parser.parse_args(argv)
     _die_with_parent()
+    if os.getppid() != args.parent:  # the launch died before the line above: nothing would end this process
+        os._exit(1)
     # SIGTERM keeps its default action (end at once): a Python handler would wait for the main thread, which CUDA's
-    # threads can leave blocked in accept() (the signal goes to one of them): 10 s to stop on the H100 (run26)
-    # listening before the imports: a client may connect at once and waits for the ready message
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server.bind(args.socket)
-    server.listen(1)
+    # threads can leave blocked in accept() (the signal goes to one of them): 10 s to stop on the H100 (run26).
     t0 = time.perf_counter()
     try:
+        # listening before the imports: a client may connect at once, and waits for the ready message
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server.bind(args.socket)
+        server.listen(1)
         steps = warm_up(args.key, args.library, args.model, args.tasks, args.needed)
     except BaseException as exc:  # said before the socket closes, so whoever sees it closed can read why
         import traceback

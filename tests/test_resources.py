@@ -93,6 +93,9 @@ def test_local_gpu_memory_reads_nvidia_smi_and_honours_visible_devices(tmp_path,
     assert local_gpus() == {"GPU-77c0": 143771, "GPU-aa": 81559}  # named as Ray names them to its workers
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-ffff")  # no such GPU
     assert _local_gpu_memory_bytes() is None
+    for hidden in ("", "NoDevFiles"):  # every GPU hidden, as Ray reads these too
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert local_gpus() == {} and _local_gpu_memory_bytes() is None
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert _local_gpu_memory_bytes() is None
 

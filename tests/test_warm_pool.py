@@ -19,10 +19,12 @@ from sweeper.warm_pool import WarmPool, claim, worker_keys
 from helpers import read_trials
 
 
-def _trials(model: Path, data: Path, max_tokens: int = 256, precisions=("fp32", "bf16")):
+def _trials(model: Path, data: Path, long: bool = False, precisions=("fp32", "bf16")):
+    """Quick trials, or (``long``) one whose perplexity over the whole file in 8-token windows takes minutes."""
+    text = str(data / "wikitext-2" / "test.txt")
     study = Study(name="warm", models=[str(model)], precisions=list(precisions), compute_dtypes=["fp32"], kl=False,
                   benchmark=Benchmark(enabled=False),
-                  perplexity=Perplexity(str(data / "wikitext-2" / "test.txt"), context=64, max_tokens=max_tokens))
+                  perplexity=Perplexity(text, context=8) if long else Perplexity(text, context=64, max_tokens=256))
     return expand(study)[0]
 
 
@@ -82,7 +84,7 @@ def test_a_warm_worker_runs_trials_for_one_client_at_a_time(tmp_path, tiny_model
 
 def test_a_client_that_goes_away_mid_trial_takes_the_trial_with_it(tmp_path, tiny_model, shared_data):
     """As when a Tune trial's own process dies: the trial is abandoned (no row), not finished behind its back."""
-    (long_trial,) = _trials(tiny_model, shared_data, max_tokens=400_000, precisions=("fp32",))
+    (long_trial,) = _trials(tiny_model, shared_data, long=True, precisions=("fp32",))
     store = ResultsStore(tmp_path / "res")
     with WarmPool.start(["cpu"], [long_trial]) as pool:
         worker = claim(pool.descriptor, "cpu")
@@ -90,7 +92,7 @@ def test_a_client_that_goes_away_mid_trial_takes_the_trial_with_it(tmp_path, tin
         errors = []
         runner = threading.Thread(target=lambda: errors.append(_run_catching(worker, long_trial, store)))
         runner.start()
-        time.sleep(3.0)  # the load is done and perplexity is running
+        time.sleep(3.0)  # the worker has the request (the trial itself runs for minutes)
         worker._conn.shutdown(2)  # what the kernel does to a dead process's socket
         assert _wait(lambda: pool.procs[0].poll() is not None, timeout=30), "the worker kept running the trial"
         runner.join(30)
@@ -108,7 +110,7 @@ def _run_catching(worker, spec, store):
 
 
 def test_a_worker_that_dies_mid_trial_is_reported_to_the_client(tmp_path, tiny_model, shared_data):
-    (long_trial,) = _trials(tiny_model, shared_data, max_tokens=400_000, precisions=("fp32",))
+    (long_trial,) = _trials(tiny_model, shared_data, long=True, precisions=("fp32",))
     store = ResultsStore(tmp_path / "res")
     with WarmPool.start(["cpu"], [long_trial]) as pool:
         worker = claim(pool.descriptor, "cpu")
@@ -121,9 +123,11 @@ def test_a_worker_that_dies_mid_trial_is_reported_to_the_client(tmp_path, tiny_m
 def test_a_worker_that_cannot_start_is_reported_and_never_claimed(tmp_path, tiny_model, shared_data):
     trials = _trials(tiny_model, shared_data)
     messages: list[str] = []
-    pool = WarmPool.start(["gpu:0"], trials)  # pinned to a GPU this machine does not have: its CUDA start fails
+    pool = WarmPool.start(["gpu:99"], trials)  # pinned to a GPU no machine here has: its CUDA start fails
     try:
-        assert claim(pool.descriptor, "gpu:0") is None  # a client does not wait for a dead worker
+        t0 = time.monotonic()
+        assert claim(pool.descriptor, "gpu:99") is None
+        assert time.monotonic() - t0 < 120  # it waited for the worker's end, not for READY_TIMEOUT_S
     finally:
         pool.close(emit=messages.append)
     assert len(messages) == 1 and "warm worker could not start" in messages[0], messages
@@ -144,3 +148,29 @@ def test_trial_output_goes_to_the_clients_stdout(tmp_path, tiny_model, shared_da
     captured = capfd.readouterr()
     assert "failed in load" in captured.err, captured  # the runner's warning, written by the worker process
     assert pl.read_parquet(str(tmp_path / "res" / "trials" / "*.parquet"))["warm_worker"].to_list() == [True]
+
+
+def test_a_worker_whose_launch_is_already_gone_does_not_start(tmp_path):
+    """The launch can die before the worker asks to die with it: the worker sees it has another parent and ends."""
+    import subprocess
+    import sys
+
+    sock = tmp_path / "w.sock"
+    done = subprocess.run([sys.executable, "-m", "sweeper.warm_worker", "--socket", str(sock), "--key", "cpu",
+                           "--parent", "1"], capture_output=True, timeout=120)
+    assert done.returncode == 1 and not sock.exists()
+
+
+def test_a_long_tmpdir_still_gets_a_pool(tmp_path, monkeypatch, tiny_model, shared_data):
+    """Unix socket paths are short (107 bytes): a long TMPDIR (common on HPC machines) gets a folder in /tmp."""
+    import tempfile
+
+    long_dir = tmp_path / ("x" * 90)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    (trial,) = _trials(tiny_model, shared_data, precisions=("fp32",))
+    with WarmPool.start(["cpu"], [trial]) as pool:
+        assert str(pool.folder).startswith("/tmp/")
+        worker = claim(pool.descriptor, "cpu")
+        assert worker is not None
+        worker.close()

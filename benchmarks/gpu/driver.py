@@ -6,6 +6,7 @@ summaries under --out (at most 8 files: driver.log, trials.csv, metrics.csv, sum
     python3 benchmarks/gpu/driver.py --out $OUT pack oom timing   # points 2, 3, 4
     python3 benchmarks/gpu/driver.py --out $OUT ttt           # point 6: benchmarks/time_to_table.py
     python3 benchmarks/gpu/driver.py --out $OUT ttt --ttt-part naive   # then, in the next call: --ttt-part sweep
+    python3 benchmarks/gpu/driver.py --out $OUT ttt --ttt-part sweep --ttt-no-warm   # the sweep without warm workers
     python3 benchmarks/gpu/driver.py --out $OUT tttprobe startup   # point 6: the sweep side alone; a fresh process's start-up
     python3 benchmarks/gpu/driver.py --out $OUT multi --multi-models 2   # point 7: 16 trials on 1 GPU vs all GPUs
 
