@@ -50,9 +50,11 @@ def worker_keys(pending: list[TrialSpec], gpu_ids: list[str], cpus: int, max_con
         return ["cpu"] * n
     if not gpu_ids or min(shares) > 1:  # no GPU here, or trials of several GPUs (no single-GPU key matches them)
         return []
+    # Ray decides which GPU each trial gets. With `auto` shares spread over the GPUs (launch.for_cluster) exactly
+    # ceil(n / GPUs) fit on each, so that many on every GPU match whatever Ray picks; with a pinned share and fewer
+    # trials than fit, Ray may stack them on one GPU, and those beyond its workers run in Ray's workers.
     per_gpu = min(math.floor(1 / min(shares) + 1e-9), math.ceil(n / len(gpu_ids)))
-    keys = [f"gpu:{g}" for _ in range(per_gpu) for g in gpu_ids]  # GPU after GPU, so a cap leaves none without
-    return keys[:n]
+    return [f"gpu:{g}" for g in gpu_ids for _ in range(per_gpu)]
 
 
 class WarmPool:
@@ -78,6 +80,7 @@ class WarmPool:
         if len(str(folder / f"worker-{len(keys)}.sock").encode()) > _SOCKET_PATH_MAX:
             shutil.rmtree(folder, ignore_errors=True)  # a long TMPDIR: a short folder of the system's own /tmp
             folder = Path(tempfile.mkdtemp(prefix=_PREFIX, dir="/tmp"))
+        _write_json(folder / "pool.json", {"pid": os.getpid(), "host": socket.gethostname()})
         used = [precisions.get(t.precision) for t in trials]
         args: list[str] = []
         for library in sorted({p.library for p in used} - {"torch"}):
@@ -106,18 +109,19 @@ class WarmPool:
     def _spawn(folder: Path, keys: list[str], args: list[str], base_env: dict[str, str],
                procs: list[subprocess.Popen]) -> None:
         for i, key in enumerate(keys):
-            paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "log")}
+            paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "busy", "log")}
             worker_env = dict(base_env)
             if key.startswith("gpu:"):
                 worker_env["CUDA_VISIBLE_DEVICES"] = key[len("gpu:"):]
             with open(paths["log"], "wb") as log:
                 # its own session: a Ctrl-C at the terminal reaches the launch, which stops the workers itself
                 proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--socket", paths["sock"],
-                                         "--key", key, "--parent", str(os.getpid()), *args],
+                                         "--busy", paths["busy"], "--key", key, "--parent", str(os.getpid()), *args],
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         env=worker_env, cwd=os.getcwd(), start_new_session=True)
             procs.append(proc)
-            info = {"key": key, "pid": proc.pid, "socket": paths["sock"], "lock": paths["lock"], "log": paths["log"]}
+            info = {"key": key, "pid": proc.pid, "socket": paths["sock"], "lock": paths["lock"], "busy": paths["busy"],
+                    "log": paths["log"]}
             _write_json(folder / f"worker-{i}.json", info)
 
     def close(self, emit: Callable[[str], None] | None = None, timeout_s: float = 10.0) -> None:
@@ -150,15 +154,18 @@ class WarmPool:
 
 
 def _remove_stale_pools() -> None:
-    """Folders of pools whose launch was killed (its workers died with it, the folder stayed): every worker gone."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
-        infos = list(folder.glob("worker-*.json"))
+    """Folders of pools whose launch was killed (its workers died with it, the folder stayed): its launch is gone."""
+    for folder in {*Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"), *Path("/tmp").glob(f"{_PREFIX}*")}:
         try:
-            pids = [int(json.loads(p.read_text())["pid"]) for p in infos]
+            launch = json.loads((folder / "pool.json").read_text())
+        except (OSError, ValueError):
+            launch = None
+        try:
             old = time.time() - folder.stat().st_mtime > 3600
-        except (OSError, ValueError, KeyError):
+        except OSError:
             continue
-        if (pids and not any(_alive(pid) for pid in pids)) or (not pids and old):
+        if (launch is not None and launch.get("host") == socket.gethostname() and not _alive(int(launch["pid"]))) \
+                or (launch is None and old):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -208,19 +215,20 @@ class WarmWorker:
 
 
 def claim(descriptor: dict[str, str] | None, key: str, ready_timeout_s: float = READY_TIMEOUT_S,
-          busy_wait_s: float = 10.0) -> WarmWorker | None:
+          busy_wait_s: float = 30.0) -> WarmWorker | None:
     """A free warm worker of ``key`` from the pool ``descriptor`` names, connected and ready; None when this machine
     has none (not the launching machine, none of that key, or each one dead or not ready in time).
 
-    When every live worker of the key is held, it waits up to ``busy_wait_s`` for one to be let go: the pool has one
-    per trial that runs at once here, so a held one belongs to a Tune trial process that is ending (Tune's next
-    phase, or a retry, starts new ones while the old ones stop). One deadline, ``ready_timeout_s``, covers the rest."""
+    When the key's workers are all held and one of them is idle (between trials), it waits up to ``busy_wait_s`` for
+    one to be let go: an idle held worker belongs to a Tune trial process that is ending (Tune's next phase, or a
+    retry, starts new ones while the old ones stop). Workers running trials are not waited for. One deadline,
+    ``ready_timeout_s``, covers the rest."""
     if not descriptor or descriptor.get("host") != socket.gethostname() or not Path(descriptor["dir"]).is_dir():
         return None
     deadline = time.monotonic() + ready_timeout_s
     busy_until = time.monotonic() + busy_wait_s
     while True:
-        busy = False
+        idle_held = False
         for info in _infos(Path(descriptor["dir"]), key):
             try:
                 fd = os.open(info["lock"], os.O_RDWR | os.O_CREAT, 0o600)
@@ -230,16 +238,31 @@ def claim(descriptor: dict[str, str] | None, key: str, ready_timeout_s: float = 
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # another trial process has it
                 os.close(fd)
-                busy = busy or _alive(int(info["pid"]))
+                idle_held = idle_held or (_alive(int(info["pid"])) and not _running(info))
                 continue
             conn, ready = _connect(info, deadline)
             if conn is None:
                 os.close(fd)  # releases the flock
                 continue
             return WarmWorker(conn, fd, key, ready)
-        if not busy or time.monotonic() > busy_until:
+        if not idle_held or time.monotonic() > busy_until:
             return None
         time.sleep(0.1)
+
+
+def _running(info: dict[str, Any]) -> bool:
+    """Whether the worker is running a trial (it holds its busy file's lock meanwhile)."""
+    try:
+        fd = os.open(info["busy"], os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _infos(folder: Path, key: str) -> list[dict[str, Any]]:
@@ -280,10 +303,7 @@ def _connect(info: dict[str, Any], deadline: float) -> tuple[socket.socket | Non
         try:
             conn.connect(info["socket"])
             break
-        except ConnectionRefusedError:  # it listened first thing, so it has stopped listening: it is gone
-            conn.close()
-            return None, {}
-        except FileNotFoundError:  # not listening yet
+        except (FileNotFoundError, ConnectionRefusedError):  # not bound, or bound and not listening yet
             if time.monotonic() > deadline:
                 conn.close()
                 return None, {}

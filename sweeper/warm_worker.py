@@ -12,11 +12,13 @@ It serves one client (one Tune trial process) at a time, for as many trials as t
 goes away in the middle of a trial (Tune stopped it, its process died), this process exits at once: the trial is
 abandoned exactly as if it had run in the client's own process. No Ray here.
 
-    python -m sweeper.warm_worker --socket PATH --key KEY --parent PID [--library bitsandbytes] [--model PATH] [--tasks]
+    python -m sweeper.warm_worker --socket PATH --busy PATH --key KEY --parent PID [--library bitsandbytes] [--model PATH]
+        [--tasks]
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import queue
@@ -27,6 +29,7 @@ import threading
 import time
 
 NOT_READY = "warm worker could not start"  # its log's last line when its warm-up failed
+PARENT_GONE = 3  # exit code: the launch that started this process had already ended
 READY_TIMEOUT_S = 600.0  # what a client waits for a worker's imports before it runs its trial itself
 MSG_BYTES = 1 << 22  # the largest request or reply; trial specs are a few KB
 
@@ -112,7 +115,7 @@ class _Output:
             os.close(fd)
 
 
-def serve(conn: socket.socket, ready: dict) -> None:
+def serve(conn: socket.socket, ready: dict, busy_fd: int) -> None:
     """One client: its requests in order, until it disconnects. A disconnect during a trial ends this process."""
     running = threading.Event()
     requests: queue.Queue = queue.Queue()
@@ -144,6 +147,7 @@ def serve(conn: socket.socket, ready: dict) -> None:
         if item is None:
             return
         request, fds = item
+        fcntl.flock(busy_fd, fcntl.LOCK_EX)  # held while the trial runs: a client waits only for idle workers
         try:
             with _Output(fds):
                 reply = run_request({**request, "extra": {"warm_worker": True, **request["extra"]}})
@@ -152,12 +156,14 @@ def serve(conn: socket.socket, ready: dict) -> None:
                      "duration_s": 0.0}
         finally:
             running.clear()
+            fcntl.flock(busy_fd, fcntl.LOCK_UN)
         conn.sendall(json.dumps(reply).encode())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sweeper.warm_worker")
     parser.add_argument("--socket", required=True)
+    parser.add_argument("--busy", required=True, help="a file whose lock this process holds while it runs a trial")
     parser.add_argument("--key", required=True, help="cpu, or gpu:<CUDA_VISIBLE_DEVICES> (set in this env)")
     parser.add_argument("--parent", type=int, required=True, help="the launch's pid: this process ends with it")
     parser.add_argument("--library", action="append", default=[])
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _die_with_parent()
     if os.getppid() != args.parent:  # the launch died before the line above: nothing would end this process
-        os._exit(1)
+        os._exit(PARENT_GONE)
     # SIGTERM keeps its default action (end at once): a Python handler would wait for the main thread, which CUDA's
     # threads can leave blocked in accept() (the signal goes to one of them): 10 s to stop on the H100 (run26).
     t0 = time.perf_counter()
@@ -183,13 +189,14 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         print(f"{NOT_READY}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
         os._exit(1)
+    busy_fd = os.open(args.busy, os.O_RDWR | os.O_CREAT, 0o600)
     ready = {"pid": os.getpid(), "key": args.key, "warm_up_s": round(time.perf_counter() - t0, 3), "steps": steps}
     print(f"warm worker {os.getpid()} ready: {json.dumps(ready)}", flush=True)
     while True:
         conn, _ = server.accept()
         with conn:
             try:
-                serve(conn, ready)
+                serve(conn, ready, busy_fd)
             except OSError:  # the client left between trials, before our reply: wait for the next one
                 pass
 

@@ -46,8 +46,10 @@ def test_worker_keys_one_per_trial_that_fits_at_once():
     at = lambda share, n=len(base): [dataclasses.replace(t, gpu_share=share) for t in base[:n]]  # noqa: E731
     assert worker_keys(at(0.25), ["0"], cpus=16, max_concurrent=None) == ["gpu:0"] * 4
     assert worker_keys(at(0.5), ["0"], cpus=16, max_concurrent=None) == ["gpu:0"] * 2  # only two fit at once
-    assert worker_keys(at(0.25), ["0", "1"], cpus=16, max_concurrent=None) == ["gpu:0", "gpu:1"] * 2
-    assert worker_keys(at(0.25), ["0", "1"], cpus=16, max_concurrent=3) == ["gpu:0", "gpu:1", "gpu:0"]
+    # on several GPUs: as many on each as Ray can put there (auto shares spread ceil(n / GPUs) on each)
+    assert worker_keys(at(0.25), ["0", "1"], cpus=16, max_concurrent=None) == ["gpu:0", "gpu:0", "gpu:1", "gpu:1"]
+    assert worker_keys(at(0.25), ["0", "1"], cpus=16, max_concurrent=3) == ["gpu:0", "gpu:0", "gpu:1", "gpu:1"]
+    assert worker_keys(at(0.5, 2), ["0", "1"], cpus=16, max_concurrent=None) == ["gpu:0", "gpu:1"]
     assert worker_keys(at(0.25), ["0"], cpus=2, max_concurrent=None) == ["gpu:0"] * 2  # one CPU each
     assert worker_keys(at(1.0), ["3"], cpus=16, max_concurrent=None) == ["gpu:3"]  # whole GPUs, one after another
     assert worker_keys(at(2.0), ["0", "1"], cpus=16, max_concurrent=None) == []  # several GPUs per trial
@@ -155,10 +157,14 @@ def test_a_worker_whose_launch_is_already_gone_does_not_start(tmp_path):
     import subprocess
     import sys
 
+    from sweeper.warm_worker import PARENT_GONE
+
     sock = tmp_path / "w.sock"
-    done = subprocess.run([sys.executable, "-m", "sweeper.warm_worker", "--socket", str(sock), "--key", "cpu",
-                           "--parent", "1"], capture_output=True, timeout=120)
-    assert done.returncode == 1 and not sock.exists()
+    not_its_parent = os.getpid() + 100_000  # this test process is its parent; a launch that died would not be
+    done = subprocess.run([sys.executable, "-m", "sweeper.warm_worker", "--socket", str(sock), "--busy",
+                           str(tmp_path / "w.busy"), "--key", "cpu", "--parent", str(not_its_parent)],
+                          capture_output=True, timeout=120)
+    assert done.returncode == PARENT_GONE and not sock.exists(), done.stderr
 
 
 def test_a_long_tmpdir_still_gets_a_pool(tmp_path, monkeypatch, tiny_model, shared_data):
@@ -170,7 +176,27 @@ def test_a_long_tmpdir_still_gets_a_pool(tmp_path, monkeypatch, tiny_model, shar
     monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
     (trial,) = _trials(tiny_model, shared_data, precisions=("fp32",))
     with WarmPool.start(["cpu"], [trial]) as pool:
-        assert str(pool.folder).startswith("/tmp/")
+        assert pool.folder.parent == Path("/tmp")
         worker = claim(pool.descriptor, "cpu")
         assert worker is not None
         worker.close()
+
+
+def test_a_claim_waits_for_an_idle_held_worker_but_not_for_a_running_one(tmp_path, tiny_model, shared_data):
+    """An idle worker held by another Tune trial process is being let go (Tune's next phase): worth a short wait. One
+    running a trial is not: the claim gives up at once and the trial runs in its own process."""
+    (long_trial,) = _trials(tiny_model, shared_data, long=True, precisions=("fp32",))
+    with WarmPool.start(["cpu"], [long_trial]) as pool:
+        holder = claim(pool.descriptor, "cpu")
+        assert holder is not None
+        threading.Timer(2.0, holder.close).start()  # idle, and let go 2 s from now
+        t0 = time.monotonic()
+        second = claim(pool.descriptor, "cpu", busy_wait_s=60)
+        assert second is not None and second.pid == holder.pid and 1.5 < time.monotonic() - t0 < 30
+        runner = threading.Thread(target=_run_catching, args=(second, long_trial, ResultsStore(tmp_path / "res")))
+        runner.start()
+        time.sleep(2.0)  # the worker has the request and runs the trial (for minutes)
+        t0 = time.monotonic()
+        assert claim(pool.descriptor, "cpu", busy_wait_s=60) is None
+        assert time.monotonic() - t0 < 10
+    runner.join(30)
