@@ -27,9 +27,10 @@ seconds `sweep launch` spends starting a private Ray instance.
 
 The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
 for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.
-The sweep's output is printed with the seconds since launch, and its trials' start-up times (the process that ran
-the trial, Tune trial, load; whether that process was a warm worker) and stage times go into the report.
-`--no-warm-workers` launches the sweep without warm workers (sweeper/warm_pool.py), as before they existed.
+The sweep's output is printed with the seconds since launch, and its trials' start-up times (the Ray worker process
+of the Tune trial, the process that ran the trial, Tune trial, load; whether that process was a warm worker) and stage
+times go into the report. `--no-warm-workers` launches the sweep without warm workers (sweeper/warm_pool.py), as
+before they existed; `--ray-as-is` with its private Ray instance started as Ray comes (sweeper/local_ray.py).
 
 Both sides use the same lm-eval batch size, limit and seeds, so the accuracy numbers must be equal; the report checks
 every (cell, task, metric) pair.
@@ -195,13 +196,14 @@ STAGE_COLUMNS = ("stage_load_s", "stage_benchmark_s", "timing_wait_s", "stage_pe
                  "stage_write_s", "duration_s")
 
 
-START_COLUMNS = ("process_started_at", "trainable_started_at", "load_started_at")
+START_COLUMNS = ("ray_worker_started_at", "process_started_at", "trainable_started_at", "load_started_at")
 LOAD_METRICS = ("load_s", "library_import_s")
 
 
 def trial_times(root: Path, launched_at: float) -> list[dict]:
-    """Each trial's start-up (seconds since the launch began: its worker process started, its Tune trial began, its
-    load began) and stage times from the results store, printed as a table."""
+    """Each trial's start-up (seconds since the launch began: the Ray worker process of its Tune trial started, the
+    process that ran it started (a warm worker, or the same), its Tune trial began, its load began) and stage times
+    from the results store, printed as a table."""
     import pyarrow.parquet as pq
 
     rows = sorted((pq.read_table(f).to_pylist()[0] for f in (root / "trials").glob("*.parquet")),
@@ -216,10 +218,12 @@ def trial_times(root: Path, launched_at: float) -> list[dict]:
                for c in START_COLUMNS},
             **{c: r.get(c) for c in STAGE_COLUMNS}, **{c: None for c in LOAD_METRICS},
             **load_metrics(r["trial_id"])} for r in rows]
-    say("  trial start-up (s since launch): cell process trainable load | load_s library_import_s | warm worker")
+    say("  trial start-up (s since launch): cell ray_worker process trainable load | load_s library_import_s | "
+        "warm worker")
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}"
-                                             for c in ("process_at_s", "trainable_at_s", "load_at_s"))
+                                             for c in ("ray_worker_at_s", "process_at_s", "trainable_at_s",
+                                                       "load_at_s"))
             + " | " + " ".join("-" if r[c] is None else f"{r[c]:.2f}" for c in LOAD_METRICS)
             + f" | {'yes' if r['warm_worker'] else 'no'}")
     say("  trial stage times (s): cell " + " ".join(c.removesuffix("_s").removeprefix("stage_") for c in STAGE_COLUMNS))
@@ -250,6 +254,9 @@ def main() -> None:
                     help="start a Ray head first (not counted) and launch the sweep with --address auto")
     ap.add_argument("--no-warm-workers", action="store_true",
                     help="launch the sweep with --no-warm-workers (every trial runs in a fresh Ray worker)")
+    ap.add_argument("--ray-as-is", action="store_true",
+                    help="launch the sweep with SWEEPER_RAY_AS_IS=1 (its private Ray started as Ray comes: "
+                         "sweeper/local_ray.py)")
     ap.add_argument("--no-warm-imports", action="store_true",
                     help="do not import the libraries once in a throwaway process before timing")
     a = ap.parse_args()
@@ -290,7 +297,8 @@ def main() -> None:
         try:
             rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
                         + (["--address", "auto"] if a.ray_head else [])
-                        + (["--no-warm-workers"] if a.no_warm_workers else []), env, t0)
+                        + (["--no-warm-workers"] if a.no_warm_workers else []),
+                        {**env, "SWEEPER_RAY_AS_IS": "1" if a.ray_as_is else "0"}, t0)
             t_launch = time.perf_counter() - t0
             tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"],
                                  cwd=REPO, env=env, capture_output=True, text=True)
@@ -301,7 +309,7 @@ def main() -> None:
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
                       sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head,
-                      warm_workers=not a.no_warm_workers)
+                      warm_workers=not a.no_warm_workers, ray_as_is=a.ray_as_is)
         say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way

@@ -52,24 +52,36 @@ def launch(study: Path, results: Path, warm: bool) -> dict:
             "in_warm_workers": int(t["warm_worker"].sum()), "trials": t.height}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="warm-bench-"))
+def setup(prefix: str, note: str) -> tuple[Path, Path]:
+    """A temporary folder with the study file in it; prints the machine and the study."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     study = work / "study.py"
     study.write_text(STUDY.format(model=str(DATA / "models" / "llama-4m"), text=str(DATA / "wikitext-2" / "test.txt")))
     print(f"python {sys.version.split()[0]}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()}"
-          f" CPUs; study: llama-4m x fp32/bf16/nf4/int8, perplexity 2048 tokens; --num-cpus 2", flush=True)
+          f" CPUs; study: llama-4m x fp32/bf16/nf4/int8, perplexity 2048 tokens; --num-cpus 2{note}", flush=True)
+    return work, study
+
+
+def alternating(run, describe, first: bool = True) -> list[dict]:
+    """``--rounds`` rounds of ``run(True)`` and ``run(False)``, which goes first alternating; each row printed as
+    ``describe(round, flag, row)`` says."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
     rows = []
     for r in range(a.rounds):
-        for warm in ((True, False) if r % 2 == 0 else (False, True)):
-            row = launch(study, work / f"res-{int(warm)}", warm)
-            rows.append(row)
-            print(f"round {r + 1} {'warm   ' if warm else 'no warm'}: wall {row['wall_s']:.1f}s, first load at "
-                  f"{row['first_load_s']:.1f}s, Tune trial -> load {row['to_load_s']:.2f}s, stage_load "
-                  f"{row['stage_load_s']:.2f}s (medians), {row['in_warm_workers']}/{row['trials']} in warm workers",
-                  flush=True)
+        for flag in ((first, not first) if r % 2 == 0 else (not first, first)):
+            rows.append(run(flag))
+            print(f"round {r + 1} {describe(flag, rows[-1])}", flush=True)
+    return rows
+
+
+def main() -> None:
+    work, study = setup("warm-bench-", "")
+    rows = alternating(lambda warm: launch(study, work / f"res-{int(warm)}", warm), lambda warm, row: (
+        f"{'warm   ' if warm else 'no warm'}: wall {row['wall_s']:.1f}s, first load at {row['first_load_s']:.1f}s, "
+        f"Tune trial -> load {row['to_load_s']:.2f}s, stage_load {row['stage_load_s']:.2f}s (medians), "
+        f"{row['in_warm_workers']}/{row['trials']} in warm workers"))
     for key in ("wall_s", "first_load_s", "to_load_s", "stage_load_s"):
         w = statistics.median(r[key] for r in rows if r["warm"])
         c = statistics.median(r[key] for r in rows if not r["warm"])

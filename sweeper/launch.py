@@ -143,13 +143,16 @@ class Background:
             raise self._error
 
 
-def validate_study_tasks(study: Study) -> None:
+def validate_study_tasks(study: Study, then=None) -> None:
     """:class:`UserError` for an unknown lm-eval task or bad task data (lm-eval's index is only built when a study
-    has tasks)."""
+    has tasks). ``then``: called after a check that passed (`sweep launch` imports Ray Tune there, on the same thread:
+    imports on two threads at once can meet half-initialised modules)."""
     if study.tasks:
         from .stages.tasks import validate_tasks
 
         validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
+    if then is not None:
+        then()
 
 
 def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0) -> Plan:

@@ -5,7 +5,6 @@ No Ray here: the scheduler calls :func:`run_trial` inside a Ray Tune trial; test
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import gc
 import logging
 import os
@@ -17,6 +16,7 @@ from typing import Any
 from . import precisions
 from .environment import device_environment, static_environment
 from .errors import StageError
+from .measure import process_started_at
 from .store import ResultsStore
 from .trials import TrialSpec
 
@@ -24,19 +24,6 @@ log = logging.getLogger(__name__)
 
 
 _PROCESS_TRIALS = [0]  # trials this worker process has run: > 0 means a reused worker (no torch / CUDA start-up)
-
-
-@functools.lru_cache(maxsize=1)
-def process_started_at() -> float | None:
-    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None. Read once."""
-    from pathlib import Path
-
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def pick_device() -> str:

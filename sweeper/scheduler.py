@@ -1,4 +1,4 @@
-"""Scheduling trials with Ray Tune: the only module that imports Ray.
+"""Scheduling trials with Ray Tune: with local_ray.py (how a private instance starts), the only Ray importer.
 
 Each pending trial becomes one Tune trial with its own resources (a GPU share, or CPUs on a CPU-only cluster). The
 trainable is idempotent: it re-checks the results store and skips a trial that is already done, so nothing finished
@@ -7,6 +7,7 @@ their references (KL), so the ordering survives any interruption: a relaunch see
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import local_ray
 from .errors import UserError
 from .store import ResultsStore
 from .trials import TrialSpec
@@ -35,9 +37,9 @@ logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERRO
 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-# the environment of every process that runs trials (Ray's workers, through the job's runtime_env, and warm workers)
+# the environment of every process that runs trials (Ray's workers, through the job's runtime_env or, on a Ray
+# instance this launch starts, by inheritance: sweeper/local_ray.py; and warm workers)
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
-
 
 @dataclass
 class ClusterInfo:
@@ -53,6 +55,11 @@ def import_ray() -> None:
     importlib.import_module("ray")
 
 
+def import_tune() -> None:
+    """Import Ray Tune (seconds on a cold start): `sweep launch` does it on its task-check thread while Ray starts."""
+    importlib.import_module("ray.tune")
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
             gpu_memory: bool = True) -> ClusterInfo:
     """Start a local Ray instance (address None) or join a cluster ("auto", "ray://host:10001", "host:6379").
@@ -62,18 +69,22 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     import ray
 
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, ignore_reinit_error=True,
-                                  logging_level=logging.INFO if verbose else logging.WARNING,
-                                  runtime_env={"env_vars": dict(WORKER_ENV)})
+                                  logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
         kwargs["address"] = address
+        kwargs["runtime_env"] = {"env_vars": dict(WORKER_ENV)}
+        starting = contextlib.nullcontext()
+        local_ray.forget()
     else:
         # "local" always starts a private instance; a bare ray.init() would join whatever cluster the machine's
         # /tmp/ray/ray_current_cluster names, even a dead one left by a killed `ray start`
         kwargs["address"] = "local"
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
+        starting = local_ray.starting(kwargs, WORKER_ENV)  # trials start in Ray's idle, preloaded workers
     try:
-        ray.init(**kwargs)
+        with starting:
+            ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot connect to the Ray cluster at {kwargs['address']!r}: {str(e).splitlines()[0]}; "
                         "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
@@ -115,6 +126,7 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
 
     import ray
 
+    local_ray.forget()
     if not ray.is_initialized():
         return True
     t0 = time.perf_counter()
@@ -159,6 +171,7 @@ def _trainable(config: dict) -> None:
     import ray
 
     from .lock import TrialClaim
+    from .measure import process_started_at
 
     case = config["case"]
     spec = TrialSpec.from_dict(case["spec"])
@@ -169,7 +182,8 @@ def _trainable(config: dict) -> None:
             tune.report({"status": "skipped"})
             return
         attempt = (previous or {}).get("attempt", 0) + 1
-        extra = {"ray_node_id": ray.get_runtime_context().get_node_id(), "trainable_started_at": entered}
+        extra = {"ray_node_id": ray.get_runtime_context().get_node_id(), "trainable_started_at": entered,
+                 "ray_worker_started_at": process_started_at()}
         worker = _warm_worker(config.get("warm"), spec)
         if worker is not None:
             try:
@@ -209,6 +223,13 @@ class Progress:
         return f"{counts}  {event}" if event else counts
 
 
+def _record_event(events_path: Path, event: dict) -> None:
+    """One line of the launch's driver-side timeline (_tune/events.jsonl): a phase's Tune start, a trial's start."""
+    events_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(events_path, "a") as fh:
+        fh.write(json.dumps({**event, "at": time.time()}) + "\n")
+
+
 def _progress_callback(progress: Progress, emit: Callable[[str], None], events_path: Path):
     from ray.tune import Callback
 
@@ -216,9 +237,7 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
 
     def record(event: str, trial) -> None:
         # driver-side timestamps: "scheduled" -> the row's load_started_at is the per-trial overhead
-        events_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(events_path, "a") as fh:
-            fh.write(json.dumps({"event": event, "trial_id": tid(trial), "at": time.time()}) + "\n")
+        _record_event(events_path, {"event": event, "trial_id": tid(trial)})
 
     class ProgressCallback(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -316,7 +335,10 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
             failure_config=tune.FailureConfig(max_failures=retries),
         ),
     )
-    grid = tuner.fit()
+    with local_ray.tune_actors_without_runtime_env() as inherited:
+        _record_event(store.root / "_tune" / "events.jsonl", {"event": "fit", "phase": name,
+                                                               "actor_runtime_env": not inherited})
+        grid = tuner.fit()
     # A trial whose worker died more often than ``retries`` allowed has no row: record it as failed.
     from .runner import config_row
 

@@ -1,6 +1,7 @@
 """End to end through `sweep launch` as a subprocess: real Ray (local), real bitsandbytes, real Parquet."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -60,6 +61,14 @@ def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
     for proc, entered, load in zip(trials["process_started_at"], trials["trainable_started_at"],
                                    trials["load_started_at"]):
         assert proc <= entered <= load < proc + 600, (proc, entered, load)
+    # a local launch's Tune trials run in Ray's idle worker processes, up before Tune started, not in processes Ray
+    # starts for them (scheduler._tune_actors_without_runtime_env): the baseline phase's trial shows it (a later
+    # phase finds fewer idle workers: an actor's process ends with it)
+    fits = [e for e in map(json.loads, (results / "_tune" / "events.jsonl").read_text().splitlines())
+            if e["event"] == "fit"]
+    assert [(f["phase"], f["actor_runtime_env"]) for f in fits] == [("phase1", False), ("phase2", False)], fits
+    baseline = trials.filter(pl.col("is_baseline"))
+    assert baseline["ray_worker_started_at"][0] < fits[0]["at"] < baseline["trainable_started_at"][0], (fits, baseline)
     # bitsandbytes is imported before the load clock, once per process: a warm worker did it before its first trial
     # (sweeper/warm_worker.py); in a Ray worker, its first bitsandbytes trial pays it (transformers never imports
     # bitsandbytes on its own) and later ones find it imported

@@ -1,0 +1,113 @@
+"""The private Ray instance of a `sweep launch` without --address, started so that its Tune trials start fast.
+
+Three things Ray does by default cost a launch seconds on its critical path, and a private instance needs none of them:
+
+- Its head starts the API server (the dashboard process, even with ``include_dashboard=False``: usage stats, job
+  and state APIs) and waits until it is up before it starts the raylet: 1 s of Python imports on a 2-core machine,
+  the 5 s between the GCS and the raylet starting on an H100 host (benchmarks/gpu/logs/run21_ray_start_probe.txt).
+- Tune gives its trial actors a runtime_env of its own (PL_DISABLE_FORK, and variables such as
+  RAY_CHDIR_TO_TRIAL_DIR copied from the driver's environment), and a job runtime_env is merged into it. Ray runs an
+  actor only in a worker process of the same runtime_env, so every Tune trial got a fresh process (Python, then
+  `import ray`) while the worker processes Ray had started with the instance sat idle.
+- Those idle workers import nothing more, so each Tune trial imported Ray Tune when it was unpickled.
+
+So the instance inherits the trials' environment from this process (every Ray process does) instead of getting it
+through a runtime_env, Tune's actors go without theirs when every value in it is the inherited one, its idle workers
+import Ray Tune and the scheduler ahead, and its head skips the API server. SWEEPER_RAY_AS_IS=1 starts Ray as it
+comes (benchmarks/ray_idle_workers.py compares the two). A joined cluster (--address) is left as it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+# what Tune itself gives every trial actor through its runtime_env (ray/tune/execution/class_cache.py)
+TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
+# imported by the idle worker processes ahead: what unpickling a Tune trial imports (Tune's trainable wrapper, and
+# the scheduler module that holds the trial function)
+WORKER_PRELOAD = ("ray.tune", "sweeper.scheduler")
+
+# the environment the instance this process started inherited (None: none started, or a cluster was joined)
+_started_env: dict[str, str] | None = None
+
+
+def as_is() -> bool:
+    """SWEEPER_RAY_AS_IS=1: Ray as it comes (API server, Tune's actor runtime_env, nothing preloaded)."""
+    return os.environ.get("SWEEPER_RAY_AS_IS") == "1"
+
+
+@contextlib.contextmanager
+def starting(kwargs: dict[str, Any], worker_env: dict[str, str]) -> Iterator[None]:
+    """Around ``ray.init(**kwargs)`` of a private instance: ``worker_env`` in this process's environment while Ray's
+    processes start (they inherit it; this process's own environment is put back after), the workers' preload in
+    ``kwargs``, and the head without its API server. Records the inherited environment when the instance started."""
+    global _started_env
+    import ray
+
+    was_running = ray.is_initialized()
+    inherited = {**worker_env, **TUNE_ACTOR_ENV}
+    saved = {k: os.environ.get(k) for k in inherited}
+    os.environ.update(inherited)
+    patch = contextlib.nullcontext() if as_is() else _without_api_server()
+    if not as_is():
+        kwargs["_system_config"] = {"preload_python_modules": list(WORKER_PRELOAD)}
+    try:
+        with patch:
+            yield
+        if not was_running:
+            _started_env = dict(os.environ)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def forget() -> None:
+    """The instance stopped (or a cluster was joined): Tune's actors keep their runtime_env from now on."""
+    global _started_env
+    _started_env = None
+
+
+@contextlib.contextmanager
+def _without_api_server() -> Iterator[None]:
+    try:
+        from ray._private.node import Node
+        original = Node.start_api_server
+    except (ImportError, AttributeError):  # Ray moved it: start the instance as it comes
+        yield
+        return
+
+    def skip(self, *args, **kwargs) -> None:
+        self._webui_url = None
+
+    Node.start_api_server = skip
+    try:
+        yield
+    finally:
+        Node.start_api_server = original
+
+
+@contextlib.contextmanager
+def tune_actors_without_runtime_env() -> Iterator[bool]:
+    """While Tune runs: its trial actors without the runtime_env Tune gives them, where that changes nothing (each
+    value equals the one the instance inherited); kept on a joined cluster, with SWEEPER_RAY_AS_IS=1, or when Tune's
+    internals are not where this expects them. Yields whether it dropped it."""
+    try:
+        from ray.tune.execution import class_cache
+        default, propagate = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
+    except (ImportError, AttributeError):
+        yield False
+        return
+    wanted = {**default, **{k: os.environ[k] for k in propagate if k in os.environ}}
+    started = _started_env
+    if started is None or as_is() or any(started.get(k) != v for k, v in wanted.items()):
+        yield False
+        return
+    class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = {}, set()
+    try:
+        yield True
+    finally:
+        class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = default, propagate
