@@ -13,13 +13,15 @@ Three things Ray does by default cost a launch seconds on its critical path, and
 
 So the instance inherits the trials' environment from this process (every Ray process does) instead of getting it
 through a runtime_env, Tune's actors go without theirs when every value in it is the inherited one, its idle workers
-import Ray Tune and the scheduler ahead, and its head skips the API server. SWEEPER_RAY_AS_IS=1 starts Ray as it
-comes (benchmarks/ray_idle_workers.py compares the two). A joined cluster (--address) is left as it is.
+import Ray Tune and the scheduler ahead (on machines of up to PRELOAD_MAX_CPUS CPUs), and its head skips the API
+server. SWEEPER_RAY_AS_IS=1 starts Ray as it comes (benchmarks/ray_idle_workers.py compares the two). A joined
+cluster (--address) is left as it is.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 # what Tune itself gives every trial actor through its runtime_env (ray/tune/execution/class_cache.py)
@@ -27,9 +29,13 @@ TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
 # imported by the idle worker processes ahead: what unpickling a Tune trial imports (Tune's trainable wrapper, and
 # the scheduler module that holds the trial function)
 WORKER_PRELOAD = ("ray.tune", "sweeper.scheduler")
+# Ray prestarts one worker per CPU; each preloading one holds about 70 MB more (207 vs 135 MB on CPU, Ray 2.60) and
+# all import at once while the launch starts: on bigger machines the workers import when their first trial comes
+PRELOAD_MAX_CPUS = 32
 
-# the environment the instance this process started inherited (None: none started, or a cluster was joined)
-_started_env: dict[str, str] | None = None
+# the instance this process started (its GCS address) and the environment it inherited; None: none started, or a
+# cluster was joined
+_started: tuple[str, dict[str, str]] | None = None
 
 
 def as_is() -> bool:
@@ -37,26 +43,38 @@ def as_is() -> bool:
     return os.environ.get("SWEEPER_RAY_AS_IS") == "1"
 
 
+def _sweeper_first_on_path() -> str:
+    """PYTHONPATH with the folder of this process's sweeper package first: Ray's workers import their preloaded
+    modules before the driver's sys.path reaches them, so without it they could take another sweeper (an installed
+    one) than a driver run from a checkout."""
+    root = str(Path(__file__).resolve().parents[1])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return os.pathsep.join([root, *rest])
+
+
 @contextlib.contextmanager
 def starting(kwargs: dict[str, Any], worker_env: dict[str, str]) -> Iterator[None]:
     """Around ``ray.init(**kwargs)`` of a private instance: ``worker_env`` in this process's environment while Ray's
     processes start (they inherit it; this process's own environment is put back after), the workers' preload in
-    ``kwargs``, and the head without its API server. Records the inherited environment when the instance started."""
-    global _started_env
+    ``kwargs``, and the head without its API server. Records the instance and the environment it inherited."""
+    global _started
     import ray
 
     was_running = ray.is_initialized()
     inherited = {**worker_env, **TUNE_ACTOR_ENV}
+    cpus = kwargs.get("num_cpus") or os.cpu_count() or 1
+    preload = not as_is() and cpus <= PRELOAD_MAX_CPUS
+    if preload:
+        kwargs["_system_config"] = {"preload_python_modules": list(WORKER_PRELOAD)}
+        inherited["PYTHONPATH"] = _sweeper_first_on_path()
     saved = {k: os.environ.get(k) for k in inherited}
     os.environ.update(inherited)
     patch = contextlib.nullcontext() if as_is() else _without_api_server()
-    if not as_is():
-        kwargs["_system_config"] = {"preload_python_modules": list(WORKER_PRELOAD)}
     try:
         with patch:
             yield
         if not was_running:
-            _started_env = dict(os.environ)
+            _started = (ray.get_runtime_context().gcs_address, dict(os.environ))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -67,8 +85,8 @@ def starting(kwargs: dict[str, Any], worker_env: dict[str, str]) -> Iterator[Non
 
 def forget() -> None:
     """The instance stopped (or a cluster was joined): Tune's actors keep their runtime_env from now on."""
-    global _started_env
-    _started_env = None
+    global _started
+    _started = None
 
 
 @contextlib.contextmanager
@@ -101,9 +119,13 @@ def tune_actors_without_runtime_env() -> Iterator[bool]:
     except (ImportError, AttributeError):
         yield False
         return
+    import ray
+
     wanted = {**default, **{k: os.environ[k] for k in propagate if k in os.environ}}
-    started = _started_env
-    if started is None or as_is() or any(started.get(k) != v for k, v in wanted.items()):
+    started = _started
+    if (started is None or as_is() or not ray.is_initialized()
+            or ray.get_runtime_context().gcs_address != started[0]  # Ray restarted behind this module's back
+            or any(started[1].get(k) != v for k, v in wanted.items())):
         yield False
         return
     class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = {}, set()

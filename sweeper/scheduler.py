@@ -56,8 +56,12 @@ def import_ray() -> None:
 
 
 def import_tune() -> None:
-    """Import Ray Tune (seconds on a cold start): `sweep launch` does it on its task-check thread while Ray starts."""
-    importlib.import_module("ray.tune")
+    """Import Ray Tune (seconds on a cold start): `sweep launch` does it on its task-check thread while Ray starts.
+    A failure here is left to the import where Tune is used, on the launch's own thread, to report."""
+    try:
+        importlib.import_module("ray.tune")
+    except Exception as e:  # noqa: BLE001 - raised again, with its own message, by the scheduler's import
+        log.debug("ray.tune not imported ahead: %s", e)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,

@@ -33,7 +33,7 @@ def study_file(tmp_path, tiny_model, shared_data) -> Path:
 
 def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
     results = tmp_path / "res"
-    r = sweep("launch", str(study_file), "--results", str(results), "--num-cpus", "2")
+    r = sweep("launch", str(study_file), "--results", str(results), "--num-cpus", "2", env={"SWEEPER_RAY_AS_IS": "0"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "summary: 5/5 done, 0 failed" in r.stdout
     trials = read_trials(results)
@@ -62,7 +62,7 @@ def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
                                    trials["load_started_at"]):
         assert proc <= entered <= load < proc + 600, (proc, entered, load)
     # a local launch's Tune trials run in Ray's idle worker processes, up before Tune started, not in processes Ray
-    # starts for them (scheduler._tune_actors_without_runtime_env): the baseline phase's trial shows it (a later
+    # starts for them (local_ray.tune_actors_without_runtime_env): the baseline phase's trial shows it (a later
     # phase finds fewer idle workers: an actor's process ends with it)
     fits = [e for e in map(json.loads, (results / "_tune" / "events.jsonl").read_text().splitlines())
             if e["event"] == "fit"]
