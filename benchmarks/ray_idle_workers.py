@@ -1,6 +1,7 @@
 """A launch's private Ray instance as sweep starts it vs as Ray comes: Tune trial start-up side by side (CPU).
 
     python3 benchmarks/ray_idle_workers.py --rounds 3 > benchmarks/logs/ray_idle_workers_cpu.txt
+    python3 benchmarks/ray_idle_workers.py --memory --rounds 3 > benchmarks/logs/ray_idle_workers_memory_cpu.txt
 
 A local `sweep launch` starts its Ray instance as sweeper/local_ray.py says: the trials' environment inherited (no
 job runtime_env), Tune's actor runtime_env dropped where it changes nothing, Ray's idle workers importing Ray Tune and
@@ -11,6 +12,9 @@ perplexity only, `--num-cpus 2`), launched with warm workers, alternating which 
 its wall time; Tune's start (the phase's "fit" event in `_tune/events.jsonl`) -> the first and the median Tune trial
 function start; the median Ray worker process start relative to Tune's start (negative: up before Tune started); the
 first load and the `ray:` line (Ray ready), in seconds since the launch started.
+
+`--memory`: instead of launches, a private instance started as a launch starts it (`scheduler.connect(num_cpus=2)`)
+both ways, alternating; after 15 s (the idle workers have preloaded) the resident memory of each idle Ray worker.
 """
 from __future__ import annotations
 
@@ -55,7 +59,38 @@ def launch(study: Path, results: Path, fresh_workers: bool) -> dict:
             "first_load_s": t["load_started_at"].min() - started, "ray_ready_s": ray_ready, "trials": t.height}
 
 
+MEMORY_PROBE = """
+import time, psutil
+from sweeper import scheduler
+scheduler.connect(num_cpus=2)
+time.sleep(15)
+for p in psutil.process_iter(["cmdline", "memory_info"]):
+    if "ray::IDLE" in " ".join(p.info["cmdline"] or []):
+        print("idle_worker_rss_mb", round(p.info["memory_info"].rss / 2**20, 1))
+scheduler.disconnect()
+"""
+
+
+def worker_memory(fresh_workers: bool) -> dict:
+    env = {**os.environ, "SWEEPER_RAY_AS_IS": "1" if fresh_workers else "0"}
+    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE], cwd=REPO, capture_output=True, text=True, env=env,
+                       timeout=300)
+    rss = [float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("idle_worker_rss_mb")]
+    if r.returncode != 0 or not rss:
+        raise SystemExit(f"memory probe failed ({r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return {"fresh": fresh_workers, "rss_mb": statistics.median(rss), "workers": len(rss)}
+
+
 def main() -> None:
+    if "--memory" in sys.argv:
+        sys.argv.remove("--memory")
+        rows = alternating(worker_memory, lambda fresh, row: (
+            f"{'Ray as is  ' if fresh else 'sweep Ray  '}: idle Ray worker RSS {row['rss_mb']:.1f} MB (median of "
+            f"{row['workers']})"), first=False)
+        for fresh in (False, True):
+            print(f"median idle worker RSS, {'Ray as is' if fresh else 'sweep Ray'}: "
+                  f"{statistics.median(r['rss_mb'] for r in rows if r['fresh'] == fresh):.1f} MB")
+        return
     work, study = setup("idle-bench-", ", warm workers")
     rows = alternating(lambda fresh: launch(study, work / f"res-{int(fresh)}", fresh), lambda fresh, row: (
         f"{'Ray as is  ' if fresh else 'sweep Ray  '}: wall {row['wall_s']:.1f}s, Ray ready at "

@@ -85,7 +85,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             click.echo(f"warm workers: {len(pool.keys)} starting on this machine")
         try:
             scheduler.import_ray()  # before the check's thread imports what Ray imports too
-            checking_tasks = L.Background(L.validate_study_tasks, p.study, scheduler.import_tune)
+            checking_tasks = L.Background(L.validate_study_tasks, p.study, then=scheduler.import_tune)
             try:
                 cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose,
                                             gpu_memory=p.study.resources.gpus_per_trial == "auto")

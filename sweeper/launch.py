@@ -120,17 +120,22 @@ def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = ()
 
 
 class Background:
-    """``fn(*args)`` on a daemon thread (an interrupted launch does not wait for it); :meth:`result` waits for it
-    and raises its exception in the caller's thread."""
+    """``fn(*args)`` on a daemon thread (an interrupted launch does not wait for it), then ``then()`` if it passed;
+    :meth:`result` waits for it and raises its exception in the caller's thread. (`sweep launch` imports Ray Tune as
+    ``then`` of its task check: on the same thread, as imports on two threads at once can meet half-initialised
+    modules.)"""
 
-    def __init__(self, fn, *args):
+    def __init__(self, fn, *args, then=None):
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), name=f"sweep-{fn.__name__}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, args, then), name=f"sweep-{fn.__name__}",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, fn, args) -> None:
+    def _run(self, fn, args, then) -> None:
         try:
             fn(*args)
+            if then is not None:
+                then()
         except BaseException as e:  # handed to the caller by result()
             self._error = e
 
@@ -143,16 +148,13 @@ class Background:
             raise self._error
 
 
-def validate_study_tasks(study: Study, then=None) -> None:
+def validate_study_tasks(study: Study) -> None:
     """:class:`UserError` for an unknown lm-eval task or bad task data (lm-eval's index is only built when a study
-    has tasks). ``then``: called after a check that passed (`sweep launch` imports Ray Tune there, on the same thread:
-    imports on two threads at once can meet half-initialised modules)."""
+    has tasks)."""
     if study.tasks:
         from .stages.tasks import validate_tasks
 
         validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
-    if then is not None:
-        then()
 
 
 def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0) -> Plan:

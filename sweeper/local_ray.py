@@ -3,8 +3,8 @@
 Three things Ray does by default cost a launch seconds on its critical path, and a private instance needs none of them:
 
 - Its head starts the API server (the dashboard process, even with ``include_dashboard=False``: usage stats, job
-  and state APIs) and waits until it is up before it starts the raylet: 1 s of Python imports on a 2-core machine,
-  the 5 s between the GCS and the raylet starting on an H100 host (benchmarks/gpu/logs/run21_ray_start_probe.txt).
+  and state APIs) and waits until it is up before it starts the raylet: on an H100 host `ray.init` took 12.1-12.9 s
+  with it and 8.2-9.4 s without (benchmarks/gpu/ray_start_probe.py --api-server, run28 in docs/performance.md).
 - Tune gives its trial actors a runtime_env of its own (PL_DISABLE_FORK, and variables such as
   RAY_CHDIR_TO_TRIAL_DIR copied from the driver's environment), and a job runtime_env is merged into it. Ray runs an
   actor only in a worker process of the same runtime_env, so every Tune trial got a fresh process (Python, then
@@ -24,13 +24,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-# what Tune itself gives every trial actor through its runtime_env (ray/tune/execution/class_cache.py)
+# what Tune itself gives every trial actor through its runtime_env (class_cache.DEFAULT_ENV_VARS of Ray 2.60), written
+# out: reading it would import Ray Tune on the launch's critical path. Should Tune change it, the values differ and
+# tune_actors_without_runtime_env keeps Tune's runtime_env.
 TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
 # imported by the idle worker processes ahead: what unpickling a Tune trial imports (Tune's trainable wrapper, and
 # the scheduler module that holds the trial function)
 WORKER_PRELOAD = ("ray.tune", "sweeper.scheduler")
-# Ray prestarts one worker per CPU; each preloading one holds about 70 MB more (207 vs 135 MB on CPU, Ray 2.60) and
-# all import at once while the launch starts: on bigger machines the workers import when their first trial comes
+# Ray prestarts one worker per CPU; each preloading one holds more memory (benchmarks/ray_idle_workers.py --memory)
+# and all import at once while the launch starts: on bigger machines the workers import when their first trial comes
 PRELOAD_MAX_CPUS = 32
 
 # the instance this process started (its GCS address) and the environment it inherited; None: none started, or a
@@ -61,17 +63,15 @@ def starting(kwargs: dict[str, Any], worker_env: dict[str, str]) -> Iterator[Non
     import ray
 
     was_running = ray.is_initialized()
+    tuned = not as_is()
     inherited = {**worker_env, **TUNE_ACTOR_ENV}
-    cpus = kwargs.get("num_cpus") or os.cpu_count() or 1
-    preload = not as_is() and cpus <= PRELOAD_MAX_CPUS
-    if preload:
+    if tuned and (kwargs.get("num_cpus") or os.cpu_count() or 1) <= PRELOAD_MAX_CPUS:
         kwargs["_system_config"] = {"preload_python_modules": list(WORKER_PRELOAD)}
         inherited["PYTHONPATH"] = _sweeper_first_on_path()
     saved = {k: os.environ.get(k) for k in inherited}
     os.environ.update(inherited)
-    patch = contextlib.nullcontext() if as_is() else _without_api_server()
     try:
-        with patch:
+        with _without_api_server() if tuned else contextlib.nullcontext():
             yield
         if not was_running:
             _started = (ray.get_runtime_context().gcs_address, dict(os.environ))

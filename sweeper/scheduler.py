@@ -41,6 +41,7 @@ logging.getLogger("ray._private.authentication.authentication_token_setup").setL
 # instance this launch starts, by inheritance: sweeper/local_ray.py; and warm workers)
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
+
 @dataclass
 class ClusterInfo:
     address: str | None

@@ -109,9 +109,12 @@ def test_background_check_runs_beside_the_caller_and_hands_back_its_error():
         assert release.wait(10)
         raise UserError(f"unknown task {name!r}")
 
-    bg = Background(check, "arc_easyy")
+    after: list[str] = []
+    bg = Background(check, "arc_easyy", then=lambda: after.append(threading.current_thread().name))
     assert started.wait(10)  # it runs while the caller goes on (in `sweep launch`: while Ray starts)
     release.set()
     with pytest.raises(UserError, match="unknown task 'arc_easyy'"):
         bg.result()
-    Background(lambda: None).result()  # no error: result() returns
+    assert after == []  # `then` (in `sweep launch`: importing Ray Tune) only follows a check that passed
+    Background(lambda: None, then=lambda: after.append(threading.current_thread().name)).result()  # no error
+    assert after == ["sweep-<lambda>"]  # on the check's own thread

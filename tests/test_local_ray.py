@@ -47,9 +47,11 @@ def test_workers_preload_the_drivers_sweeper_not_an_installed_one(tmp_path):
 
 
 def test_tune_actors_keep_their_runtime_env_without_an_instance_of_ours():
+    from ray.tune.execution import class_cache
+
+    tunes = dict(class_cache.DEFAULT_ENV_VARS)
+    assert tunes == local_ray.TUNE_ACTOR_ENV  # what the instance's processes inherit in its place
     local_ray.forget()
     with local_ray.tune_actors_without_runtime_env() as dropped:
-        from ray.tune.execution import class_cache
-
         assert dropped is False
-        assert class_cache.DEFAULT_ENV_VARS == {"PL_DISABLE_FORK": "1"}
+        assert class_cache.DEFAULT_ENV_VARS == tunes
