@@ -30,7 +30,8 @@ for building lm-eval's task index once, as on a fresh machine; each naive run bu
 The sweep's output is printed with the seconds since launch, and its trials' start-up times (the Ray worker process
 of the Tune trial, the process that ran the trial, Tune trial, load; whether that process was a warm worker) and stage
 times go into the report. `--no-warm-workers` launches the sweep without warm workers (sweeper/warm_pool.py), as
-before they existed; `--ray-as-is` with its private Ray instance started as Ray comes (sweeper/local_ray.py).
+before they existed; `--ray-as-is` with its private Ray instance started as Ray comes (sweeper/local_ray.py);
+`--no-warm-fork` with warm workers that each import everything themselves (sweeper/warm_pool_parent.py).
 
 Both sides use the same lm-eval batch size, limit and seeds, so the accuracy numbers must be equal; the report checks
 every (cell, task, metric) pair.
@@ -196,7 +197,8 @@ STAGE_COLUMNS = ("stage_load_s", "stage_benchmark_s", "timing_wait_s", "stage_pe
                  "stage_write_s", "duration_s")
 
 
-START_COLUMNS = ("ray_worker_started_at", "process_started_at", "trainable_started_at", "load_started_at")
+START_COLUMNS = ("ray_worker_started_at", "process_started_at", "warm_worker_ready_at", "trainable_started_at",
+                 "load_started_at")
 LOAD_METRICS = ("load_s", "library_import_s")
 
 
@@ -214,21 +216,43 @@ def trial_times(root: Path, launched_at: float) -> list[dict]:
         return {m["metric"]: m["value"] for m in ms if m["stage"] == "load" and m["metric"] in LOAD_METRICS}
 
     out = [{"cell": f"{r['precision']}/{r['compute_dtype']}", "warm_worker": r.get("warm_worker"),
-            **{c.replace("_started_at", "_at_s"): None if r.get(c) is None else r[c] - launched_at
+            **{c.replace("_started_at", "_at").replace("_at", "_at_s"): None if r.get(c) is None else r[c] - launched_at
                for c in START_COLUMNS},
             **{c: r.get(c) for c in STAGE_COLUMNS}, **{c: None for c in LOAD_METRICS},
             **load_metrics(r["trial_id"])} for r in rows]
-    say("  trial start-up (s since launch): cell ray_worker process trainable load | load_s library_import_s | "
-        "warm worker")
+    say("  trial start-up (s since launch): cell ray_worker process warm_ready trainable load | load_s "
+        "library_import_s | warm worker")
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}"
-                                             for c in ("ray_worker_at_s", "process_at_s", "trainable_at_s",
-                                                       "load_at_s"))
+                                             for c in ("ray_worker_at_s", "process_at_s", "warm_worker_ready_at_s",
+                                                       "trainable_at_s", "load_at_s"))
             + " | " + " ".join("-" if r[c] is None else f"{r[c]:.2f}" for c in LOAD_METRICS)
             + f" | {'yes' if r['warm_worker'] else 'no'}")
     say("  trial stage times (s): cell " + " ".join(c.removesuffix("_s").removeprefix("stage_") for c in STAGE_COLUMNS))
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}" for c in STAGE_COLUMNS))
+    return out
+
+
+def warm_pool_logs(root: Path, launched_at: float, say) -> dict:
+    """What the launch's warm workers said (kept in <results>/_warm/): the parent's line and each worker's ready
+    message (its warm-up steps, when it was ready), printed and returned for the report."""
+    import json
+
+    out: dict = {"parent": None, "workers": []}
+    for folder in sorted((root / "_warm").glob("*"))[-1:]:
+        parent = folder / "parent.log"
+        lines = parent.read_text(errors="replace").splitlines() if parent.exists() else []
+        out["parent"] = next((line for line in reversed(lines) if line.startswith("warm pool ")), None)
+        for log in sorted(folder.glob("worker-*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if " ready: {" in line:
+                    ready = json.loads(line.split(" ready: ", 1)[1])
+                    out["workers"].append({**ready, "ready_at_s": ready["ready_at"] - launched_at})
+    say(f"  warm pool: {out['parent']}")
+    for w in out["workers"]:
+        say(f"    worker {w['pid']} {w['key']}: ready at {w['ready_at_s']:.1f}s, warm-up {w['warm_up_s']:.1f}s "
+            f"{json.dumps(w['steps'])}")
     return out
 
 
@@ -257,6 +281,9 @@ def main() -> None:
     ap.add_argument("--ray-as-is", action="store_true",
                     help="launch the sweep with SWEEPER_RAY_AS_IS=1 (its private Ray started as Ray comes: "
                          "sweeper/local_ray.py)")
+    ap.add_argument("--no-warm-fork", action="store_true",
+                    help="launch the sweep with SWEEPER_WARM_FORK=0 (each warm worker imports everything itself: "
+                         "sweeper/warm_pool_parent.py)")
     ap.add_argument("--no-warm-imports", action="store_true",
                     help="do not import the libraries once in a throwaway process before timing")
     a = ap.parse_args()
@@ -298,7 +325,8 @@ def main() -> None:
             rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
                         + (["--address", "auto"] if a.ray_head else [])
                         + (["--no-warm-workers"] if a.no_warm_workers else []),
-                        {**env, "SWEEPER_RAY_AS_IS": "1" if a.ray_as_is else "0"}, t0)
+                        {**env, "SWEEPER_RAY_AS_IS": "1" if a.ray_as_is else "0",
+                         "SWEEPER_WARM_FORK": "0" if a.no_warm_fork else "1"}, t0)
             t_launch = time.perf_counter() - t0
             tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"],
                                  cwd=REPO, env=env, capture_output=True, text=True)
@@ -309,7 +337,9 @@ def main() -> None:
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
                       sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head,
-                      warm_workers=not a.no_warm_workers, ray_as_is=a.ray_as_is)
+                      warm_pool=warm_pool_logs(work / "sweep", launched_at, say),
+                      warm_workers=not a.no_warm_workers, ray_as_is=a.ray_as_is,
+                      warm_fork=not a.no_warm_fork)
         say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way

@@ -134,7 +134,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                 ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
         finally:
             if pool is not None:
-                pool.close(emit=lambda m: click.echo(m, err=True))
+                pool.close(emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool))
     _finish(_launch_summary(p, study_file), ray_stopped)
 
 

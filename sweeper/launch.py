@@ -197,6 +197,11 @@ def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], addre
         return None
 
 
+def warm_logs_dir(store: ResultsStore, pool) -> Path:
+    """Where a launch keeps its warm workers' logs: ``<results>/_warm/<when the pool started>/``."""
+    return store.root / "_warm" / _dt.datetime.fromtimestamp(pool.started_at).strftime("%Y%m%d-%H%M%S")
+
+
 def move_aside(store: ResultsStore) -> Path | None:
     """--fresh: move existing results to <dir>.old-<timestamp> (never deleted)."""
     if not store.root.exists():

@@ -2,9 +2,11 @@
 GPU (:func:`worker_keys`, :class:`WarmPool`, the launch's side), and how a Tune trial on that machine takes one and
 hands it its trial (:func:`claim`, :class:`WarmWorker`, the trial's side). No Ray here.
 
-The pool lives in a temporary folder named in the trials' config. For worker N: ``worker-N.json`` (its key, pid,
-socket, lock and log), ``worker-N.sock`` (where it listens), ``worker-N.lock`` (flock'ed by the Tune trial process it
-serves, for as long as that process lives) and ``worker-N.log`` (its output between trials). A key is ``cpu`` or
+The pool lives in a temporary folder named in the trials' config: ``pool.json`` (the launch), ``parent.log`` (the
+output of the pool's parent process, which imports once and forks the workers: sweeper/warm_pool_parent.py) and, for
+worker N: ``worker-N.json`` (its key, pid, socket, lock and log), ``worker-N.sock`` (where it listens),
+``worker-N.lock`` (flock'ed by the Tune trial process it serves, for as long as that process lives) and
+``worker-N.log`` (its output between trials, and its end). A key is ``cpu`` or
 ``gpu:<id>``: a worker pinned to GPU ``<id>`` serves only Tune trials whose ``CUDA_VISIBLE_DEVICES`` Ray set to that
 id, so a trial always runs on the GPU (and in the GPU share) Ray gave it. A trial that finds no free worker of its
 key (another machine, a GPU left without one, a worker that died) runs in its own process as before.
@@ -30,10 +32,11 @@ from typing import Any, Callable
 
 from .errors import WarmWorkerDied
 from .trials import TrialSpec
-from .warm_worker import MSG_BYTES, NOT_READY, READY_TIMEOUT_S
+from .warm_worker import MSG_BYTES, NOT_FORKED, NOT_READY, READY_TIMEOUT_S
 
 _PREFIX = "sweeper-warm-"
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths end at 107 bytes on Linux (104 on macOS)
+PARENT_LOG = "parent.log"  # the output of the pool's parent process (sweeper/warm_pool_parent.py)
 
 
 # -------------------------------------------------------------------------------------------------- the launch's side
@@ -64,6 +67,7 @@ class WarmPool:
         self.folder = folder
         self.procs = procs
         self.keys = keys
+        self.started_at = time.time()
 
     @property
     def descriptor(self) -> dict[str, str]:
@@ -108,42 +112,63 @@ class WarmPool:
     @staticmethod
     def _spawn(folder: Path, keys: list[str], args: list[str], base_env: dict[str, str],
                procs: list[subprocess.Popen]) -> None:
-        for i, key in enumerate(keys):
-            paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "busy", "log")}
-            worker_env = dict(base_env)
-            if key.startswith("gpu:"):
-                worker_env["CUDA_VISIBLE_DEVICES"] = key[len("gpu:"):]
-            with open(paths["log"], "wb") as log:
-                # its own session: a Ctrl-C at the terminal reaches the launch, which stops the workers itself
-                proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--socket", paths["sock"],
-                                         "--busy", paths["busy"], "--key", key, "--parent", str(os.getpid()), *args],
-                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        env=worker_env, cwd=os.getcwd(), start_new_session=True)
-            procs.append(proc)
-            info = {"key": key, "pid": proc.pid, "socket": paths["sock"], "lock": paths["lock"], "busy": paths["busy"],
-                    "log": paths["log"]}
-            _write_json(folder / f"worker-{i}.json", info)
+        """The pool's parent process (sweeper/warm_pool_parent.py), which starts one worker per worker-N.json."""
+        with open(folder / PARENT_LOG, "wb") as log:
+            # its own session: a Ctrl-C at the terminal reaches the launch, which stops the workers itself
+            proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--pool", str(folder),
+                                     "--parent", str(os.getpid()), *args],
+                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=base_env,
+                                    cwd=os.getcwd(), start_new_session=True)
+        procs.append(proc)
+        try:
+            for i, key in enumerate(keys):
+                paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "busy", "log")}
+                # the parent's pid until it has started the worker: a client waits while the parent lives
+                _write_json(folder / f"worker-{i}.json", {"key": key, "pid": proc.pid, "socket": paths["sock"],
+                                                          "lock": paths["lock"], "busy": paths["busy"],
+                                                          "log": paths["log"]})
+        finally:
+            proc.stdin.close()  # the parent reads the worker files once this is closed
 
-    def close(self, emit: Callable[[str], None] | None = None, timeout_s: float = 10.0) -> None:
+    def worker_pids(self) -> list[int]:
+        """The workers' pids (the parent's pid for a worker it has not started yet)."""
+        return [int(info["pid"]) for info in _infos(self.folder, None)]
+
+    def close(self, emit: Callable[[str], None] | None = None, timeout_s: float = 10.0,
+              keep_logs: Path | None = None) -> None:
         """Stop every worker (a trial still running in one is abandoned, as Ray's own workers' are when Ray stops)
-        and remove the folder; a worker whose warm-up failed is reported (``emit``) with its error."""
+        and remove the folder; a worker whose warm-up failed is reported (``emit``) with its error. ``keep_logs``:
+        a folder to copy the pool's logs into first (the launch keeps them in its results, ``_warm/<start>/``)."""
+        workers = self.worker_pids() if self.folder.is_dir() else []
         for proc in self.procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # the parent passes it on to its workers and waits for them
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                proc.kill()  # its workers die with it (PR_SET_PDEATHSIG)
                 proc.wait()
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline + 5.0:
+            time.sleep(0.05)
         if emit is not None:
-            for i, proc in enumerate(self.procs):
-                log = self.folder / f"worker-{i}.log"
-                lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-                failed = [line for line in lines if line.startswith(NOT_READY)]
-                if failed:
-                    emit(f"warning: {failed[-1]} (pid {proc.pid}); trials it would have run ran in Ray's workers")
+            for line in _last_line(self.folder / PARENT_LOG, NOT_READY):
+                emit(f"warning: {line}; the trials ran in Ray's workers")
+            for line in _last_line(self.folder / PARENT_LOG, "warm pool "):
+                if NOT_FORKED in line:  # the slow way: say why, so that it can be mended
+                    emit(f"note: warm workers {NOT_FORKED}{line.split(NOT_FORKED, 1)[1]}")
+            for i, pid in enumerate(workers):
+                for line in _last_line(self.folder / f"worker-{i}.log", NOT_READY):
+                    emit(f"warning: {line} (pid {pid}); trials it would have run ran in Ray's workers")
+        if keep_logs is not None:
+            try:
+                keep_logs.mkdir(parents=True, exist_ok=True)
+                for log in self.folder.glob("*.log"):
+                    shutil.copy2(log, keep_logs / log.name)
+            except OSError as e:
+                if emit is not None:
+                    emit(f"warning: the warm workers' logs were not kept in {keep_logs}: {e}")
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> "WarmPool":
@@ -265,16 +290,30 @@ def _running(info: dict[str, Any]) -> bool:
         os.close(fd)
 
 
-def _infos(folder: Path, key: str) -> list[dict[str, Any]]:
+def _infos(folder: Path, key: str | None) -> list[dict[str, Any]]:
+    """The workers of ``key`` (None: all), in worker order."""
     out = []
-    for path in sorted(folder.glob("worker-*.json")):
+    for path in sorted(folder.glob("worker-*.json"), key=lambda p: int(p.stem.split("-")[1])):
         try:
             info = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("key") == key:
-            out.append(info)
+        if key is None or info.get("key") == key:
+            out.append({**info, "path": str(path)})
     return out
+
+
+def _reread(info: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {**json.loads(Path(info["path"]).read_text()), "path": info["path"]}
+    except (OSError, ValueError, KeyError):
+        return info
+
+
+def _last_line(log: Path, prefix: str) -> list[str]:
+    """The log's last line starting with ``prefix``, if any."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return [line for line in lines if line.startswith(prefix)][-1:]
 
 
 def _alive(pid: int) -> bool:
@@ -297,6 +336,7 @@ def _connect(info: dict[str, Any], deadline: float) -> tuple[socket.socket | Non
     message (its imports); (None, {}) if it died or is not ready by ``deadline`` (time.monotonic)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     while True:
+        info = _reread(info)  # the pool's parent names the worker's own pid once it has started it
         if not _alive(int(info["pid"])):
             conn.close()
             return None, {}

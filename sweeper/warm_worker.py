@@ -29,6 +29,7 @@ import threading
 import time
 
 NOT_READY = "warm worker could not start"  # its log's last line when its warm-up failed
+NOT_FORKED = "could not fork:"  # in the pool parent's log when it imported, then found forking unsafe
 PARENT_GONE = 3  # exit code: the launch that started this process had already ended
 READY_TIMEOUT_S = 600.0  # what a client waits for a worker's imports before it runs its trial itself
 MSG_BYTES = 1 << 22  # the largest request or reply; trial specs are a few KB
@@ -45,8 +46,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def warm_up(key: str, libraries: list[str], models: list[str], tasks: bool, needed: list[str]) -> dict:
-    """Import (and initialise) what the trials will use; returns the seconds each step took."""
+def warm_up_shared(models: list[str], tasks: bool, needed: list[str]) -> dict:
+    """Import what every trial uses and that touches no GPU: torch, transformers, sweeper's stages, the models'
+    classes, lm-eval and its task index. Returns the seconds each step took."""
     steps: dict[str, float] = {}
 
     def step(name: str, t0: float) -> float:
@@ -55,24 +57,18 @@ def warm_up(key: str, libraries: list[str], models: list[str], tasks: bool, need
         return now
 
     t = time.perf_counter()
-    from .import_guard import hide_unless_needed, import_precision_library
+    from .import_guard import hide_unless_needed
 
     hide_unless_needed(needed)  # as a Ray worker does before transformers is imported
-    import torch
+    import torch  # noqa: F401
 
     t = step("torch", t)
-    if key.startswith("gpu:"):
-        torch.zeros(1, device="cuda")  # the CUDA context, on the GPU this worker is pinned to
-        t = step("cuda", t)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     from . import runner  # noqa: F401
     from .stages import benchmark, kl, load, perplexity  # noqa: F401
 
     t = step("transformers", t)
-    for library in libraries:
-        import_precision_library(library)
-    t = step("libraries", t)
     for model in models:  # the model class's module, which a first from_pretrained would import
         try:
             config = AutoConfig.from_pretrained(model)
@@ -88,6 +84,30 @@ def warm_up(key: str, libraries: list[str], models: list[str], tasks: bool, need
         task_manager()
         step("lm_eval", t)
     return steps
+
+
+def warm_up_device(key: str, libraries: list[str]) -> dict:
+    """The CUDA context on the GPU this process is pinned to (key ``gpu:<id>``), then the quantization libraries
+    (bitsandbytes asks CUDA about the GPU when it is imported). Returns the seconds each step took."""
+    steps: dict[str, float] = {}
+    t = time.perf_counter()
+    if key.startswith("gpu:"):
+        import torch
+
+        torch.zeros(1, device="cuda")
+        now = time.perf_counter()
+        steps["cuda"], t = round(now - t, 3), now
+    from .import_guard import import_precision_library
+
+    for library in libraries:
+        import_precision_library(library)
+    steps["libraries"] = round(time.perf_counter() - t, 3)
+    return steps
+
+
+def warm_up(key: str, libraries: list[str], models: list[str], tasks: bool, needed: list[str]) -> dict:
+    """Everything a trial would import or initialise, in this one process; returns the seconds each step took."""
+    return {**warm_up_shared(models, tasks, needed), **warm_up_device(key, libraries)}
 
 
 class _Output:
@@ -150,7 +170,9 @@ def serve(conn: socket.socket, ready: dict, busy_fd: int) -> None:
         fcntl.flock(busy_fd, fcntl.LOCK_EX)  # held while the trial runs: a client waits only for idle workers
         try:
             with _Output(fds):
-                reply = run_request({**request, "extra": {"warm_worker": True, **request["extra"]}})
+                reply = run_request({**request, "extra": {"warm_worker": True,
+                                                                  "warm_worker_ready_at": ready.get("ready_at"),
+                                                                  **request["extra"]}})
         except Exception as exc:  # not a trial failure (those are in the row): the request itself was bad
             reply = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "error_type": "WarmWorkerError",
                      "duration_s": 0.0}
@@ -160,37 +182,25 @@ def serve(conn: socket.socket, ready: dict, busy_fd: int) -> None:
         conn.sendall(json.dumps(reply).encode())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sweeper.warm_worker")
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--busy", required=True, help="a file whose lock this process holds while it runs a trial")
-    parser.add_argument("--key", required=True, help="cpu, or gpu:<CUDA_VISIBLE_DEVICES> (set in this env)")
-    parser.add_argument("--parent", type=int, required=True, help="the launch's pid: this process ends with it")
-    parser.add_argument("--library", action="append", default=[])
-    parser.add_argument("--needed", action="append", default=[], help="optional packages the trials need")
-    parser.add_argument("--model", action="append", default=[])
-    parser.add_argument("--tasks", action="store_true")
-    args = parser.parse_args(argv)
-    _die_with_parent()
-    if os.getppid() != args.parent:  # the launch died before the line above: nothing would end this process
-        os._exit(PARENT_GONE)
-    # SIGTERM keeps its default action (end at once): a Python handler would wait for the main thread, which CUDA's
-    # threads can leave blocked in accept() (the signal goes to one of them): 10 s to stop on the H100 (run26).
-    t0 = time.perf_counter()
-    try:
-        # listening before the imports: a client may connect at once, and waits for the ready message
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        server.bind(args.socket)
-        server.listen(1)
-        steps = warm_up(args.key, args.library, args.model, args.tasks, args.needed)
-    except BaseException as exc:  # said before the socket closes, so whoever sees it closed can read why
-        import traceback
+def _listen(path: str) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(1)
+    return server
 
-        traceback.print_exc()
-        print(f"{NOT_READY}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
-        os._exit(1)
-    busy_fd = os.open(args.busy, os.O_RDWR | os.O_CREAT, 0o600)
-    ready = {"pid": os.getpid(), "key": args.key, "warm_up_s": round(time.perf_counter() - t0, 3), "steps": steps}
+
+def _not_ready(exc: BaseException) -> None:
+    """Why this process could not warm up, said last in its log (before its socket closes, so whoever sees it closed
+    can read why)."""
+    import traceback
+
+    traceback.print_exc()
+    print(f"{NOT_READY}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+
+
+def _serve_forever(server: socket.socket, busy_path: str, ready: dict) -> None:
+    busy_fd = os.open(busy_path, os.O_RDWR | os.O_CREAT, 0o600)
+    ready = {"pid": os.getpid(), **ready, "ready_at": time.time()}
     print(f"warm worker {os.getpid()} ready: {json.dumps(ready)}", flush=True)
     while True:
         conn, _ = server.accept()
@@ -199,6 +209,46 @@ def main(argv: list[str] | None = None) -> None:
                 serve(conn, ready, busy_fd)
             except OSError:  # the client left between trials, before our reply: wait for the next one
                 pass
+
+
+def _worker_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m sweeper.warm_worker")
+    parser.add_argument("--pool", help="start every worker of this pool folder's worker-N.json (see below)")
+    parser.add_argument("--socket")
+    parser.add_argument("--busy", help="a file whose lock this process holds while it runs a trial")
+    parser.add_argument("--key", help="cpu, or gpu:<CUDA_VISIBLE_DEVICES> (set in this env)")
+    parser.add_argument("--parent", type=int, required=True, help="the launch's pid: this process ends with it")
+    parser.add_argument("--library", action="append", default=[])
+    parser.add_argument("--needed", action="append", default=[], help="optional packages the trials need")
+    parser.add_argument("--model", action="append", default=[])
+    parser.add_argument("--tasks", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.pool and not (args.socket and args.busy and args.key):
+        parser.error("give --pool DIR, or --socket, --busy and --key")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _worker_args(argv)
+    _die_with_parent()
+    if os.getppid() != args.parent:  # the launch died before the line above: nothing would end this process
+        os._exit(PARENT_GONE)
+    if args.pool:
+        from .warm_pool_parent import run_pool
+
+        run_pool(args)
+        return
+    # SIGTERM keeps its default action (end at once): a Python handler would wait for the main thread, which CUDA's
+    # threads can leave blocked in accept() (the signal goes to one of them): 10 s to stop on the H100 (run26).
+    t0 = time.perf_counter()
+    try:
+        server = _listen(args.socket)  # before the imports: a client may connect at once, and waits for ready
+        steps = warm_up(args.key, args.library, args.model, args.tasks, args.needed)
+    except BaseException as exc:
+        _not_ready(exc)
+        os._exit(1)
+    _serve_forever(server, args.busy, {"key": args.key, "warm_up_s": round(time.perf_counter() - t0, 3),
+                                       "steps": steps, "forked": False})
 
 
 if __name__ == "__main__":

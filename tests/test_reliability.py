@@ -52,21 +52,24 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
     study = _study(tmp_path / "s.py", tiny_model, ["fp32", "bf16", "int8", "nf4", "fp4"])
     results = tmp_path / "res"
     finished: dict[str, bytes] = {}
+    kills = 0
     for kill in range(3):
         proc = sweep_popen("launch", str(study), "--results", str(results), "--max-concurrent", "1")
-        # a random moment: while Ray starts, while a trial runs, or right as a file lands
-        delay = rng.uniform(1.0, 12.0)
+        # a random moment: while Ray starts, while a trial runs, or right as a file lands (a launch here takes
+        # 8-12 s: Ray's start, then 5 short trials)
+        delay = rng.uniform(1.0, 8.0)
         time.sleep(delay)
         if kill == 2:  # the last kill comes after this launch finished a trial, so the resume has rows to keep
             before = len(finished)
             deadline = time.time() + 180
             while len(_rows(results)) <= before and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.2)
-        if proc.poll() is not None:  # it finished every trial before the kill came
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        else:  # it finished every trial before the kill came
             assert proc.returncode == 0, proc.communicate()[0]
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()
         for f in _rows(results):
             data = f.read_bytes()
             assert finished.setdefault(f.name, data) == data, f"{f.name} changed after it was finished"
@@ -74,6 +77,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
         for sub in ("trials", "metrics"):
             for f in (results / sub).glob("*.parquet") if (results / sub).is_dir() else []:
                 pl.read_parquet(f)
+        if len(finished) == 5:
+            break
+    assert kills >= 1, "every launch finished before its kill: the test killed nothing"
     assert finished, "no trial finished before the kills: the resume check below would prove nothing"
     r = sweep("launch", str(study), "--results", str(results))
     assert r.returncode == 0, r.stdout + r.stderr

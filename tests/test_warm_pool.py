@@ -14,7 +14,7 @@ from sweeper.errors import WarmWorkerDied
 from sweeper.store import ResultsStore
 from sweeper.study import Benchmark, Perplexity, Study
 from sweeper.trials import expand
-from sweeper.warm_pool import WarmPool, claim, worker_keys
+from sweeper.warm_pool import WarmPool, _alive, claim, worker_keys
 
 from helpers import read_trials
 
@@ -63,8 +63,10 @@ def test_a_warm_worker_runs_trials_for_one_client_at_a_time(tmp_path, tiny_model
     store = ResultsStore(tmp_path / "res")
     with WarmPool.start(["cpu"], [first, second]) as pool:
         worker = claim(pool.descriptor, "cpu")
-        assert worker is not None and worker.pid == pool.procs[0].pid
+        assert worker is not None and pool.worker_pids() == [worker.pid]
         assert set(worker.ready["steps"]) >= {"torch", "transformers", "libraries", "models"}
+        # forked by the pool's parent after its imports (Linux, no CUDA here, no other thread)
+        assert worker.ready["forked"] is True and _parent_pid(worker.pid) == pool.procs[0].pid
         assert claim(pool.descriptor, "cpu") is None  # held by this client
         assert claim(pool.descriptor, "gpu:0") is None  # no worker of that key
         assert claim({**pool.descriptor, "host": "another-machine"}, "cpu") is None
@@ -81,7 +83,54 @@ def test_a_warm_worker_runs_trials_for_one_client_at_a_time(tmp_path, tiny_model
     assert (rows["process_started_at"] < rows["load_started_at"]).all()
     assert rows["trainable_started_at"].to_list()[0] is not None
     # the pool's processes and folder are gone
-    assert pool.procs[0].poll() is not None and not pool.folder.exists()
+    assert pool.procs[0].poll() is not None and not _alive(worker.pid) and not pool.folder.exists()
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_the_pools_parent_imports_once_and_forks_its_workers(tmp_path, monkeypatch, tiny_model, shared_data, fork):
+    """One parent process imports torch, transformers, ... once and forks the workers; with SWEEPER_WARM_FORK=0 it
+    starts each as its own process, which imports everything itself. Either way they run trials."""
+    monkeypatch.setenv("SWEEPER_WARM_FORK", fork)
+    (trial,) = _trials(tiny_model, shared_data, precisions=("fp32",))
+    store = ResultsStore(tmp_path / "res")
+    messages: list[str] = []
+    pool = WarmPool.start(["cpu", "cpu"], [trial])
+    try:
+        first, second = claim(pool.descriptor, "cpu"), claim(pool.descriptor, "cpu")
+        assert first is not None and second is not None and sorted(pool.worker_pids()) == sorted([first.pid, second.pid])
+        assert {_parent_pid(first.pid), _parent_pid(second.pid)} == {pool.procs[0].pid}
+        assert first.ready["forked"] is second.ready["forked"] is (fork == "1")
+        shared = ("torch", "transformers", "models")
+        same = [first.ready["steps"][k] == second.ready["steps"][k] for k in shared]
+        assert all(same) if fork == "1" else not all(same)  # the parent's own import times, or each worker's
+        assert second.run(trial, str(store.root), 1, {})["status"] == "done"
+        first.close()
+        second.close()
+    finally:
+        pool.close(emit=messages.append, keep_logs=tmp_path / "logs")
+    assert messages == [], messages  # nothing to warn about: asked for either way
+    parent_log = (tmp_path / "logs" / "parent.log").read_text()
+    assert ("forking its workers" if fork == "1" else "not forked: each started as its own process, which imports "
+            "everything itself (SWEEPER_WARM_FORK=0)") in parent_log, parent_log
+    assert all(" ready: {" in (tmp_path / "logs" / f"worker-{i}.log").read_text() for i in range(2))
+    assert not _alive(first.pid) and not _alive(second.pid) and pool.procs[0].poll() is not None
+    assert read_trials(store.root)["worker_pid"].to_list() == [second.pid]
+
+
+def test_a_pool_whose_imports_fail_is_reported_and_never_claimed(tmp_path, tiny_model, shared_data):
+    fake = tmp_path / "site"
+    (fake / "transformers").mkdir(parents=True)
+    (fake / "transformers" / "__init__.py").write_text("raise ImportError('a broken transformers, for this test')\n")
+    messages: list[str] = []
+    pool = WarmPool.start(["cpu", "cpu"], _trials(tiny_model, shared_data), env={"PYTHONPATH": str(fake)})
+    try:
+        t0 = time.monotonic()
+        assert claim(pool.descriptor, "cpu") is None
+        assert time.monotonic() - t0 < 120  # it waited for the parent's end, not for READY_TIMEOUT_S
+    finally:
+        pool.close(emit=messages.append)
+    assert len(messages) == 1 and "warm worker could not start: ImportError: a broken transformers" in messages[0], \
+        messages
 
 
 def test_a_client_that_goes_away_mid_trial_takes_the_trial_with_it(tmp_path, tiny_model, shared_data):
@@ -96,11 +145,16 @@ def test_a_client_that_goes_away_mid_trial_takes_the_trial_with_it(tmp_path, tin
         runner.start()
         time.sleep(3.0)  # the worker has the request (the trial itself runs for minutes)
         worker._conn.shutdown(2)  # what the kernel does to a dead process's socket
-        assert _wait(lambda: pool.procs[0].poll() is not None, timeout=30), "the worker kept running the trial"
+        assert _wait(lambda: not _alive(worker.pid), timeout=30), "the worker kept running the trial"
         runner.join(30)
-        assert pool.procs[0].returncode == 75
+        log = pool.folder / "worker-0.log"
+        assert _wait(lambda: f"warm worker {worker.pid} ended: exit code 75" in log.read_text(), timeout=10)
         assert isinstance(errors[0], WarmWorkerDied)
     assert not (store.root / "trials").exists() or not list((store.root / "trials").glob("*.parquet"))
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _run_catching(worker, spec, store):
@@ -131,9 +185,12 @@ def test_a_worker_that_cannot_start_is_reported_and_never_claimed(tmp_path, tiny
         assert claim(pool.descriptor, "gpu:99") is None
         assert time.monotonic() - t0 < 120  # it waited for the worker's end, not for READY_TIMEOUT_S
     finally:
-        pool.close(emit=messages.append)
+        pool.close(emit=messages.append, keep_logs=tmp_path / "logs")
     assert len(messages) == 1 and "warm worker could not start" in messages[0], messages
     assert "CUDA" in messages[0], messages  # the reason: this torch has no CUDA
+    # workers of GPUs are not forked (an import in the parent initialises CUDA on the H100 image: run31), at once
+    assert "not forked: each started as its own process" in (tmp_path / "logs" / "parent.log").read_text()
+    assert "shared imports" not in (tmp_path / "logs" / "parent.log").read_text()
 
 
 def test_trial_output_goes_to_the_clients_stdout(tmp_path, tiny_model, shared_data, capfd):

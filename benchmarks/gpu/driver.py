@@ -8,6 +8,7 @@ summaries under --out (at most 8 files: driver.log, trials.csv, metrics.csv, sum
     python3 benchmarks/gpu/driver.py --out $OUT ttt --ttt-part naive   # then, in the next call: --ttt-part sweep
     python3 benchmarks/gpu/driver.py --out $OUT ttt --ttt-part sweep --ttt-no-warm   # the sweep without warm workers
     python3 benchmarks/gpu/driver.py --out $OUT ttt --ttt-part sweep --ttt-ray-as-is # its Ray as Ray comes
+    python3 benchmarks/gpu/driver.py --out $OUT ttt --ttt-part sweep --ttt-no-fork   # warm workers not forked
     python3 benchmarks/gpu/driver.py --out $OUT tttprobe startup   # point 6: the sweep side alone; a fresh process's start-up
     python3 benchmarks/gpu/driver.py --out $OUT multi --multi-models 2   # point 7: 16 trials on 1 GPU vs all GPUs
 
@@ -401,7 +402,7 @@ def do_ttt(out: Out, a) -> None:
            "--work", "/tmp/ttt", "--report", str(out.folder / "time_to_table.json"), "--limit", str(a.ttt_limit),
            "--share", str(a.ttt_share)] + {"both": [], "naive": ["--skip-sweep"], "sweep": ["--reuse-naive"]}[a.ttt_part] \
         + (["--ray-head"] if a.ttt_ray_head else []) + (["--no-warm-workers"] if a.ttt_no_warm else []) \
-        + (["--ray-as-is"] if a.ttt_ray_as_is else [])
+        + (["--ray-as-is"] if a.ttt_ray_as_is else []) + (["--no-warm-fork"] if a.ttt_no_fork else [])
     rc, wall, text = out.run(cmd, timeout=max(10.0, min(a.ttt_timeout, out.deadline - time.time() - 5)))
     report = out.folder / "time_to_table.json"
     if a.ttt_ray_head and report.exists():  # its own name, beside a plain ttt's report
@@ -461,6 +462,8 @@ def main() -> None:
     ap.add_argument("--ttt-share", type=float, default=0.1, help="ttt: the sweep's GPU share per trial")
     ap.add_argument("--ttt-ray-head", action="store_true", help="ttt: the sweep against a Ray head already up")
     ap.add_argument("--ttt-no-warm", action="store_true", help="ttt: the sweep launched with --no-warm-workers")
+    ap.add_argument("--ttt-no-fork", action="store_true",
+                    help="ttt: each warm worker imports everything itself (SWEEPER_WARM_FORK=0)")
     ap.add_argument("--ttt-ray-as-is", action="store_true",
                     help="ttt: the sweep's private Ray started as Ray comes (SWEEPER_RAY_AS_IS=1)")
     ap.add_argument("--ttt-part", choices=["both", "naive", "sweep"], default="both",

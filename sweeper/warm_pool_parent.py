@@ -1,0 +1,192 @@
+"""The parent process of one launch's warm workers (`python -m sweeper.warm_worker --pool DIR`). No Ray here.
+
+It starts one worker per ``worker-N.json`` of the pool folder, in one of two ways:
+- **Forked (CPU workers):** it imports, once, what every trial needs (torch, transformers, sweeper's stages, the
+  models' classes, lm-eval and its task index: :func:`sweeper.warm_worker.warm_up_shared`), then forks the workers,
+  which only import the quantization libraries. On the 2-core machine 4 workers were ready 5.5 s after the pool's
+  start instead of 11.4 s, and a launch took 11.9 s instead of 13.5 s (benchmarks/warm_fork.py, logs in
+  benchmarks/logs/warm_fork*_cpu.txt).
+- **Each its own process (GPU workers, or SWEEPER_WARM_FORK=0):** started at once; each imports everything itself,
+  then creates its CUDA context. On the H100 host an import of the parent initialised CUDA (after which a forked
+  child cannot use it), and one process's imports took as long as eight side by side (19-22 s against 21 s,
+  docs/performance.md, run31), so forking would not have them ready sooner there.
+
+Forking is only done where it is safe: on Linux, with CUDA not initialised and no other Python thread in this
+process after its imports (a fork copies one thread; a lock another thread held would stay held in the child).
+Native helper threads of the libraries (torch's, pyarrow's allocator's) are there, as when a torch DataLoader forks
+its workers; those libraries prepare for a fork themselves. ``torch.cuda.is_available`` asks NVML
+(``PYTORCH_NVML_BASED_CUDA_CHECK``) while this process imports, so that an import that only asks does not initialise
+CUDA. If forking turns out unsafe after the imports, each worker is started as its own process, and the launch
+says why.
+
+This process ends when the launch does (it dies with it), when all its workers have ended, or on SIGTERM, which it
+passes on to its workers before it waits for them. A worker's end is the last line of its log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .warm_worker import NOT_FORKED, _die_with_parent, _listen, _not_ready, _serve_forever, warm_up_device, warm_up_shared
+
+FORK_ENV = "SWEEPER_WARM_FORK"  # "0": start each worker as its own process
+_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def run_pool(args) -> None:
+    folder = Path(args.pool)
+    children: dict[int, Path] = {}  # pid -> the worker's log
+    stopping = []
+
+    def on_term(signum, frame) -> None:
+        stopping.append(signum)
+        if not children:
+            os._exit(0)
+        for pid in children:
+            _signal(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    saved_check = os.environ.get(_NVML_CHECK)
+    sys.stdin.read()  # the launch writes every worker-N.json, then closes our stdin
+    infos = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("worker-*.json"))]
+    why_not = _why_not_fork_here([info["key"] for _, info in infos])
+    shared: dict = {}
+    shared_s = 0.0
+    if why_not is None:  # import once, then see whether forking is safe
+        os.environ[_NVML_CHECK] = "1"
+        t0 = time.perf_counter()
+        try:
+            shared = warm_up_shared(args.model, args.tasks, args.needed)
+        except BaseException as exc:
+            _not_ready(exc)
+            os._exit(1)
+        shared_s = time.perf_counter() - t0
+        _restore(_NVML_CHECK, saved_check)
+        why_not = _why_not_fork_after_imports()
+    print(f"warm pool {os.getpid()}: "
+          + (f"shared imports {shared_s:.2f}s {json.dumps(shared)}; " if shared else "")
+          + ("forking its workers" if why_not is None
+             else f"{NOT_FORKED if shared else 'not forked:'} each started as its own process, which imports "
+                  f"everything itself ({why_not})"),
+          flush=True)
+    for path, info in infos:
+        if stopping:
+            break
+        if why_not is None:
+            pid = _fork_worker(info, args, shared, shared_s, saved_check)
+        else:
+            pid = _spawn_worker(info, args, saved_check)
+        children[pid] = Path(info["log"])
+        from .warm_pool import _write_json
+
+        _write_json(path, {**info, "pid": pid})  # clients now watch the worker itself
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        log = children.pop(pid, None)
+        if log is not None:
+            with open(log, "a") as fh:
+                fh.write(f"warm worker {pid} ended: {_how(status)}\n")
+    os._exit(0)
+
+
+def _why_not_fork_here(keys: list[str]) -> str | None:
+    """Why forking is not even tried (the workers then start at once); None: import, then ask again."""
+    if any(key.startswith("gpu:") for key in keys):
+        return "workers of GPUs"
+    if os.environ.get(FORK_ENV, "1") == "0":
+        return f"{FORK_ENV}=0"
+    if sys.platform != "linux":
+        return f"not on Linux ({sys.platform})"
+    return None
+
+
+def _why_not_fork_after_imports() -> str | None:
+    """Why forking this process now would not be safe; None when it is."""
+    import threading
+
+    import torch
+
+    if torch.cuda.is_initialized():
+        return "CUDA was initialised by an import"
+    if threading.active_count() > 1:  # a Python thread could hold a lock (an import's, logging's) in the child
+        return f"{threading.active_count()} Python threads after the imports"
+    return None
+
+
+def _fork_worker(info: dict, args, shared: dict, shared_s: float, saved_check: str | None) -> int:
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: never returns to the parent's code
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # see warm_worker.main: a handler would stall the stop
+        _die_with_parent()
+        if os.getppid() != parent:
+            os._exit(0)  # the parent ended before the line above
+        fd = os.open(info["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        _restore(_NVML_CHECK, saved_check)
+        if info["key"].startswith("gpu:"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = info["key"][len("gpu:"):]
+        t0 = time.perf_counter()
+        try:
+            server = _listen(info["socket"])
+            steps = warm_up_device(info["key"], args.library)
+        except BaseException as exc:
+            _not_ready(exc)
+            os._exit(1)
+        _serve_forever(server, info["busy"], {"key": info["key"], "forked": True, "steps": {**shared, **steps},
+                                              "warm_up_s": round(shared_s + time.perf_counter() - t0, 3)})
+    finally:
+        os._exit(1)
+
+
+def _spawn_worker(info: dict, args, saved_check: str | None) -> int:
+    env = dict(os.environ)
+    _restore(_NVML_CHECK, saved_check, env)
+    if info["key"].startswith("gpu:"):
+        env["CUDA_VISIBLE_DEVICES"] = info["key"][len("gpu:"):]
+    extra: list[str] = []
+    for flag, values in (("--library", args.library), ("--needed", args.needed), ("--model", args.model)):
+        for value in values:
+            extra += [flag, value]
+    if args.tasks:
+        extra.append("--tasks")
+    with open(info["log"], "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--socket", info["socket"], "--busy",
+                                 info["busy"], "--key", info["key"], "--parent", str(os.getpid()), *extra],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc.pid
+
+
+def _restore(name: str, value: str | None, env=None) -> None:
+    env = os.environ if env is None else env
+    if value is None:
+        env.pop(name, None)
+    else:
+        env[name] = value
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"
