@@ -9,8 +9,9 @@ Each round starts a pool of ``--workers`` CPU warm workers (sweeper.warm_pool.Wa
 lm-eval task (so the workers import lm-eval and read its task index, as in a study with tasks) once with
 ``SWEEPER_WARM_FORK=1`` (the default) and once with ``0``, alternating which goes first; it claims every worker (a
 claim waits for the worker's ready message), then reads the CPU time of the pool's processes from /proc before it
-stops them. ``--gpu``: the workers are pinned to GPU 0 (each creates its CUDA context and imports bitsandbytes after
-the fork); each worker's warm-up steps are printed.
+stops them. ``--gpu``: the workers are pinned to GPU 0, and the "fork" side sets ``SWEEPER_WARM_FORK=always`` (the
+parent imports first and forks them if that is safe, else starts each after its imports; without it GPU workers are
+always started at once); each worker's warm-up steps and the parent's line are printed.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def start_pool(fork: bool, a) -> dict:
     from sweeper.trials import expand
     from sweeper.warm_pool import WarmPool, claim
 
-    os.environ["SWEEPER_WARM_FORK"] = "1" if fork else "0"
+    # GPU workers: "always" makes the parent import first and try to fork them (it forks only CPU workers otherwise)
+    os.environ["SWEEPER_WARM_FORK"] = ("always" if a.gpu else "1") if fork else "0"
     study = Study(name="fork-bench", models=[a.model], precisions=["fp32", "nf4"],
                   compute_dtypes=["fp32"], kl=False, benchmark=Benchmark(enabled=False), tasks=[Task("piqa")])
     key = "gpu:0" if a.gpu else "cpu"

@@ -197,8 +197,11 @@ def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], addre
         return None
 
 
-def warm_logs_dir(store: ResultsStore, pool) -> Path:
-    """Where a launch keeps its warm workers' logs: ``<results>/_warm/<when the pool started>/``."""
+def warm_logs_dir(store: ResultsStore, pool) -> Path | None:
+    """Where a launch keeps its warm workers' logs: ``<results>/_warm/<when the pool started>/``; None when the
+    results folder does not exist (the launch stopped before it wrote anything: it creates no folder for logs)."""
+    if not store.root.is_dir():
+        return None
     return store.root / "_warm" / _dt.datetime.fromtimestamp(pool.started_at).strftime("%Y%m%d-%H%M%S")
 
 

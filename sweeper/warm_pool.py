@@ -3,11 +3,11 @@ GPU (:func:`worker_keys`, :class:`WarmPool`, the launch's side), and how a Tune 
 hands it its trial (:func:`claim`, :class:`WarmWorker`, the trial's side). No Ray here.
 
 The pool lives in a temporary folder named in the trials' config: ``pool.json`` (the launch), ``parent.log`` (the
-output of the pool's parent process, which imports once and forks the workers: sweeper/warm_pool_parent.py) and, for
-worker N: ``worker-N.json`` (its key, pid, socket, lock and log), ``worker-N.sock`` (where it listens),
-``worker-N.lock`` (flock'ed by the Tune trial process it serves, for as long as that process lives) and
-``worker-N.log`` (its output between trials, and its end). A key is ``cpu`` or
-``gpu:<id>``: a worker pinned to GPU ``<id>`` serves only Tune trials whose ``CUDA_VISIBLE_DEVICES`` Ray set to that
+output of the pool's parent process, which starts the workers: sweeper/warm_pool_parent.py) and, for worker N:
+``worker-N.json`` (its key, its pid (the parent's until the parent has started it), socket, lock and log),
+``worker-N.sock`` (where it listens), ``worker-N.lock`` (flock'ed by the Tune trial process it serves, for as long as
+that process lives) and ``worker-N.log`` (its output between trials, and its end). A key is ``cpu`` or ``gpu:<id>``:
+a worker pinned to GPU ``<id>`` serves only Tune trials whose ``CUDA_VISIBLE_DEVICES`` Ray set to that
 id, so a trial always runs on the GPU (and in the GPU share) Ray gave it. A trial that finds no free worker of its
 key (another machine, a GPU left without one, a worker that died) runs in its own process as before.
 
@@ -36,6 +36,7 @@ from .warm_worker import MSG_BYTES, NOT_FORKED, NOT_READY, READY_TIMEOUT_S
 
 _PREFIX = "sweeper-warm-"
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths end at 107 bytes on Linux (104 on macOS)
+BIND_TIMEOUT_S = 60.0  # a worker named in its file that has not bound its socket by then is taken as stuck
 PARENT_LOG = "parent.log"  # the output of the pool's parent process (sweeper/warm_pool_parent.py)
 
 
@@ -124,9 +125,9 @@ class WarmPool:
             for i, key in enumerate(keys):
                 paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "busy", "log")}
                 # the parent's pid until it has started the worker: a client waits while the parent lives
-                _write_json(folder / f"worker-{i}.json", {"key": key, "pid": proc.pid, "socket": paths["sock"],
-                                                          "lock": paths["lock"], "busy": paths["busy"],
-                                                          "log": paths["log"]})
+                _write_json(folder / f"worker-{i}.json", {"key": key, "pid": proc.pid, "parent": proc.pid,
+                                                          "socket": paths["sock"], "lock": paths["lock"],
+                                                          "busy": paths["busy"], "log": paths["log"]})
         finally:
             proc.stdin.close()  # the parent reads the worker files once this is closed
 
@@ -139,7 +140,6 @@ class WarmPool:
         """Stop every worker (a trial still running in one is abandoned, as Ray's own workers' are when Ray stops)
         and remove the folder; a worker whose warm-up failed is reported (``emit``) with its error. ``keep_logs``:
         a folder to copy the pool's logs into first (the launch keeps them in its results, ``_warm/<start>/``)."""
-        workers = self.worker_pids() if self.folder.is_dir() else []
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # the parent passes it on to its workers and waits for them
@@ -150,6 +150,7 @@ class WarmPool:
             except subprocess.TimeoutExpired:
                 proc.kill()  # its workers die with it (PR_SET_PDEATHSIG)
                 proc.wait()
+        workers = self.worker_pids() if self.folder.is_dir() else []  # read once the parent has ended: final
         while any(_alive(pid) for pid in workers) and time.monotonic() < deadline + 5.0:
             time.sleep(0.05)
         if emit is not None:
@@ -335,16 +336,21 @@ def _connect(info: dict[str, Any], deadline: float) -> tuple[socket.socket | Non
     """Connect to a worker (it binds its socket first thing, so wait briefly for that) and wait for its ready
     message (its imports); (None, {}) if it died or is not ready by ``deadline`` (time.monotonic)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    named_at: float | None = None  # when the file first named the worker itself (not the pool's parent)
     while True:
         info = _reread(info)  # the pool's parent names the worker's own pid once it has started it
         if not _alive(int(info["pid"])):
             conn.close()
             return None, {}
+        if named_at is None and info["pid"] != info.get("parent"):
+            named_at = time.monotonic()
         try:
             conn.connect(info["socket"])
             break
         except (FileNotFoundError, ConnectionRefusedError):  # not bound, or bound and not listening yet
-            if time.monotonic() > deadline:
+            # a started worker binds within a second; one alive and still unbound long after is stuck
+            stuck = named_at is not None and time.monotonic() - named_at > BIND_TIMEOUT_S
+            if time.monotonic() > deadline or stuck:
                 conn.close()
                 return None, {}
             time.sleep(0.05)

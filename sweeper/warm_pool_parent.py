@@ -3,11 +3,13 @@
 It starts one worker per ``worker-N.json`` of the pool folder, in one of two ways:
 - **Forked (CPU workers):** it imports, once, what every trial needs (torch, transformers, sweeper's stages, the
   models' classes, lm-eval and its task index: :func:`sweeper.warm_worker.warm_up_shared`), then forks the workers,
-  which only import the quantization libraries. On the 2-core machine 4 workers were ready 5.5 s after the pool's
+  which only import the quantization libraries. CPU workers do not see the GPUs (``CUDA_VISIBLE_DEVICES=""``, as
+  Ray gives a trial of no GPU), so no import can initialise CUDA in the parent. On the 2-core machine 4 workers were ready 5.5 s after the pool's
   start instead of 11.4 s, and a launch took 11.9 s instead of 13.5 s (benchmarks/warm_fork.py, logs in
   benchmarks/logs/warm_fork*_cpu.txt).
 - **Each its own process (GPU workers, or SWEEPER_WARM_FORK=0):** started at once; each imports everything itself,
-  then creates its CUDA context. On the H100 host an import of the parent initialised CUDA (after which a forked
+  then creates its CUDA context. (``SWEEPER_WARM_FORK=always`` imports first and tries to fork GPU workers too: for
+  measurements, benchmarks/warm_fork.py --gpu.) On the H100 host an import of the parent initialised CUDA (after which a forked
   child cannot use it), and one process's imports took as long as eight side by side (19-22 s against 21 s,
   docs/performance.md, run31), so forking would not have them ready sooner there.
 
@@ -32,10 +34,12 @@ import sys
 import time
 from pathlib import Path
 
+from .warm_pool import _write_json
 from .warm_worker import NOT_FORKED, _die_with_parent, _listen, _not_ready, _serve_forever, warm_up_device, warm_up_shared
 
-FORK_ENV = "SWEEPER_WARM_FORK"  # "0": start each worker as its own process
+FORK_ENV = "SWEEPER_WARM_FORK"  # "0": each worker its own process; "always": try forking GPU workers too (to measure)
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+_SPAWNED: list[subprocess.Popen] = []  # kept, so that no later Popen reaps one of them behind os.wait()'s back
 
 
 def run_pool(args) -> None:
@@ -53,8 +57,13 @@ def run_pool(args) -> None:
     signal.signal(signal.SIGTERM, on_term)
     saved_check = os.environ.get(_NVML_CHECK)
     sys.stdin.read()  # the launch writes every worker-N.json, then closes our stdin
-    infos = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("worker-*.json"))]
-    why_not = _why_not_fork_here([info["key"] for _, info in infos])
+    infos = [(path, json.loads(path.read_text()))
+             for path in sorted(folder.glob("worker-*.json"), key=lambda p: int(p.stem.split("-")[1]))]
+    keys = [info["key"] for _, info in infos]
+    if not any(key.startswith("gpu:") for key in keys):
+        # CPU workers see no GPU, as Ray gives a trial of no GPU none; no import here can initialise CUDA then
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    why_not = _why_not_fork_here(keys)
     shared: dict = {}
     shared_s = 0.0
     if why_not is None:  # import once, then see whether forking is safe
@@ -78,13 +87,18 @@ def run_pool(args) -> None:
         if stopping:
             break
         if why_not is None:
-            pid = _fork_worker(info, args, shared, shared_s, saved_check)
+            go_read, go_write = os.pipe()
+            pid = _fork_worker(info, args, shared, shared_s, saved_check, go_read, go_write)
         else:
-            pid = _spawn_worker(info, args, saved_check)
+            pid, go_write = _spawn_worker(info, args, saved_check), None
         children[pid] = Path(info["log"])
-        from .warm_pool import _write_json
-
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by _fork_worker; one that came
+        # meanwhile runs the handler now, which knows this worker
+        if stopping:  # a SIGTERM came while this worker was being spawned: the handler did not know it yet
+            _signal(pid, signal.SIGTERM)
         _write_json(path, {**info, "pid": pid})  # clients now watch the worker itself
+        if go_write is not None:
+            os.close(go_write)  # the forked worker listens once its file names it (see _fork_worker)
     while children:
         try:
             pid, status = os.wait()
@@ -99,10 +113,11 @@ def run_pool(args) -> None:
 
 def _why_not_fork_here(keys: list[str]) -> str | None:
     """Why forking is not even tried (the workers then start at once); None: import, then ask again."""
-    if any(key.startswith("gpu:") for key in keys):
-        return "workers of GPUs"
-    if os.environ.get(FORK_ENV, "1") == "0":
+    setting = os.environ.get(FORK_ENV, "1")
+    if setting == "0":
         return f"{FORK_ENV}=0"
+    if any(key.startswith("gpu:") for key in keys) and setting != "always":
+        return "workers of GPUs"
     if sys.platform != "linux":
         return f"not on Linux ({sys.platform})"
     return None
@@ -121,15 +136,23 @@ def _why_not_fork_after_imports() -> str | None:
     return None
 
 
-def _fork_worker(info: dict, args, shared: dict, shared_s: float, saved_check: str | None) -> int:
+def _fork_worker(info: dict, args, shared: dict, shared_s: float, saved_check: str | None, go_read: int,
+                 go_write: int) -> int:
+    """Fork one worker. It binds its socket only once ``go_write`` is closed (the parent has written the worker's
+    own pid into its file), so a client that got its ready message always finds the worker's pid in the file."""
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
+    # SIGTERM stays blocked across the fork (the caller unblocks it once it has registered the child): the child
+    # would otherwise run the parent's handler if one came before it reset it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     pid = os.fork()
     if pid:
+        os.close(go_read)
         return pid
     try:  # the child: never returns to the parent's code
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # see warm_worker.main: a handler would stall the stop
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         _die_with_parent()
         if os.getppid() != parent:
             os._exit(0)  # the parent ended before the line above
@@ -137,6 +160,9 @@ def _fork_worker(info: dict, args, shared: dict, shared_s: float, saved_check: s
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+        os.close(go_write)
+        os.read(go_read, 1)  # EOF once the parent has written the file
+        os.close(go_read)
         _restore(_NVML_CHECK, saved_check)
         if info["key"].startswith("gpu:"):
             os.environ["CUDA_VISIBLE_DEVICES"] = info["key"][len("gpu:"):]
@@ -149,6 +175,11 @@ def _fork_worker(info: dict, args, shared: dict, shared_s: float, saved_check: s
             os._exit(1)
         _serve_forever(server, info["busy"], {"key": info["key"], "forked": True, "steps": {**shared, **steps},
                                               "warm_up_s": round(shared_s + time.perf_counter() - t0, 3)})
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # into the worker's log
+        sys.stderr.flush()
     finally:
         os._exit(1)
 
@@ -168,6 +199,7 @@ def _spawn_worker(info: dict, args, saved_check: str | None) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--socket", info["socket"], "--busy",
                                  info["busy"], "--key", info["key"], "--parent", str(os.getpid()), *extra],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    _SPAWNED.append(proc)
     return proc.pid
 
 

@@ -156,3 +156,31 @@ def _warm_worker_pids(parent: int | None = None) -> list[int]:
     out = [pid for pid, ppid in procs.items() if ppid == parent]
     out += [pid for pid, ppid in procs.items() if ppid in out]  # the workers the pool's parent started
     return out
+
+
+def test_dry_run_prints_the_trial_table(study_file, tmp_path):
+    r = sweep("launch", str(study_file), "--results", str(tmp_path / "res"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    ids = set(re.findall(r"\b[0-9a-f]{12}\b", r.stdout))
+    assert len(ids) == 5
+    assert "study tiny: 5 trial(s)" in r.stdout
+    for col in ("trial_id", "model", "precision", "compute_dtype", "gpu_share"):
+        assert col in r.stdout
+    assert not (tmp_path / "res").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("study = Study(name='x', models=['org/m'], precisions=['int3'])", "unknown precision 'int3'; allowed: fp32, fp16"),
+    ("x = 1", "defines no module-level `study`"),
+    ("study = Study(name='x', models=['org/m'],, precisions=['nf4'])", "syntax error at line"),
+    ("study = Study(name='x', models=['./no/such/model'], precisions=['nf4'])", "model folder './no/such/model' does not exist"),
+    ("study = 3", "`study` must be a sweeper.Study, got int"),
+])
+def test_bad_study_exits_2_with_one_line(tmp_path, body, needle):
+    f = write_study(tmp_path / "bad.py", body)
+    r = sweep("launch", str(f), "--results", str(tmp_path / "res"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and str(f) in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "res").exists()

@@ -55,15 +55,16 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
     kills = 0
     for kill in range(3):
         proc = sweep_popen("launch", str(study), "--results", str(results), "--max-concurrent", "1")
-        # a random moment: while Ray starts, while a trial runs, or right as a file lands (a launch here takes
-        # 8-12 s: Ray's start, then 5 short trials)
-        delay = rng.uniform(1.0, 8.0)
-        time.sleep(delay)
-        if kill == 2:  # the last kill comes after this launch finished a trial, so the resume has rows to keep
-            before = len(finished)
+        # a random moment: while Ray starts (the first kill), then while a trial runs or right as a file lands
+        # (after this launch's next file landed): moments tied to what the launch is doing, not to how fast it is
+        before = len(_rows(results))
+        if kill == 0:
+            time.sleep(rng.uniform(1.0, 4.0))
+        else:
             deadline = time.time() + 180
             while len(_rows(results)) <= before and time.time() < deadline and proc.poll() is None:
-                time.sleep(0.2)
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1

@@ -113,8 +113,27 @@ def test_the_pools_parent_imports_once_and_forks_its_workers(tmp_path, monkeypat
     assert ("forking its workers" if fork == "1" else "not forked: each started as its own process, which imports "
             "everything itself (SWEEPER_WARM_FORK=0)") in parent_log, parent_log
     assert all(" ready: {" in (tmp_path / "logs" / f"worker-{i}.log").read_text() for i in range(2))
+    # close() asked the parent to stop; it passed SIGTERM on to each worker and waited for it
+    ended = "".join((tmp_path / "logs" / f"worker-{i}.log").read_text() for i in range(2))
+    assert ended.count(" ended: signal 15") == 2, ended
     assert not _alive(first.pid) and not _alive(second.pid) and pool.procs[0].poll() is not None
     assert read_trials(store.root)["worker_pid"].to_list() == [second.pid]
+
+
+def test_a_pool_closed_while_its_parent_starts_workers_leaves_none(tmp_path, tiny_model, shared_data):
+    """The launch can end while the pool's parent is still starting its workers (an early error, Ctrl-C): every
+    worker ends at once, none waits for the launch's kill."""
+    import json
+
+    (trial,) = _trials(tiny_model, shared_data, precisions=("fp32",))
+    pool = WarmPool.start(["cpu"] * 4, [trial])
+    first = pool.folder / "worker-0.json"
+    assert _wait(lambda: json.loads(first.read_text())["pid"] != pool.procs[0].pid, timeout=120)
+    started = [pid for pid in pool.worker_pids() if pid != pool.procs[0].pid]
+    t0 = time.monotonic()
+    pool.close(timeout_s=10.0)
+    assert time.monotonic() - t0 < 8.0  # the parent stopped its workers itself: no 10 s wait, then a kill
+    assert started and not any(_alive(pid) for pid in started)
 
 
 def test_a_pool_whose_imports_fail_is_reported_and_never_claimed(tmp_path, tiny_model, shared_data):
