@@ -216,7 +216,7 @@ def trial_times(root: Path, launched_at: float) -> list[dict]:
         return {m["metric"]: m["value"] for m in ms if m["stage"] == "load" and m["metric"] in LOAD_METRICS}
 
     out = [{"cell": f"{r['precision']}/{r['compute_dtype']}", "warm_worker": r.get("warm_worker"),
-            **{c.replace("_started_at", "_at").replace("_at", "_at_s"): None if r.get(c) is None else r[c] - launched_at
+            **{c.removesuffix("_started_at").removesuffix("_at") + "_at_s": None if r.get(c) is None else r[c] - launched_at
                for c in START_COLUMNS},
             **{c: r.get(c) for c in STAGE_COLUMNS}, **{c: None for c in LOAD_METRICS},
             **load_metrics(r["trial_id"])} for r in rows]

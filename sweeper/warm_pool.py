@@ -333,8 +333,10 @@ def _alive(pid: int) -> bool:
 
 
 def _connect(info: dict[str, Any], deadline: float) -> tuple[socket.socket | None, dict[str, Any]]:
-    """Connect to a worker (it binds its socket first thing, so wait briefly for that) and wait for its ready
-    message (its imports); (None, {}) if it died or is not ready by ``deadline`` (time.monotonic)."""
+    """Connect to a worker and wait for its ready message (its imports); (None, {}) if it (or, before it is started,
+    the pool's parent) died, if it was started but has not bound its socket within BIND_TIMEOUT_S, or if it is not
+    ready by ``deadline`` (time.monotonic). Its file names the parent until the parent has started it, which can take
+    the parent's imports."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     named_at: float | None = None  # when the file first named the worker itself (not the pool's parent)
     while True:

@@ -4,14 +4,14 @@ It starts one worker per ``worker-N.json`` of the pool folder, in one of two way
 - **Forked (CPU workers):** it imports, once, what every trial needs (torch, transformers, sweeper's stages, the
   models' classes, lm-eval and its task index: :func:`sweeper.warm_worker.warm_up_shared`), then forks the workers,
   which only import the quantization libraries. CPU workers do not see the GPUs (``CUDA_VISIBLE_DEVICES=""``, as
-  Ray gives a trial of no GPU), so no import can initialise CUDA in the parent. On the 2-core machine 4 workers were ready 5.5 s after the pool's
-  start instead of 11.4 s, and a launch took 11.9 s instead of 13.5 s (benchmarks/warm_fork.py, logs in
-  benchmarks/logs/warm_fork*_cpu.txt).
+  Ray gives a trial of no GPU), so no import can initialise CUDA in the parent. On the 2-core machine 4 workers
+  were ready 6.2 s after the pool's start instead of 12.4 s, and a launch took 15.5 s instead of 18.1 s
+  (benchmarks/warm_fork.py, logs in benchmarks/logs/warm_fork*_cpu.txt).
 - **Each its own process (GPU workers, or SWEEPER_WARM_FORK=0):** started at once; each imports everything itself,
   then creates its CUDA context. (``SWEEPER_WARM_FORK=always`` imports first and tries to fork GPU workers too: for
-  measurements, benchmarks/warm_fork.py --gpu.) On the H100 host an import of the parent initialised CUDA (after which a forked
-  child cannot use it), and one process's imports took as long as eight side by side (19-22 s against 21 s,
-  docs/performance.md, run31), so forking would not have them ready sooner there.
+  measurements, benchmarks/warm_fork.py --gpu.) On the H100 host an import of the parent initialised CUDA (after
+  which a forked child cannot use it), and one process's imports took as long as eight side by side (19-22 s
+  against 21 s, docs/performance.md, run31), so forking would not have them ready sooner there.
 
 Forking is only done where it is safe: on Linux, with CUDA not initialised and no other Python thread in this
 process after its imports (a fork copies one thread; a lock another thread held would stay held in the child).
@@ -163,9 +163,7 @@ def _fork_worker(info: dict, args, shared: dict, shared_s: float, saved_check: s
         os.close(go_write)
         os.read(go_read, 1)  # EOF once the parent has written the file
         os.close(go_read)
-        _restore(_NVML_CHECK, saved_check)
-        if info["key"].startswith("gpu:"):
-            os.environ["CUDA_VISIBLE_DEVICES"] = info["key"][len("gpu:"):]
+        _worker_env(os.environ, info["key"], saved_check)
         t0 = time.perf_counter()
         try:
             server = _listen(info["socket"])
@@ -185,10 +183,7 @@ def _fork_worker(info: dict, args, shared: dict, shared_s: float, saved_check: s
 
 
 def _spawn_worker(info: dict, args, saved_check: str | None) -> int:
-    env = dict(os.environ)
-    _restore(_NVML_CHECK, saved_check, env)
-    if info["key"].startswith("gpu:"):
-        env["CUDA_VISIBLE_DEVICES"] = info["key"][len("gpu:"):]
+    env = _worker_env(dict(os.environ), info["key"], saved_check)
     extra: list[str] = []
     for flag, values in (("--library", args.library), ("--needed", args.needed), ("--model", args.model)):
         for value in values:
@@ -201,6 +196,15 @@ def _spawn_worker(info: dict, args, saved_check: str | None) -> int:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     _SPAWNED.append(proc)
     return proc.pid
+
+
+def _worker_env(env, key: str, saved_check: str | None):
+    """``env`` (os.environ in a forked worker, a copy for a spawned one) as worker ``key`` runs in: the user's own
+    ``PYTORCH_NVML_BASED_CUDA_CHECK`` back, and a GPU worker pinned to its GPU."""
+    _restore(_NVML_CHECK, saved_check, env)
+    if key.startswith("gpu:"):
+        env["CUDA_VISIBLE_DEVICES"] = key[len("gpu:"):]
+    return env
 
 
 def _restore(name: str, value: str | None, env=None) -> None:

@@ -170,9 +170,8 @@ def serve(conn: socket.socket, ready: dict, busy_fd: int) -> None:
         fcntl.flock(busy_fd, fcntl.LOCK_EX)  # held while the trial runs: a client waits only for idle workers
         try:
             with _Output(fds):
-                reply = run_request({**request, "extra": {"warm_worker": True,
-                                                                  "warm_worker_ready_at": ready.get("ready_at"),
-                                                                  **request["extra"]}})
+                extra = {"warm_worker": True, "warm_worker_ready_at": ready.get("ready_at"), **request["extra"]}
+                reply = run_request({**request, "extra": extra})
         except Exception as exc:  # not a trial failure (those are in the row): the request itself was bad
             reply = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "error_type": "WarmWorkerError",
                      "duration_s": 0.0}
@@ -217,7 +216,9 @@ def _worker_args(argv: list[str] | None):
     parser.add_argument("--socket")
     parser.add_argument("--busy", help="a file whose lock this process holds while it runs a trial")
     parser.add_argument("--key", help="cpu, or gpu:<CUDA_VISIBLE_DEVICES> (set in this env)")
-    parser.add_argument("--parent", type=int, required=True, help="the launch's pid: this process ends with it")
+    parser.add_argument("--parent", type=int, required=True,
+                        help="the pid of the process that started this one (the launch, or the pool's parent): "
+                             "this process ends with it")
     parser.add_argument("--library", action="append", default=[])
     parser.add_argument("--needed", action="append", default=[], help="optional packages the trials need")
     parser.add_argument("--model", action="append", default=[])

@@ -136,6 +136,31 @@ def test_a_pool_closed_while_its_parent_starts_workers_leaves_none(tmp_path, tin
     assert started and not any(_alive(pid) for pid in started)
 
 
+def test_a_started_worker_that_never_listens_is_given_up_soon(tmp_path, monkeypatch):
+    """A worker its file names (the parent started it) that is alive but never binds its socket is stuck (a hang
+    after a fork, say): a claim gives it up after BIND_TIMEOUT_S, not after the whole ready timeout."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import sweeper.warm_pool as warm_pool
+
+    monkeypatch.setattr(warm_pool, "BIND_TIMEOUT_S", 1.0)
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "worker-0.json").write_text(json.dumps({
+            "key": "cpu", "pid": stuck.pid, "parent": os.getpid(), "socket": str(tmp_path / "worker-0.sock"),
+            "lock": str(tmp_path / "worker-0.lock"), "busy": str(tmp_path / "worker-0.busy"),
+            "log": str(tmp_path / "worker-0.log")}))
+        t0 = time.monotonic()
+        assert claim({"dir": str(tmp_path), "host": socket.gethostname()}, "cpu", ready_timeout_s=60) is None
+        assert time.monotonic() - t0 < 10
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
 def test_a_pool_whose_imports_fail_is_reported_and_never_claimed(tmp_path, tiny_model, shared_data):
     fake = tmp_path / "site"
     (fake / "transformers").mkdir(parents=True)
