@@ -52,3 +52,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A two-node Ray cluster whose worker node sees neither this machine's /tmp nor ``cluster.results_root``
+    (tests/cluster_harness.py); skipped, saying why, where the worker node's mount namespace cannot be made."""
+    from cluster_harness import TwoNodeCluster, namespace_unavailable
+
+    why = namespace_unavailable()
+    if why:
+        pytest.skip(f"two-node cluster harness unavailable: {why}")
+    with TwoNodeCluster() as cluster:
+        yield cluster

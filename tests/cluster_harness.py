@@ -1,0 +1,258 @@
+"""A two-node Ray cluster on this machine, whose worker node sees the machine as a second machine would.
+
+The head node (``ray start --head``) runs in this machine's mount namespace, as the launching machine. The worker node
+(``ray start --address``) runs in a mount namespace of its own (``unshare --mount --propagation private``, as root)
+with an empty tmpfs over /tmp and over each ``hidden`` folder: it sees the repository, /work/shared, $HOME and the
+virtual environment (bound back in when it lives under /tmp), but not the launching machine's /tmp (Ray's session
+files, the warm workers' sockets, pytest's tmp_path) nor its results folder. Only the mount namespace is its own:
+both nodes share the network, so every Ray port is pinned to ``base_port .. base_port + 99`` (default 6400, or
+$SWEEPER_HARNESS_PORT_BASE) and the worker node gets its own IP, 127.0.0.2. Each node has its own custom resource
+(``harness_head`` / ``harness_worker``, 1000 units) to pin a task to it, and its node id is known
+(:attr:`TwoNodeCluster.head_node_id`, :attr:`TwoNodeCluster.worker_node_id`) to tell where a trial ran.
+
+Clean-up never uses ``ray stop`` (it kills every Ray process of the machine, other users' too): every process of the
+harness, the namespaced node's included, carries ``SWEEPER_CLUSTER_HARNESS=<base port>`` in its environment (Ray's
+workers inherit their raylet's), and :meth:`TwoNodeCluster.stop` ends exactly those (SIGTERM, then SIGKILL). A
+harness left by a killed test run is ended the same way when the next one starts on the same ports.
+
+    with TwoNodeCluster() as cluster:  # or the `two_node_cluster` fixture (tests/conftest.py)
+        sweep("launch", study, "--address", cluster.address, "--results", str(cluster.results_root / "s"))
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+MARKER = "SWEEPER_CLUSTER_HARNESS"
+PORT_BASE_ENV = "SWEEPER_HARNESS_PORT_BASE"
+HEAD_RESOURCE = "harness_head"
+WORKER_RESOURCE = "harness_worker"
+WORKER_IP = "127.0.0.2"
+
+
+def namespace_unavailable() -> str | None:
+    """Why this machine cannot start the worker node in its own mount namespace; None when it can."""
+    if not sys.platform.startswith("linux"):
+        return f"mount namespaces are Linux only (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return "creating a mount namespace with tmpfs mounts needs root (unshare --mount)"
+    if shutil.which("unshare") is None:
+        return "the unshare command (util-linux) is not installed"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /tmp && test ! -e /tmp/.sweeper-harness-probe"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"unshare --mount / mount -t tmpfs failed: {(probe.stderr or probe.stdout).strip()[:200]}"
+    return None
+
+
+def _marked_pids(value: str) -> list[int]:
+    """Processes whose environment holds MARKER=value (the harness's Ray processes, in any mount namespace)."""
+    needle = f"{MARKER}={value}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def _end(value: str, grace_s: float = 8.0) -> None:
+    """SIGTERM every marked process, SIGKILL what is left after ``grace_s`` (gcs_server ignores SIGTERM at times)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _marked_pids(value)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = [p for p in _marked_pids(value) if _alive(p)]
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended; its parent reaps it
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+class TwoNodeCluster:
+    """See the module docstring. The worker node sees an empty tmpfs over /tmp, over :attr:`results_root` (a folder
+    for results outside /tmp, made empty on start and removed on stop) and over each of ``hidden``."""
+
+    def __init__(self, hidden: list[Path] | tuple[Path, ...] = (), base_port: int | None = None,
+                 head_cpus: int = 1, worker_cpus: int = 1, join_timeout_s: float = 120.0):
+        self.base_port = int(base_port or os.environ.get(PORT_BASE_ENV) or 6400)
+        # a results folder outside /tmp, so that its own tmpfs (not /tmp's) is what hides it; emptied on start
+        self.results_root = Path(f"/var/tmp/swh-{self.base_port}-results")
+        self.hidden = [self.results_root, *(Path(h).resolve() for h in hidden)]
+        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
+        self.join_timeout_s = join_timeout_s
+        self.state_dir = Path(f"/tmp/swh-{self.base_port}")  # short: Ray's socket paths live under it
+        self.marker = str(self.base_port)
+        self.head_node_id: str | None = None
+        self.worker_node_id: str | None = None
+        self._procs: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.base_port}"
+
+    def _ports(self, offset: int) -> list[str]:
+        b = self.base_port + offset
+        return [f"--node-manager-port={b + 1}", f"--object-manager-port={b + 2}",
+                f"--dashboard-agent-listen-port={b + 3}", f"--dashboard-agent-grpc-port={b + 4}",
+                f"--metrics-export-port={b + 5}", f"--runtime-env-agent-port={b + 6}"]
+
+    def _env(self) -> dict[str, str]:
+        # this process's environment (PYTHONPATH, HF offline settings) reaches every Ray worker through its raylet
+        # and token authentication as the drivers have it (`ray start` turns it on by itself once ~/.ray/auth_token
+        # exists, while a driver without RAY_AUTH_MODE does not use the token)
+        return {**os.environ, MARKER: self.marker, "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+
+    def start(self) -> "TwoNodeCluster":
+        why = namespace_unavailable()
+        if why:
+            raise RuntimeError(f"cannot start the worker node in its own mount namespace: {why}")
+        _end(self.marker)  # a harness left on these ports by a killed test run
+        busy = [p for p in (self.base_port, self.base_port + 1, self.base_port + 11) if not _port_free(p)]
+        if busy:
+            raise RuntimeError(f"port(s) {busy} in use: another Ray or harness holds {self.base_port}-"
+                               f"{self.base_port + 99}; set {PORT_BASE_ENV} to another range")
+        for d in (self.state_dir, self.results_root):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+        ray = str(Path(sys.executable).parent / "ray")
+        common = ["--object-store-memory=100000000", "--disable-usage-stats", "--block"]
+        head = [ray, "start", "--head", f"--port={self.base_port}", f"--temp-dir={self.state_dir / 'ray'}",
+                f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--resources={json.dumps({HEAD_RESOURCE: 1000})}",
+                "--include-dashboard=false", f"--dashboard-port={self.base_port + 7}", *self._ports(0),
+                f"--min-worker-port={self.base_port + 20}", f"--max-worker-port={self.base_port + 59}", *common]
+        worker = [ray, "start", f"--address={self.address}", f"--node-ip-address={WORKER_IP}",
+                  f"--temp-dir=/tmp/swh-{self.base_port}-worker", f"--num-cpus={self.worker_cpus}", "--num-gpus=0",
+                  f"--resources={json.dumps({WORKER_RESOURCE: 1000})}", *self._ports(10),
+                  f"--min-worker-port={self.base_port + 60}", f"--max-worker-port={self.base_port + 99}", *common]
+        try:
+            self._spawn(head, "head")
+            self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c", self._namespace_script(worker)],
+                        "worker")
+            self._wait_joined()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _namespace_script(self, worker_cmd: list[str]) -> str:
+        """Shell run inside the new mount namespace: hide /tmp and the hidden folders, then start the worker node."""
+        lines = ["set -e", "mount -t tmpfs tmpfs /tmp"]
+        for h in self.hidden:
+            lines += [f"mkdir -p {shlex.quote(str(h))}", f"mount -t tmpfs tmpfs {shlex.quote(str(h))}"]
+        venv = Path(sys.prefix).resolve()
+        if venv.is_relative_to("/tmp"):  # bind the launching machine's venv back in, seen through this process's root
+            lines += [f"mkdir -p {shlex.quote(str(venv))}",
+                      f"mount --bind /proc/{os.getpid()}/root{shlex.quote(str(venv))} {shlex.quote(str(venv))}"]
+        lines.append("exec " + shlex.join(worker_cmd))
+        return "\n".join(lines)
+
+    def _spawn(self, cmd: list[str], name: str) -> None:
+        log = open(self.state_dir / f"{name}.log", "wb")
+        # a session of its own: Ctrl-C in the test's terminal reaches the test, and stop() ends the node
+        self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                            cwd=self.state_dir, start_new_session=True))
+        log.close()
+
+    def _wait_joined(self) -> None:
+        """Both nodes alive in the GCS (the worker node really joined); their node ids."""
+        code = textwrap.dedent(f"""
+            import json, time, ray
+            ray.init(address={self.address!r}, logging_level="ERROR", log_to_driver=False)
+            deadline = time.monotonic() + {self.join_timeout_s}
+            while True:
+                nodes = {{r: n["NodeID"] for n in ray.nodes() if n["Alive"]
+                         for r in ({HEAD_RESOURCE!r}, {WORKER_RESOURCE!r}) if r in n["Resources"]}}
+                if len(nodes) == 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            print(json.dumps(nodes))
+        """)
+        deadline = time.monotonic() + self.join_timeout_s
+        while True:
+            for p, name in zip(self._procs, ("head", "worker")):
+                if p.poll() is not None:
+                    raise RuntimeError(f"the {name} node exited ({p.returncode}): {self.log_tail(name)}")
+            # the head's GCS takes a few seconds to listen: only then can a driver ask it
+            if not _port_free(self.base_port):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the head node did not listen on {self.base_port}: {self.log_tail('head')}")
+            time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=self.join_timeout_s + 60, env={k: v for k, v in os.environ.items() if k != MARKER})
+        try:
+            nodes = json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise RuntimeError(f"could not list the cluster's nodes: {out.stderr[-2000:]}") from None
+        if WORKER_RESOURCE not in nodes or HEAD_RESOURCE not in nodes:
+            raise RuntimeError(f"nodes alive after {self.join_timeout_s:g}s: {sorted(nodes)}; worker node log: "
+                               f"{self.log_tail('worker')}")
+        self.head_node_id, self.worker_node_id = nodes[HEAD_RESOURCE], nodes[WORKER_RESOURCE]
+
+    def log_tail(self, name: str, n: int = 2000) -> str:
+        try:
+            return (self.state_dir / f"{name}.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """End both nodes and every process they started (marked ones only: never `ray stop`)."""
+        for p in self._procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        _end(self.marker)
+        for p in self._procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._procs.clear()
+        shutil.rmtree(self.results_root, ignore_errors=True)
+
+    def __enter__(self) -> "TwoNodeCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

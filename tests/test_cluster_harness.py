@@ -1,0 +1,70 @@
+"""The two-node cluster harness (tests/cluster_harness.py) really gives a worker node that is another machine's view:
+it joins, runs tasks, cannot see the launching machine's /tmp nor its results folder, sees the repository, and
+leaves no process behind."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cluster_harness import (HEAD_RESOURCE, WORKER_IP, WORKER_RESOURCE, TwoNodeCluster, _marked_pids, _port_free,
+                             namespace_unavailable)
+from conftest import REPO, SHARED_DATA
+
+
+def _probe(address: str, paths: list[str]) -> dict:
+    """From a driver process: on each node, which of ``paths`` exist, and the node's id and IP."""
+    code = textwrap.dedent(f"""
+        import json, os, ray
+        ray.init(address={address!r}, logging_level="ERROR", log_to_driver=False)
+
+        @ray.remote(num_cpus=0)
+        def look(paths):
+            ctx = ray.get_runtime_context()
+            ip = ray.util.get_node_ip_address()
+            return {{"node_id": ctx.get_node_id(), "ip": ip, "exists": {{p: os.path.exists(p) for p in paths}}}}
+
+        out = {{r: ray.get(look.options(resources={{r: 1}}).remote({paths!r}))
+               for r in ({HEAD_RESOURCE!r}, {WORKER_RESOURCE!r})}}
+        print(json.dumps(out))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_stop_ends_both_nodes_even_when_the_test_fails():
+    why = namespace_unavailable()
+    if why:
+        pytest.skip(f"two-node cluster harness unavailable: {why}")
+    cluster = TwoNodeCluster()
+    with pytest.raises(RuntimeError, match="a failing test"):
+        with cluster:
+            assert _marked_pids(cluster.marker), "the harness's processes carry its marker"
+            raise RuntimeError("a failing test")
+    assert _marked_pids(cluster.marker) == []
+    assert _port_free(cluster.base_port)
+    assert not cluster.results_root.exists()
+
+
+def test_worker_node_sees_neither_tmp_nor_results_but_the_repo(two_node_cluster, tmp_path):
+    c = two_node_cluster
+    in_tmp = tmp_path / "written-by-the-driver.txt"
+    in_results = c.results_root / "study" / "trials" / "row.txt"
+    for f in (in_tmp, in_results):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("only on the launching machine")
+    repo_file = REPO / "sweeper" / "cli.py"
+    paths = [str(in_tmp), str(in_results), str(repo_file), str(SHARED_DATA)]
+
+    seen = _probe(c.address, paths)
+
+    head, worker = seen[HEAD_RESOURCE], seen[WORKER_RESOURCE]
+    assert head["node_id"] == c.head_node_id and worker["node_id"] == c.worker_node_id != c.head_node_id
+    assert worker["ip"] == WORKER_IP
+    assert head["exists"] == {p: True for p in paths}, "the head node is the launching machine: it sees everything"
+    assert worker["exists"] == {str(in_tmp): False, str(in_results): False, str(repo_file): True,
+                                str(SHARED_DATA): SHARED_DATA.exists()}
