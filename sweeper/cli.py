@@ -72,6 +72,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                    "from each GPU's memory)" if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
         return
     from . import scheduler
+    from .cluster_inputs import check_inputs_visible
     from .lock import LaunchLock
     from .resources import share_function
 
@@ -94,6 +95,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                 raise
             try:
                 checking_tasks.result()
+                check_inputs_visible(p.trials, address)  # every node that may run a trial sees its local inputs
             except UserError as e:
                 if not scheduler.disconnect():  # quietly: the task error stays the launch's one line
                     click.echo(f"sweep: error: {e}", err=True)
