@@ -2,14 +2,13 @@
 
 A study names local files by path: a model folder, task data, the perplexity text (also the KL token set's WikiText),
 a calibration text. On a cluster (``--address``) each trial opens them on whichever node Ray places it, and a path that
-exists on the launching machine but not on that node fails the node's trials one by one, or worse changes a number
-without failing: a trial that does not find the perplexity file computes its KL reference id without it and measures
-against another token set. So `sweep launch` on a cluster runs one tiny task on each node that may run a trial (pinned
-to it, no CPU taken), which reports which of the paths it cannot see, and stops with exit 2 naming the node and the
-paths before anything runs or is written.
+exists on the launching machine but not on that node fails the node's trials one by one, hours into a sweep. So
+`sweep launch` on a cluster runs one tiny task on each node that may run a trial (pinned to it, no CPU taken), which
+reports which of the paths it cannot see, and stops with exit 2 naming the node and the paths before anything runs or
+is written.
 
-The files are not shipped to the nodes: a model folder is gigabytes (Ray's ``runtime_env`` uploads a working_dir of
-at most 500 MiB, through the head's object store, to every worker), and clusters that run sweeps already mount or bake
+The files are not shipped to the nodes: a model folder is gigabytes (Ray's ``runtime_env`` uploads a working_dir no
+larger than gRPC's message size, through the head, to every node), and clusters that run sweeps already mount or bake
 in their models and data; copying them behind the user's back would also change where each trial reads them from.
 Hub ids are not checked (each node downloads them through its own Hugging Face cache).
 
@@ -91,12 +90,17 @@ def check_inputs_visible(trials: list[TrialSpec], address: str | None) -> None:
         ray.cancel(ref, force=True)
         log.warning("Ray node %s did not run the input check within %gs; its trials will report missing inputs "
                     "themselves", refs[ref]["NodeManagerAddress"], ANSWER_TIMEOUT_S)
-    what = dict((p, w) for w, p in inputs)
+    what = {p: w for w, p in inputs}
     problems = []
     for ref in ready:
-        missing = ray.get(ref)
+        node = refs[ref]
+        try:
+            missing = ray.get(ref)
+        except ray.exceptions.RayError as e:  # the node died in between: Ray's placement no longer counts on it
+            log.warning("the input check on Ray node %s failed (%s)", node["NodeManagerAddress"],
+                        str(e).splitlines()[0])
+            continue
         if missing:
-            node = refs[ref]
             problems.append(f"Ray node {node['NodeManagerAddress']} (node id {node['NodeID'][:12]}) cannot see "
                             + ", ".join(f"{what[p]} {p}" for p in missing))
     if problems:

@@ -20,6 +20,7 @@ harness left by a killed test run is ended the same way when the next one starts
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -175,13 +176,17 @@ class TwoNodeCluster:
 
     def _namespace_script(self, worker_cmd: list[str]) -> str:
         """Shell run inside the new mount namespace: hide /tmp and the hidden folders, then start the worker node."""
-        lines = ["set -e", "mount -t tmpfs tmpfs /tmp"]
+        lines = ["set -e"]
+        venv = Path(sys.prefix).resolve()
+        keep = venv.is_relative_to("/tmp")
+        if keep:  # the virtual environment stays visible: held aside (outside /tmp) while /tmp is hidden, moved back
+            aside = shlex.quote(f"/var/tmp/swh-{self.base_port}-venv")
+            lines += [f"mkdir -p {aside}", f"mount --bind {shlex.quote(str(venv))} {aside}"]
+        lines.append("mount -t tmpfs tmpfs /tmp")
         for h in self.hidden:
             lines += [f"mkdir -p {shlex.quote(str(h))}", f"mount -t tmpfs tmpfs {shlex.quote(str(h))}"]
-        venv = Path(sys.prefix).resolve()
-        if venv.is_relative_to("/tmp"):  # bind the launching machine's venv back in, seen through this process's root
-            lines += [f"mkdir -p {shlex.quote(str(venv))}",
-                      f"mount --bind /proc/{os.getpid()}/root{shlex.quote(str(venv))} {shlex.quote(str(venv))}"]
+        if keep:
+            lines += [f"mkdir -p {shlex.quote(str(venv))}", f"mount --move {aside} {shlex.quote(str(venv))}"]
         lines.append("exec " + shlex.join(worker_cmd))
         return "\n".join(lines)
 
@@ -250,6 +255,8 @@ class TwoNodeCluster:
                 p.kill()
         self._procs.clear()
         shutil.rmtree(self.results_root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the empty mount point a venv under /tmp was held aside on
+            os.rmdir(f"/var/tmp/swh-{self.base_port}-venv")
 
     def __enter__(self) -> "TwoNodeCluster":
         return self.start()

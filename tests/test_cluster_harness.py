@@ -36,6 +36,27 @@ def _probe(address: str, paths: list[str]) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def test_a_venv_under_tmp_stays_visible_to_the_worker_node(monkeypatch, tmp_path):
+    """The worker node's namespace as the harness makes it, with a command in place of `ray start`: a virtual
+    environment under /tmp is bound back in, its neighbours stay hidden."""
+    why = namespace_unavailable()
+    if why:
+        pytest.skip(f"two-node cluster harness unavailable: {why}")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("the venv")
+    (tmp_path / "neighbour.txt").write_text("hidden")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    cluster = TwoNodeCluster()
+    script = cluster._namespace_script(["sh", "-c", f"cat {venv}/bin/python && test ! -e {tmp_path}/neighbour.txt"])
+    try:
+        run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        cluster.stop()  # removes the mount point left on /var/tmp
+    assert (run.returncode, run.stdout) == (0, "the venv"), run.stderr
+
+
 def test_stop_ends_both_nodes_even_when_the_test_fails():
     why = namespace_unavailable()
     if why:
