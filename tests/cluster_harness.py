@@ -10,10 +10,13 @@ $SWEEPER_HARNESS_PORT_BASE) and the worker node gets its own IP, 127.0.0.2. Each
 (``harness_head`` / ``harness_worker``, 1000 units) to pin a task to it, and its node id is known
 (:attr:`TwoNodeCluster.head_node_id`, :attr:`TwoNodeCluster.worker_node_id`) to tell where a trial ran.
 
-Clean-up never uses ``ray stop`` (it kills every Ray process of the machine, other users' too): every process of the
-harness, the namespaced node's included, carries ``SWEEPER_CLUSTER_HARNESS=<base port>`` in its environment (Ray's
-workers inherit their raylet's), and :meth:`TwoNodeCluster.stop` ends exactly those (SIGTERM, then SIGKILL). A
-harness left by a killed test run is ended the same way when the next one starts on the same ports.
+Clean-up never uses ``ray stop`` (it kills every Ray process of the machine, other users' too). Each node starts in a
+session of its own, which Ray's processes keep; the worker node's processes are also the only ones in its mount
+namespace; and each process carries ``SWEEPER_CLUSTER_HARNESS=<base port>:<owner pid>`` in its environment (where
+Ray's process titles do not overwrite it). :meth:`TwoNodeCluster.stop` ends exactly those processes (SIGTERM, then
+SIGKILL). A harness left on the same ports by a killed test run (its owner gone; /tmp/swh-<port>/harness.json says
+what it was) is ended the same way when the next one starts; one whose owner still runs is another test's, and the
+start fails saying so.
 
     with TwoNodeCluster() as cluster:  # or the `two_node_cluster` fixture (tests/conftest.py)
         sweep("launch", study, "--address", cluster.address, "--results", str(cluster.results_root / "s"))
@@ -56,37 +59,79 @@ def namespace_unavailable() -> str | None:
     return None
 
 
-def _marked_pids(value: str) -> list[int]:
-    """Processes whose environment holds MARKER=value (the harness's Ray processes, in any mount namespace)."""
-    needle = f"{MARKER}={value}".encode()
-    pids = []
+def _stat_session(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[3])  # state ppid pgrp session
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _mnt_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _marker_of(pid: int) -> str | None:
+    """MARKER's value in the process's environment (Ray's `ray::...` processes overwrite theirs with their title)."""
+    prefix = f"{MARKER}=".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return next((v[len(prefix):].decode() for v in fh.read().split(b"\0") if v.startswith(prefix)), None)
+    except OSError:
+        return None
+
+
+def members(ident: dict) -> list[int]:
+    """The live processes of the harness ``ident`` (:attr:`TwoNodeCluster.ident`): in one of its nodes' sessions
+    (Ray's workers and agents stay in their node's), in its worker node's mount namespace, or carrying its marker."""
+    sessions, ns = set(ident.get("sessions", ())), ident.get("mnt_ns")
+    if ns == _mnt_ns(os.getpid()):  # never this machine's own namespace
+        ns = None
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
+        pid = int(entry)
+        if ((_stat_session(pid) in sessions or (ns is not None and _mnt_ns(pid) == ns)
+             or _marker_of(pid) == ident["marker"]) and _alive(pid)):
+            out.append(pid)
+    return out
 
 
-def _end(value: str, grace_s: float = 8.0) -> None:
-    """SIGTERM every marked process, SIGKILL what is left after ``grace_s`` (gcs_server ignores SIGTERM at times)."""
+def _end(ident: dict, grace_s: float = 8.0) -> None:
+    """SIGTERM the harness's processes, SIGKILL what is left after ``grace_s`` (gcs_server ignores SIGTERM at times)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _marked_pids(value)
+        pids = members(ident)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
         while pids and time.monotonic() < deadline:
             time.sleep(0.2)
-            pids = [p for p in _marked_pids(value) if _alive(p)]
+            pids = members(ident)
         if not pids:
             return
+
+
+def _end_stale(state_dir: Path, port: int) -> None:
+    """End a harness left on ``port`` by a test run that was killed (its owner process gone); a harness whose owner
+    still runs is another test's: RuntimeError rather than ending it."""
+    found = []
+    with contextlib.suppress(OSError, ValueError):
+        found.append(json.loads((state_dir / "harness.json").read_text()))
+    for entry in os.listdir("/proc"):  # one killed before it wrote harness.json: its marker names it
+        value = _marker_of(int(entry)) if entry.isdigit() else None
+        if value and value.split(":")[0] == str(port):
+            found.append({"marker": value})
+    for ident in found:
+        owner = int(ident["marker"].split(":")[1])
+        if owner != os.getpid() and _alive(owner):
+            raise RuntimeError(f"ports {port}-{port + 99} are held by the cluster harness of process {owner}; "
+                               f"set {PORT_BASE_ENV} to another range")
+        _end(ident)
 
 
 def _alive(pid: int) -> bool:
@@ -120,7 +165,8 @@ class TwoNodeCluster:
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.join_timeout_s = join_timeout_s
         self.state_dir = Path(f"/tmp/swh-{self.base_port}")  # short: Ray's socket paths live under it
-        self.marker = str(self.base_port)
+        self.marker = f"{self.base_port}:{os.getpid()}"  # ports, and the process that owns this harness
+        self.ident: dict = {"marker": self.marker, "sessions": [], "mnt_ns": None}  # what members() looks for
         self.head_node_id: str | None = None
         self.worker_node_id: str | None = None
         self._procs: list[subprocess.Popen] = []
@@ -146,7 +192,7 @@ class TwoNodeCluster:
         why = namespace_unavailable()
         if why:
             raise RuntimeError(f"cannot start the worker node in its own mount namespace: {why}")
-        _end(self.marker)  # a harness left on these ports by a killed test run
+        _end_stale(self.state_dir, self.base_port)
         busy = [p for p in (self.base_port, self.base_port + 1, self.base_port + 11) if not _port_free(p)]
         if busy:
             raise RuntimeError(f"port(s) {busy} in use: another Ray or harness holds {self.base_port}-"
@@ -169,6 +215,8 @@ class TwoNodeCluster:
             self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c", self._namespace_script(worker)],
                         "worker")
             self._wait_joined()
+            self.ident["mnt_ns"] = _mnt_ns(self._procs[1].pid)  # read once it joined: surely inside its namespace
+            self._save_ident()
         except BaseException:
             self.stop()
             raise
@@ -196,6 +244,12 @@ class TwoNodeCluster:
         self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                                             cwd=self.state_dir, start_new_session=True))
         log.close()
+        self.ident["sessions"].append(self._procs[-1].pid)  # a new session's id is its leader's pid
+        self._save_ident()
+
+    def _save_ident(self) -> None:
+        """For the next start on these ports, should this process be killed before stop() runs."""
+        (self.state_dir / "harness.json").write_text(json.dumps(self.ident))
 
     def _wait_joined(self) -> None:
         """Both nodes alive in the GCS (the worker node really joined); their node ids."""
@@ -240,14 +294,14 @@ class TwoNodeCluster:
             return "(no log)"
 
     def stop(self) -> None:
-        """End both nodes and every process they started (marked ones only: never `ray stop`)."""
+        """End both nodes and every process they started (members() only: never `ray stop`)."""
         for p in self._procs:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        _end(self.marker)
+        _end(self.ident)
         for p in self._procs:
             try:
                 p.wait(timeout=10)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cluster_harness import (HEAD_RESOURCE, WORKER_IP, WORKER_RESOURCE, TwoNodeCluster, _marked_pids, _port_free,
+from cluster_harness import (HEAD_RESOURCE, WORKER_IP, WORKER_RESOURCE, TwoNodeCluster, _port_free, members,
                              namespace_unavailable)
 from conftest import REPO, SHARED_DATA
 
@@ -57,16 +57,30 @@ def test_a_venv_under_tmp_stays_visible_to_the_worker_node(monkeypatch, tmp_path
     assert (run.returncode, run.stdout) == (0, "the venv"), run.stderr
 
 
-def test_stop_ends_both_nodes_even_when_the_test_fails():
+def test_no_node_outlives_a_failing_test_or_a_killed_test_process():
     why = namespace_unavailable()
     if why:
         pytest.skip(f"two-node cluster harness unavailable: {why}")
+    # a test process killed with its cluster running (nothing of its own runs stop())
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import json, os, signal
+        from cluster_harness import TwoNodeCluster
+        cluster = TwoNodeCluster().start()
+        print(json.dumps(cluster.ident), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)], capture_output=True, text=True, timeout=300, cwd=REPO / "tests")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = json.loads(killed.stdout)
+    assert len(left["sessions"]) == 2 and left["mnt_ns"]
+    assert len(members(left)) > 6, "both nodes (ray start, raylet, agents, gcs_server, ...) outlived their test process"
+
     cluster = TwoNodeCluster()
     with pytest.raises(RuntimeError, match="a failing test"):
         with cluster:
-            assert _marked_pids(cluster.marker), "the harness's processes carry its marker"
+            assert members(left) == [], "the next start on those ports ended the stale cluster"
+            assert len(members(cluster.ident)) > 6
             raise RuntimeError("a failing test")
-    assert _marked_pids(cluster.marker) == []
+    assert members(cluster.ident) == []
     assert _port_free(cluster.base_port)
     assert not cluster.results_root.exists()
 
