@@ -78,3 +78,26 @@ def test_inputs_every_node_sees_pass_the_check(two_node_cluster, real_model, sha
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"nodes": 2, "inputs": 2}
+
+
+def test_a_node_too_small_for_any_trial_is_not_asked(two_node_cluster, real_model):
+    """Only nodes that may run a trial must see its inputs: with 2 CPUs per trial neither 1-CPU node qualifies, so a
+    model folder the worker node cannot see stops nothing (Ray would never place a trial there)."""
+    c = two_node_cluster
+    hidden_model = c.results_root / "models" / "too-small"
+    shutil.copytree(real_model, hidden_model)
+    code = textwrap.dedent(f"""
+        import ray
+        from sweeper import Study, Resources
+        from sweeper.cluster_inputs import check_inputs_visible
+        from sweeper.trials import expand
+        study = Study(name="big", models=[{str(hidden_model)!r}], precisions=["fp32"], compute_dtypes=["fp32"],
+                      kl=False, resources=Resources(cpus_per_trial={{cpus}}))
+        ray.init(address={c.address!r}, logging_level="ERROR", log_to_driver=False)
+        check_inputs_visible(expand(study)[0], {c.address!r})
+        print("passed")
+    """)
+    runs = {cpus: subprocess.run([sys.executable, "-c", code.replace("{cpus}", str(cpus))], capture_output=True,
+                                 text=True, timeout=300) for cpus in (2, 1)}
+    assert runs[2].returncode == 0 and runs[2].stdout.strip().endswith("passed"), runs[2].stderr[-3000:]
+    assert runs[1].returncode == 1 and f"Ray node {WORKER_IP}" in runs[1].stderr, "a 1-CPU trial may run there"
