@@ -1,6 +1,6 @@
 """A two-node Ray cluster on this machine, whose worker node sees the machine as a second machine would.
 
-The head node (``ray start --head``) runs in this machine's mount namespace, as the launching machine. The worker node
+The head node (``ray start --head``) sees this machine's files as they are, as the launching machine. The worker node
 (``ray start --address``) runs in a mount namespace of its own (``unshare --mount --propagation private``, as root)
 with an empty tmpfs over /tmp and over each ``hidden`` folder: it sees the repository, /work/shared, $HOME and the
 virtual environment (bound back in when it lives under /tmp), but not the launching machine's /tmp (Ray's session
@@ -10,13 +10,14 @@ $SWEEPER_HARNESS_PORT_BASE) and the worker node gets its own IP, 127.0.0.2. Each
 (``harness_head`` / ``harness_worker``, 1000 units) to pin a task to it, and its node id is known
 (:attr:`TwoNodeCluster.head_node_id`, :attr:`TwoNodeCluster.worker_node_id`) to tell where a trial ran.
 
-Clean-up never uses ``ray stop`` (it kills every Ray process of the machine, other users' too). Each node starts in a
-session of its own, which Ray's processes keep; the worker node's processes are also the only ones in its mount
-namespace; and each process carries ``SWEEPER_CLUSTER_HARNESS=<base port>:<owner pid>`` in its environment (where
-Ray's process titles do not overwrite it). :meth:`TwoNodeCluster.stop` ends exactly those processes (SIGTERM, then
-SIGKILL). A harness left on the same ports by a killed test run (its owner gone; /tmp/swh-<port>/harness.json says
-what it was) is ended the same way when the next one starts; one whose owner still runs is another test's, and the
-start fails saying so.
+Clean-up never uses ``ray stop`` (it kills every Ray process of the machine, other users' too). Each node runs in a
+mount namespace of its own (the head's hides nothing) holding a small tmpfs at a path named after the ports
+(``/var/tmp/swh-<port>-head``, ``/var/tmp/swh-<port>-results``): a process whose mount table has one is the
+harness's, whatever Ray did to its session or environment, and nothing else can have one (process ids, session ids
+and namespace numbers are all reused once free; a mount is not). :meth:`TwoNodeCluster.stop` ends exactly those
+processes (SIGTERM, then SIGKILL). A harness left on the same ports by a killed test process is ended the same way
+when the next one starts (/tmp/swh-<port>/harness.json names its owner); one whose owner still runs is another
+test's, and the start fails saying so.
 
     with TwoNodeCluster() as cluster:  # or the `two_node_cluster` fixture (tests/conftest.py)
         sweep("launch", study, "--address", cluster.address, "--results", str(cluster.results_root / "s"))
@@ -36,7 +37,6 @@ import textwrap
 import time
 from pathlib import Path
 
-MARKER = "SWEEPER_CLUSTER_HARNESS"
 PORT_BASE_ENV = "SWEEPER_HARNESS_PORT_BASE"
 HEAD_RESOURCE = "harness_head"
 WORKER_RESOURCE = "harness_worker"
@@ -59,14 +59,6 @@ def namespace_unavailable() -> str | None:
     return None
 
 
-def _stat_session(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[3])  # state ppid pgrp session
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _mnt_ns(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/mnt")
@@ -74,64 +66,81 @@ def _mnt_ns(pid: int) -> str | None:
         return None
 
 
-def _marker_of(pid: int) -> str | None:
-    """MARKER's value in the process's environment (Ray's `ray::...` processes overwrite theirs with their title)."""
-    prefix = f"{MARKER}=".encode()
+def _tagged(pid: int, tags: set[str]) -> bool:
+    """Whether the process's mount table has a tmpfs mounted at one of ``tags``."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return next((v[len(prefix):].decode() for v in fh.read().split(b"\0") if v.startswith(prefix)), None)
-    except OSError:
-        return None
+        with open(f"/proc/{pid}/mountinfo") as fh:
+            for line in fh:
+                fields, _, fs = line.partition(" - ")
+                if fields.split()[4] in tags and fs.split()[0] == "tmpfs":
+                    return True
+    except (OSError, IndexError):
+        pass
+    return False
 
 
-def members(ident: dict) -> list[int]:
-    """The live processes of the harness ``ident`` (:attr:`TwoNodeCluster.ident`): in one of its nodes' sessions
-    (Ray's workers and agents stay in their node's), in its worker node's mount namespace, or carrying its marker."""
-    sessions, ns = set(ident.get("sessions", ())), ident.get("mnt_ns")
-    if ns == _mnt_ns(os.getpid()):  # never this machine's own namespace
-        ns = None
+def tags(port: int) -> set[str]:
+    """The tmpfs mount points that mark the mount namespaces of the harness on ``port``'s nodes."""
+    return {f"/var/tmp/swh-{port}-head", f"/var/tmp/swh-{port}-results"}
+
+
+def members(port: int) -> list[int]:
+    """The live processes of the harness on ``port``: those in a mount namespace that holds one of its tags."""
+    marks, own = tags(port), _mnt_ns(os.getpid())
+    ours: dict[str, bool] = {}  # mount namespace -> tagged (one mount table read per namespace)
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         pid = int(entry)
-        if ((_stat_session(pid) in sessions or (ns is not None and _mnt_ns(pid) == ns)
-             or _marker_of(pid) == ident["marker"]) and _alive(pid)):
+        ns = _mnt_ns(pid)
+        if ns is None or ns == own:
+            continue
+        if ns not in ours:
+            ours[ns] = _tagged(pid, marks)
+        if ours[ns] and _alive(pid):
             out.append(pid)
     return out
 
 
-def _end(ident: dict, grace_s: float = 8.0) -> None:
+def _end(port: int, grace_s: float = 8.0) -> None:
     """SIGTERM the harness's processes, SIGKILL what is left after ``grace_s`` (gcs_server ignores SIGTERM at times)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = members(ident)
+        pids = members(port)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 10.0)
         while pids and time.monotonic() < deadline:
             time.sleep(0.2)
-            pids = members(ident)
+            pids = members(port)
         if not pids:
             return
+    raise RuntimeError(f"processes {pids} of the cluster harness on port {port} outlived SIGKILL")
+
+
+def _started(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _end_stale(state_dir: Path, port: int) -> None:
-    """End a harness left on ``port`` by a test run that was killed (its owner process gone); a harness whose owner
-    still runs is another test's: RuntimeError rather than ending it."""
-    found = []
+    """End a harness left on ``port`` by a test process that was killed; a harness whose owner still runs is another
+    test's: RuntimeError rather than ending it."""
+    if not members(port):
+        return
+    owner = {}
     with contextlib.suppress(OSError, ValueError):
-        found.append(json.loads((state_dir / "harness.json").read_text()))
-    for entry in os.listdir("/proc"):  # one killed before it wrote harness.json: its marker names it
-        value = _marker_of(int(entry)) if entry.isdigit() else None
-        if value and value.split(":")[0] == str(port):
-            found.append({"marker": value})
-    for ident in found:
-        owner = int(ident["marker"].split(":")[1])
-        if owner != os.getpid() and _alive(owner):
-            raise RuntimeError(f"ports {port}-{port + 99} are held by the cluster harness of process {owner}; "
-                               f"set {PORT_BASE_ENV} to another range")
-        _end(ident)
+        owner = json.loads((state_dir / "harness.json").read_text())
+    pid = owner.get("owner")
+    if pid and pid != os.getpid() and _started(pid) == owner.get("owner_started"):
+        raise RuntimeError(f"ports {port}-{port + 99} are held by the cluster harness of process {pid}; "
+                           f"set {PORT_BASE_ENV} to another range")
+    _end(port)
 
 
 def _alive(pid: int) -> bool:
@@ -165,8 +174,6 @@ class TwoNodeCluster:
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.join_timeout_s = join_timeout_s
         self.state_dir = Path(f"/tmp/swh-{self.base_port}")  # short: Ray's socket paths live under it
-        self.marker = f"{self.base_port}:{os.getpid()}"  # ports, and the process that owns this harness
-        self.ident: dict = {"marker": self.marker, "sessions": [], "mnt_ns": None}  # what members() looks for
         self.head_node_id: str | None = None
         self.worker_node_id: str | None = None
         self._procs: list[subprocess.Popen] = []
@@ -185,7 +192,7 @@ class TwoNodeCluster:
         # this process's environment (PYTHONPATH, HF offline settings) reaches every Ray worker through its raylet
         # and token authentication as the drivers have it (`ray start` turns it on by itself once ~/.ray/auth_token
         # exists, while a driver without RAY_AUTH_MODE does not use the token)
-        return {**os.environ, MARKER: self.marker, "RAY_USAGE_STATS_ENABLED": "0",
+        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
     def start(self) -> "TwoNodeCluster":
@@ -200,6 +207,9 @@ class TwoNodeCluster:
         for d in (self.state_dir, self.results_root):
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
+        # before any node starts: the next start on these ports knows whose harness this is
+        (self.state_dir / "harness.json").write_text(json.dumps({"owner": os.getpid(),
+                                                                 "owner_started": _started(os.getpid())}))
         ray = str(Path(sys.executable).parent / "ray")
         common = ["--object-store-memory=100000000", "--disable-usage-stats", "--block"]
         head = [ray, "start", "--head", f"--port={self.base_port}", f"--temp-dir={self.state_dir / 'ray'}",
@@ -210,13 +220,14 @@ class TwoNodeCluster:
                   f"--temp-dir=/tmp/swh-{self.base_port}-worker", f"--num-cpus={self.worker_cpus}", "--num-gpus=0",
                   f"--resources={json.dumps({WORKER_RESOURCE: 1000})}", *self._ports(10),
                   f"--min-worker-port={self.base_port + 60}", f"--max-worker-port={self.base_port + 99}", *common]
+        head_tag = shlex.quote(f"/var/tmp/swh-{self.base_port}-head")
         try:
-            self._spawn(head, "head")
+            self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                         f"set -e\nmkdir -p {head_tag}\nmount -t tmpfs -o size=64k tmpfs {head_tag}\n"
+                         f"exec {shlex.join(head)}"], "head")
             self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c", self._namespace_script(worker)],
                         "worker")
             self._wait_joined()
-            self.ident["mnt_ns"] = _mnt_ns(self._procs[1].pid)  # read once it joined: surely inside its namespace
-            self._save_ident()
         except BaseException:
             self.stop()
             raise
@@ -244,12 +255,6 @@ class TwoNodeCluster:
         self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
                                             cwd=self.state_dir, start_new_session=True))
         log.close()
-        self.ident["sessions"].append(self._procs[-1].pid)  # a new session's id is its leader's pid
-        self._save_ident()
-
-    def _save_ident(self) -> None:
-        """For the next start on these ports, should this process be killed before stop() runs."""
-        (self.state_dir / "harness.json").write_text(json.dumps(self.ident))
 
     def _wait_joined(self) -> None:
         """Both nodes alive in the GCS (the worker node really joined); their node ids."""
@@ -277,7 +282,7 @@ class TwoNodeCluster:
                 raise RuntimeError(f"the head node did not listen on {self.base_port}: {self.log_tail('head')}")
             time.sleep(0.5)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=self.join_timeout_s + 60, env={k: v for k, v in os.environ.items() if k != MARKER})
+                             timeout=self.join_timeout_s + 60, env=os.environ)
         try:
             nodes = json.loads(out.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
@@ -301,7 +306,7 @@ class TwoNodeCluster:
                     os.killpg(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        _end(self.ident)
+        _end(self.base_port)
         for p in self._procs:
             try:
                 p.wait(timeout=10)
@@ -309,8 +314,9 @@ class TwoNodeCluster:
                 p.kill()
         self._procs.clear()
         shutil.rmtree(self.results_root, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the empty mount point a venv under /tmp was held aside on
-            os.rmdir(f"/var/tmp/swh-{self.base_port}-venv")
+        for d in (f"/var/tmp/swh-{self.base_port}-venv", f"/var/tmp/swh-{self.base_port}-head"):
+            with contextlib.suppress(OSError):  # empty mount points: a venv under /tmp held aside, the head's tag
+                os.rmdir(d)
 
     def __enter__(self) -> "TwoNodeCluster":
         return self.start()
