@@ -300,20 +300,22 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
         tie = pl.col("weights_gb") if key == "best_quality" else pl.col("quality_retention")
         tie_desc = key != "best_quality"
         speed = key == "max_throughput_within_1pct"
-        what = (pl.col("_speed_src") + pl.when(pl.col("_speed_kind") == "eager")
+        what = pl.col("_speed_src") if speed else pl.lit(col)
+        note = (pl.when(pl.col("_speed_kind") == "eager")
                 .then(pl.lit("; kernel-level not used, missing for ") + pl.col("_why_eager")).otherwise(pl.lit(""))
-                if speed else pl.lit(col))
+                if speed else pl.lit(""))
         best = (lf.filter(cond & pl.col(col).is_not_null())
                 .sort(["model", col, tie], descending=[False, descending, tie_desc], nulls_last=True)
                 .group_by("model", maintain_order=True).first()
                 .select("model", "trial_id", "precision", "compute_dtype", pl.col(col).alias("value"),
                         "quality_retention",
                         (pl.col("_speed_kind") if speed else pl.lit(None, dtype=pl.String)).alias("speed_kind"),
-                        what.alias("_what")))
+                        what.alias("_what"), note.alias("_note")))
         parts.append(models.join(best, on="model", how="left").with_columns(
             pl.lit(key).alias("scenario"), pl.lit(desc[key]).alias("description"),
             pl.when(pl.col("trial_id").is_null()).then(pl.lit(why))
-            .otherwise(pl.format("{} = {}", pl.col("_what"), pl.col("value").round(4).cast(pl.String)))
+            .otherwise(pl.format("{} = {}{}", pl.col("_what"), pl.col("value").round(4).cast(pl.String),
+                                 pl.col("_note")))
             .alias("reason")))
     out = pl.concat(parts).select("model", "scenario", "description", "trial_id", "precision", "compute_dtype",
                                   "value", "quality_retention", "speed_kind", "reason")
