@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Issue 23 GPU proof, one device call: build the Llama-3-8B-shape model, run the seed-000-shaped study through
 # `sweep launch`, then `sweep results --vs-baseline` (true memory, both speed kinds), the recommendations and the report.
-# Run from the repository root with the wheels installed: PYTHONPATH=/tmp/site:$PWD bash benchmarks/gpu/seed000_run.sh $OUT
+# Run from the repository root with the wheels installed (docs/performance.md, run33):
+#   PYTHONPATH=/tmp/site:$PWD TOKENIZER=<llama-4m folder> SWEEPER_GPU_DATA=<folder with wikitext-2/test.txt> \
+#     bash benchmarks/gpu/seed000_run.sh $OUT
 set -uo pipefail
 out=${1:?usage: seed000_run.sh OUT_DIR}
-export SWEEPER_GPU_DATA=${SWEEPER_GPU_DATA:-$PWD/.gpu/i23/data} PYTHONUNBUFFERED=1
+export SWEEPER_GPU_DATA=${SWEEPER_GPU_DATA:-$PWD/.gpu/h100/data} PYTHONUNBUFFERED=1
 res=/tmp/gpu-results/seed000
 log=$out/seed000_driver.log
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, bitsandbytes, torchao, ray, polars; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| bitsandbytes', bitsandbytes.__version__, '| torchao', torchao.__version__, '| ray', ray.__version__, '| polars', polars.__version__)"
-  python3 benchmarks/gpu/make_models.py --out /tmp/gpu-models --tokenizer "${TOKENIZER:-.gpu/i23/llama-4m}" --only llama3-8b-shape
+  python3 benchmarks/gpu/make_models.py --out /tmp/gpu-models --tokenizer "${TOKENIZER:-.gpu/h100/llama-4m}" --only llama3-8b-shape
   t0=$(date +%s)
   echo "$ sweep launch benchmarks/gpu/seed000_grid.py --results $res --fresh"
   python3 -m sweeper.cli launch benchmarks/gpu/seed000_grid.py --results $res --fresh
