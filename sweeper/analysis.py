@@ -69,9 +69,9 @@ CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "comput
                   "status", "device", "device_name", "gpu_share", "error_stage", "error_type", "error"]
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
-DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_throughput", "speedup_prefill", "speedup_sequence",
-                   "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio", "gb_saved",
-                   "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
+DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_throughput", "speedup_prefill",
+                   "speedup_sequence", "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio",
+                   "gb_saved", "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
 
 # Recommendation scenarios of the seed reports: (key, description).
 SCENARIOS: list[tuple[str, str]] = [

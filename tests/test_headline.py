@@ -142,8 +142,9 @@ def _recompute(results: Path) -> pl.DataFrame:
             f = f.filter(pl.col("batch_size") == batch_size)
         return dict(zip(f["trial_id"], f["value"]))
 
-    load, weights, peak = metric("load", "load_s"), metric("load", "weights_bytes"), metric("benchmark", "peak_memory_bytes")
-    dec, pre, seq = metric("benchmark", "decode_tok_s"), metric("benchmark", "prefill_ms"), metric("benchmark", "sequence_ms")
+    load, weights = metric("load", "load_s"), metric("load", "weights_bytes")
+    peak, dec = metric("benchmark", "peak_memory_bytes"), metric("benchmark", "decode_tok_s")
+    pre, seq = metric("benchmark", "prefill_ms"), metric("benchmark", "sequence_ms")
     ppl = metric("perplexity", "token_perplexity")
     thr = m.filter((pl.col("stage") == "benchmark") & (pl.col("metric") == "throughput_tok_s"))
     tasks = m.filter(pl.col("stage") == "tasks")
