@@ -11,12 +11,16 @@ recommendations. All functions take a :class:`sweeper.results.Results` (``open_r
 
 Definitions (docs/analysis.md repeats them):
 
-- ``speedup_decode`` = trial decode tok/s / baseline decode tok/s (batch 1); ``speedup_throughput`` = trial batch
+- ``speedup_decode`` = trial decode tok/s / baseline decode tok/s (eager ``generate``, batch 1);
+  ``speedup_decode_graph`` = the same for the kernel-level decode (``decode_graph_tok_s``: the decode step replayed as
+  a CUDA graph; null where a trial has none, its ``graph_decode_error`` says why); ``speedup_throughput`` = trial batch
   tok/s / baseline batch tok/s at the same batch size (the trial's largest); ``speedup_prefill``,
   ``speedup_sequence``, ``speedup_load`` = baseline time / trial time. > 1 means faster.
-- ``memory_reduction`` = 1 - trial footprint / baseline footprint (``footprint_bytes`` of the load stage);
-  ``memory_reduction_peak`` = the same for the benchmark's peak memory; ``compression_ratio`` = baseline footprint /
-  trial footprint; ``gb_saved`` = (baseline - trial footprint) / 1e9.
+- A trial's memory is ``weights_gb``: the bytes its loaded weights really occupy (``weights_bytes`` of the load stage,
+  packed quantized storage and scales included; docs/measurement.md says why not ``get_memory_footprint()``, which
+  stays apart as ``hf_footprint_gb``). ``memory_reduction`` = 1 - trial weights / baseline weights;
+  ``memory_reduction_peak`` = the same for the benchmark's peak memory; ``compression_ratio`` = baseline weights /
+  trial weights; ``gb_saved`` = baseline - trial weights_gb.
 - ``retention_<task>`` = trial main metric / baseline main metric (baseline / trial for lower-is-better metrics such as
   word_perplexity); ``retention_mean`` = mean over the higher-is-better (accuracy-type) top-level tasks.
 - ``ppl_delta_pct`` = 100 * (trial token perplexity / baseline token perplexity - 1);
@@ -42,13 +46,14 @@ log = logging.getLogger(__name__)
 # (column, stage, metric, scale) per-trial scalar metrics, in display units (bytes -> GB, decimal).
 METRIC_COLUMNS: list[tuple[str, str, str, float]] = [
     ("load_s", "load", "load_s", 1.0),
-    ("footprint_gb", "load", "footprint_bytes", 1e-9),
+    ("weights_gb", "load", "weights_bytes", 1e-9),  # the trial's memory: every memory column derives from it
     ("allocated_gb", "load", "allocated_bytes", 1e-9),
-    ("weights_gb", "load", "weights_bytes", 1e-9),
+    ("hf_footprint_gb", "load", "footprint_bytes", 1e-9),  # model.get_memory_footprint(): shown, never derived from
     ("num_params", "load", "num_params", 1.0),
     ("peak_gb", "benchmark", "peak_memory_bytes", 1e-9),
     ("prefill_ms", "benchmark", "prefill_ms", 1.0),
     ("decode_tok_s", "benchmark", "decode_tok_s", 1.0),
+    ("decode_graph_tok_s", "benchmark", "decode_graph_tok_s", 1.0),
     ("decode_ms_per_token", "benchmark", "decode_ms_per_token", 1.0),
     ("sequence_ms", "benchmark", "sequence_ms", 1.0),
     ("perplexity", "perplexity", "token_perplexity", 1.0),
@@ -64,9 +69,9 @@ CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "comput
                   "status", "device", "device_name", "gpu_share", "error_stage", "error_type", "error"]
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
-DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_throughput", "speedup_prefill", "speedup_sequence",
-                   "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio", "gb_saved",
-                   "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
+DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_throughput", "speedup_prefill",
+                   "speedup_sequence", "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio",
+                   "gb_saved", "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
 
 # Recommendation scenarios of the seed reports: (key, description).
 SCENARIOS: list[tuple[str, str]] = [
@@ -116,7 +121,7 @@ def compare(res: Results) -> pl.LazyFrame:
     baseline: ``baseline_status`` says why the derived columns are null."""
     t = _trials(res)
     present = t.collect_schema().names()
-    cfg = t.select([c for c in CONFIG_COLUMNS if c in present])
+    cfg = t.select([c for c in CONFIG_COLUMNS + ["graph_decode_error"] if c in present])
 
     thr = _throughput(res)
     largest = (thr.sort("batch_size").group_by("trial_id")
@@ -148,16 +153,17 @@ def compare(res: Results) -> pl.LazyFrame:
     def ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
         return ok(pl.when(den > 0).then(num / den).otherwise(None))
 
-    gb_saved = ok(pl.col("footprint_gb_b") - pl.col("footprint_gb"))
+    gb_saved = ok(pl.col("weights_gb_b") - pl.col("weights_gb"))
     w = w.with_columns(
         ratio(pl.col("decode_tok_s"), pl.col("decode_tok_s_b")).alias("speedup_decode"),
+        ratio(pl.col("decode_graph_tok_s"), pl.col("decode_graph_tok_s_b")).alias("speedup_decode_graph"),
         ratio(pl.col("batch_tok_s"), pl.col("_base_batch_tok_s")).alias("speedup_throughput"),
         ratio(pl.col("prefill_ms_b"), pl.col("prefill_ms")).alias("speedup_prefill"),
         ratio(pl.col("sequence_ms_b"), pl.col("sequence_ms")).alias("speedup_sequence"),
         ratio(pl.col("load_s_b"), pl.col("load_s")).alias("speedup_load"),
-        (1 - ratio(pl.col("footprint_gb"), pl.col("footprint_gb_b"))).alias("memory_reduction"),
+        (1 - ratio(pl.col("weights_gb"), pl.col("weights_gb_b"))).alias("memory_reduction"),
         (1 - ratio(pl.col("peak_gb"), pl.col("peak_gb_b"))).alias("memory_reduction_peak"),
-        ratio(pl.col("footprint_gb_b"), pl.col("footprint_gb")).alias("compression_ratio"),
+        ratio(pl.col("weights_gb_b"), pl.col("weights_gb")).alias("compression_ratio"),
         gb_saved.alias("gb_saved"),
         ((ratio(pl.col("perplexity"), pl.col("perplexity_b")) - 1) * 100).alias("ppl_delta_pct"),
     ).with_columns(
@@ -195,7 +201,10 @@ def compare(res: Results) -> pl.LazyFrame:
     task_value_cols = [c for c in names if c in task_names or c in {f"task_{k}" for k in task_names}]
     retention_cols = [f"retention_{k}" for k in task_names]
     head = [c for c in CONFIG_COLUMNS if c in names]
-    order = (head + metric_cols + ["batch_size", "batch_tok_s"] + task_value_cols
+    # why a trial has no kernel-level decode number, right after that number
+    shown = metric_cols[:metric_cols.index("decode_graph_tok_s") + 1] + ["graph_decode_error"] \
+        + metric_cols[metric_cols.index("decode_graph_tok_s") + 1:]
+    order = (head + shown + ["batch_size", "batch_tok_s"] + task_value_cols
              + [c for c in DERIVED_COLUMNS if c != "retention_mean" and c not in ("ppl_delta_pct", "ppl_delta_per_gb_saved")]
              + retention_cols + ["retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"])
     out = w.select(order)
@@ -218,13 +227,13 @@ def with_axes(cmp: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
 
 # ----------------------------------------------------------------------------------------------------------- Pareto
 def pareto(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
-    """Per model, which done trials are on the Pareto front of (quality_retention up, footprint_gb down) and of
+    """Per model, which done trials are on the Pareto front of (quality_retention up, weights_gb down) and of
     (quality_retention up, throughput_tok_s up). Trials lacking an axis value are not on that front (null).
 
-    Columns: model, trial_id, precision, compute_dtype, is_baseline, quality_retention, footprint_gb,
+    Columns: model, trial_id, precision, compute_dtype, is_baseline, quality_retention, weights_gb,
     throughput_tok_s, pareto_memory, pareto_throughput."""
     lf = with_axes(cmp).filter(pl.col("status") == "done")
-    keep = ["model", "trial_id", "precision", "compute_dtype", "is_baseline", "quality_retention", "footprint_gb",
+    keep = ["model", "trial_id", "precision", "compute_dtype", "is_baseline", "quality_retention", "weights_gb",
             "throughput_tok_s"]
     lf = lf.select(keep).with_row_index("_i")
 
@@ -237,7 +246,7 @@ def pareto(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
              .with_columns((pl.col("_prev").is_null() | (pl.col("quality_retention") > pl.col("_prev"))).alias(name)))
         return s.select("_i", name)
 
-    out = (lf.join(front("footprint_gb", False, "pareto_memory"), on="_i", how="left")
+    out = (lf.join(front("weights_gb", False, "pareto_memory"), on="_i", how="left")
            .join(front("throughput_tok_s", True, "pareto_throughput"), on="_i", how="left")
            .sort("_i").drop("_i"))
     return out.collect()
@@ -247,40 +256,69 @@ def pareto(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
 def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     """Per model and scenario (SCENARIOS), the recommended trial among the model's done trials, from point estimates:
 
-    - max_throughput_within_1pct: highest throughput_tok_s with quality_retention >= 0.99;
-    - min_memory_within_3pct: smallest footprint_gb with quality_retention >= 0.97;
-    - best_quality: highest quality_retention among the non-baseline trials (ties: smaller footprint);
+    - max_throughput_within_1pct: the fastest trial with quality_retention >= 0.99. Speed is kernel-level
+      (decode_graph_tok_s, CUDA-graph decode at batch 1) where every done trial of the model has it, else eager
+      (throughput_tok_s: generate's batch throughput at the largest batch size, or its batch-1 decode); ``speed_kind``
+      says which, and ``reason`` names the column and, for eager, why kernel-level was not used;
+    - min_memory_within_3pct: smallest weights_gb (the true bytes of the loaded weights) with quality_retention >= 0.97;
+    - best_quality: highest quality_retention among the non-baseline trials (ties: smaller weights_gb);
     - fastest_load: smallest load_s.
 
     Columns: model, scenario, description, trial_id, precision, compute_dtype, value (the optimised quantity),
-    quality_retention, reason. A scenario with no candidate has a null trial_id and says why in ``reason``."""
+    quality_retention, speed_kind, reason. A scenario with no candidate has a null trial_id and says why in
+    ``reason``."""
     lf = with_axes(cmp).filter(pl.col("status") == "done")
+    lf = _ensure(lf, {"decode_graph_tok_s": pl.Float64, "graph_decode_error": pl.String, "batch_tok_s": pl.Float64,
+                      "batch_size": pl.Int64})
+    kernel = pl.col("decode_graph_tok_s").is_not_null().all().over("model")
+    eager_src = (pl.when(pl.col("batch_tok_s").is_not_null())
+                 .then(pl.format("batch_tok_s (eager generate, batch {})", pl.col("batch_size").cast(pl.String)))
+                 .otherwise(pl.lit("decode_tok_s (eager generate, batch 1)")))
+    lf = lf.with_columns(
+        pl.when(kernel).then(pl.col("decode_graph_tok_s")).otherwise(pl.col("throughput_tok_s")).alias("_speed"),
+        pl.when(kernel).then(pl.lit("kernel-level")).otherwise(pl.lit("eager")).alias("_speed_kind"),
+        pl.when(kernel).then(pl.lit("decode_graph_tok_s (kernel-level: CUDA-graph decode, batch 1)"))
+        .otherwise(eager_src).alias("_speed_src"))
+    # per model, why kernel-level was not used: the trials without it and their graph_decode_error
+    no_kernel = (lf.filter(pl.col("decode_graph_tok_s").is_null())
+                 .group_by("model").agg(pl.format("{}/{}: {}", pl.col("precision"), pl.col("compute_dtype"),
+                                                  pl.col("graph_decode_error").fill_null("no decode_graph_tok_s row"))
+                                        .sort().str.join("; ").alias("_why_eager")))
+    lf = lf.join(no_kernel, on="model", how="left")
     models = lf.select("model").unique().sort("model")
     specs = [
-        ("max_throughput_within_1pct", pl.col("quality_retention") >= 0.99, "throughput_tok_s", True,
-         "no trial with quality retention >= 99% and a throughput"),
-        ("min_memory_within_3pct", pl.col("quality_retention") >= 0.97, "footprint_gb", False,
-         "no trial with quality retention >= 97% and a footprint"),
+        ("max_throughput_within_1pct", pl.col("quality_retention") >= 0.99, "_speed", True,
+         "no trial with quality retention >= 99% and a speed"),
+        ("min_memory_within_3pct", pl.col("quality_retention") >= 0.97, "weights_gb", False,
+         "no trial with quality retention >= 97% and a weights_gb"),
         ("best_quality", ~pl.col("is_baseline"), "quality_retention", True, "no quantized trial with a quality metric"),
         ("fastest_load", pl.lit(True), "load_s", False, "no trial with a load time"),
     ]
     desc = dict(SCENARIOS)
     parts = []
     for key, cond, col, descending, why in specs:
-        tie = pl.col("footprint_gb") if key == "best_quality" else pl.col("quality_retention")
+        tie = pl.col("weights_gb") if key == "best_quality" else pl.col("quality_retention")
         tie_desc = key != "best_quality"
+        speed = key == "max_throughput_within_1pct"
+        what = pl.col("_speed_src") if speed else pl.lit(col)
+        note = (pl.when(pl.col("_speed_kind") == "eager")
+                .then(pl.lit("; kernel-level not used, missing for ") + pl.col("_why_eager")).otherwise(pl.lit(""))
+                if speed else pl.lit(""))
         best = (lf.filter(cond & pl.col(col).is_not_null())
                 .sort(["model", col, tie], descending=[False, descending, tie_desc], nulls_last=True)
                 .group_by("model", maintain_order=True).first()
                 .select("model", "trial_id", "precision", "compute_dtype", pl.col(col).alias("value"),
-                        "quality_retention"))
+                        "quality_retention",
+                        (pl.col("_speed_kind") if speed else pl.lit(None, dtype=pl.String)).alias("speed_kind"),
+                        what.alias("_what"), note.alias("_note")))
         parts.append(models.join(best, on="model", how="left").with_columns(
             pl.lit(key).alias("scenario"), pl.lit(desc[key]).alias("description"),
             pl.when(pl.col("trial_id").is_null()).then(pl.lit(why))
-            .otherwise(pl.format("{} = {}", pl.lit(col), pl.col("value").round(4).cast(pl.String)))
+            .otherwise(pl.format("{} = {}{}", pl.col("_what"), pl.col("value").round(4).cast(pl.String),
+                                 pl.col("_note")))
             .alias("reason")))
     out = pl.concat(parts).select("model", "scenario", "description", "trial_id", "precision", "compute_dtype",
-                                  "value", "quality_retention", "reason")
+                                  "value", "quality_retention", "speed_kind", "reason")
     order = {k: i for i, (k, _) in enumerate(SCENARIOS)}
     return (out.with_columns(pl.col("scenario").replace_strict(order, return_dtype=pl.Int64).alias("_o"))
             .sort(["model", "_o"]).drop("_o").collect())

@@ -103,14 +103,16 @@ def _summary_tables(cmp: pl.DataFrame, sig: pl.DataFrame, tasks: list[tuple[str,
         pl.col("compute_dtype").alias("Compute"),
         _fixed(pl.col("load_s"), 2).fill_null("-").alias("Load (s)"),
         _vs(_fixed(pl.col("speedup_load"), 2) + pl.lit("x")).alias("Load vs base"),
-        _fixed(pl.col("footprint_gb"), 3).fill_null("-").alias("Footprint (GB)"),
-        _vs(_signed_pct(-100 * pl.col("memory_reduction"))).alias("Footprint vs base"),
+        _fixed(pl.col("weights_gb"), 3).fill_null("-").alias("Weights (GB)"),
+        _vs(_signed_pct(-100 * pl.col("memory_reduction"))).alias("Weights vs base"),
         _fixed(pl.col("peak_gb"), 3).fill_null("-").alias("Peak (GB)"),
         _vs(_signed_pct(-100 * pl.col("memory_reduction_peak"))).alias("Peak vs base"),
         _fixed(pl.col("prefill_ms"), 2).fill_null("-").alias("Prefill (ms)"),
         _vs(_fixed(pl.col("speedup_prefill"), 2) + pl.lit("x")).alias("Prefill vs base"),
         _fixed(pl.col("decode_tok_s"), 2).fill_null("-").alias("Decode (tok/s)"),
         _vs(_fixed(pl.col("speedup_decode"), 2) + pl.lit("x")).alias("Decode vs base"),
+        _fixed(pl.col("decode_graph_tok_s"), 2).fill_null("-").alias("Decode kernel (tok/s)"),
+        _vs(_fixed(pl.col("speedup_decode_graph"), 2) + pl.lit("x")).alias("Decode kernel vs base"),
         (_fixed(pl.col("batch_tok_s"), 1) + pl.lit(" @") + bs).fill_null("-").alias("Batch (tok/s)"),
         _vs(_fixed(pl.col("speedup_throughput"), 2) + pl.lit("x")).alias("Batch vs base"),
         _fixed(pl.col("perplexity"), 3).fill_null("-").alias("PPL"),
@@ -198,7 +200,7 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
         pl.when(pl.col("trial_id").is_null()).then(pl.lit("-")).otherwise(_label()).alias("choice"),
         pl.when(pl.col("quality_retention").is_null()).then(pl.lit("-"))
         .otherwise(_fixed(100 * pl.col("quality_retention"), 2) + pl.lit("%")).alias("quality retention"),
-        "reason", pl.col("trial_id").fill_null("-"))
+        pl.col("speed_kind").fill_null("-").alias("speed kind"), "reason", pl.col("trial_id").fill_null("-"))
 
     notes = []
     if trials.height and {"device", "gpu_share"} <= set(trials.columns):
@@ -458,7 +460,7 @@ def _models(data: ReportData) -> list[str]:
 def _pareto_charts(data: ReportData, model: str, color: dict[str, str]) -> str:
     p = data.pareto.filter(pl.col("model") == model)
     out = []
-    for x, front, xl, cid in (("footprint_gb", "pareto_memory", "footprint (GB), lower is better", "memory"),
+    for x, front, xl, cid in (("weights_gb", "pareto_memory", "weights (GB), lower is better", "memory"),
                               ("throughput_tok_s", "pareto_throughput", "throughput (tok/s), higher is better",
                                "throughput")):
         pts = [{"x": r[x], "y": None if r["quality_retention"] is None else 100 * r["quality_retention"],
@@ -467,6 +469,23 @@ def _pareto_charts(data: ReportData, model: str, color: dict[str, str]) -> str:
         out.append(svg_scatter(pts, xl, "quality retention (%)", f"{model}: retention vs {cid}",
                                f"pareto-{cid}-{model}"))
     return "".join(out)
+
+
+# the speed chart's series: both decode kinds side by side, each against the baseline's same kind
+SPEED_SERIES = (("decode eager", "speedup_decode"), ("decode kernel-level", "speedup_decode_graph"),
+                ("batch tok/s", "speedup_throughput"), ("prefill", "speedup_prefill"), ("load", "speedup_load"))
+SPEED_NOTE = ("Decode speed in two kinds: eager (HF generate, what its users get) is host-bound at batch 1 (Python and "
+              "kernel launches set its pace, not the weights' format), while kernel-level (the same decode step "
+              "replayed as a CUDA graph, GPU time) shows what the quantized kernels do.")
+
+
+def _no_kernel_notes(rows: pl.DataFrame) -> list[str]:
+    """One line per done trial without a kernel-level decode number, with the reason its row records."""
+    if "decode_graph_tok_s" not in rows.columns:
+        return []
+    miss = rows.filter(pl.col("decode_graph_tok_s").is_null())
+    return [f"{r['label']}: no kernel-level decode ({r.get('graph_decode_error') or 'no decode_graph_tok_s row'})"
+            for r in miss.iter_rows(named=True)]
 
 
 def _model_rows(data: ReportData, model: str) -> pl.DataFrame:
@@ -502,13 +521,13 @@ def render_html(data: ReportData) -> str:
     for m in chart_models:
         r = _model_rows(data, m)
         labels = r.get_column("label").to_list()
-        speed.append(svg_bars(labels, {k: r.get_column(c).to_list() for k, c in (
-            ("decode tok/s", "speedup_decode"), ("batch tok/s", "speedup_throughput"), ("prefill", "speedup_prefill"),
-            ("load", "speedup_load"))}, f"{m}: speedup vs baseline", "speedup (x, 1 = baseline)", f"speed-{m}", ref=1.0))
-        memory.append(svg_bars(labels, {"footprint GB": r.get_column("footprint_gb").to_list(),
+        speed.append(svg_bars(labels, {k: r.get_column(c).to_list() for k, c in SPEED_SERIES},
+                              f"{m}: speedup vs baseline", "speedup (x, 1 = baseline)", f"speed-{m}", ref=1.0))
+        speed += [f'<p class="note">{e(n)}</p>' for n in _no_kernel_notes(r)]
+        memory.append(svg_bars(labels, {"weights GB": r.get_column("weights_gb").to_list(),
                                         "peak GB": r.get_column("peak_gb").to_list()},
                                f"{m}: memory", "GB", f"memory-{m}"))
-    sec["speed"] = cut + '<div class="charts">' + "".join(speed) + "</div>"
+    sec["speed"] = (cut + f"<p>{e(SPEED_NOTE)}</p>" + '<div class="charts">' + "".join(speed) + "</div>")
     sec["memory"] = cut + '<div class="charts">' + "".join(memory) + "</div>"
     heat = []
     for m in chart_models:
@@ -556,14 +575,17 @@ def render_markdown(data: ReportData) -> str:
             out.append(_md_table(p.select(
                 "model", "precision", "compute_dtype",
                 (_fixed(100 * pl.col("quality_retention"), 2) + pl.lit("%")).fill_null("-").alias("quality retention"),
-                _fixed(pl.col("footprint_gb"), 3).fill_null("-").alias("footprint GB"),
+                _fixed(pl.col("weights_gb"), 3).fill_null("-").alias("weights GB"),
                 _fixed(pl.col("throughput_tok_s"), 1).fill_null("-").alias("throughput tok/s"),
                 pl.when(pl.col("pareto_memory")).then(pl.lit("yes")).otherwise(pl.lit("")).alias("front: memory"),
                 pl.when(pl.col("pareto_throughput")).then(pl.lit("yes")).otherwise(pl.lit("")).alias("front: throughput"))))
         elif k == "speed":
-            out.append("Speedups are in the summary tables (\"vs base\" columns); the HTML report charts them.\n")
+            notes = [n for m in _models(data) for n in _no_kernel_notes(_model_rows(data, m))]
+            out.append(SPEED_NOTE + " Speedups of both kinds are in the summary tables (\"vs base\" columns); the "
+                       "HTML report charts them.\n" + "".join(f"\n> {n}\n" for n in notes))
         elif k == "memory":
-            out.append("Footprint and peak memory are in the summary tables; the HTML report charts them.\n")
+            out.append("Weights (the true bytes of the loaded weights) and peak memory are in the summary tables; the "
+                       "HTML report charts them.\n")
         elif k == "kl":
             if data.kl.height:
                 w = data.kl.sort(["model", "label"]).with_columns(_fixed(pl.col("kl"), 4).alias("kl")).pivot(on="category", index=["model", "label"],

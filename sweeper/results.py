@@ -16,18 +16,22 @@ import polars as pl
 
 from .errors import UserError
 
-# Summary columns: (column, stage, metric, batch size selector) -> value of that metric row.
+# Summary columns: (column, stage, metric) -> value of that metric row. A trial's memory is weights_gb, the bytes its
+# loaded weights really occupy (docs/measurement.md); get_memory_footprint() is not shown here (torchao's tensor
+# subclasses count at their unquantized size in it). Decode speed comes in two kinds: eager generate (decode_tok_s)
+# and kernel-level (decode_graph_tok_s, CUDA-graph decode; graph_decode_error says why a trial has none).
 SPEED_COLUMNS = [
     ("load_s", "load", "load_s"),
-    ("footprint_gb", "load", "footprint_bytes"),
+    ("weights_gb", "load", "weights_bytes"),
     ("peak_gb", "benchmark", "peak_memory_bytes"),
     ("prefill_ms", "benchmark", "prefill_ms"),
     ("decode_tok_s", "benchmark", "decode_tok_s"),
+    ("decode_graph_tok_s", "benchmark", "decode_graph_tok_s"),
     ("sequence_ms", "benchmark", "sequence_ms"),
     ("perplexity", "perplexity", "token_perplexity"),
     ("kl_mean", "kl", "kl_mean"),
 ]
-_BYTES_TO_GB = {"footprint_gb", "peak_gb"}
+_BYTES_TO_GB = {"weights_gb", "peak_gb"}
 # The headline metric of an lm-eval task in the summary, first present wins.
 TASK_MAIN_METRICS = ["acc_norm", "acc", "exact_match,strict-match", "exact_match,flexible-extract", "exact_match",
                      "word_perplexity"]
@@ -142,7 +146,12 @@ class Results:
         tasks = task_main_metrics(m).select("trial_id", "task", "value")
         t = self.trials  # every TRIALS_SCHEMA column, even for old files or none
         keep = ["trial_id", "study", "model", "precision", "compute_dtype", "status", "device", "error_stage", "error"]
-        out = t.select(keep + ["is_baseline"]).join(wide, on="trial_id", how="left")
+        out = t.select(keep + ["is_baseline", "graph_decode_error"]).join(wide, on="trial_id", how="left")
+        # why a trial has no kernel-level decode number, right after that number
+        cols = out.collect_schema().names()
+        cols.remove("graph_decode_error")
+        cols.insert(cols.index("decode_graph_tok_s") + 1, "graph_decode_error")
+        out = out.select(cols)
         if tasks.height:
             pivot = tasks.pivot(on="task", index="trial_id", values="value")
             out = out.join(pivot.lazy(), on="trial_id", how="left")

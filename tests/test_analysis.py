@@ -16,7 +16,7 @@ from sweeper.store import ResultsStore
 # model m1: baseline fp16 B; int8 T1; nf4 T2; fp4/fp16 T3 (dominated on memory by T2); fp4/fp32 F (failed at load).
 # model m2: nf4 M whose baseline "m2base00000" is not in the results.
 CELLS = {
-    #        load  footpr peak   prefill decode seq   {bs: tok/s}        ppl   arc_easy hellaswag wikitext kl
+    #        load  weights peak   prefill decode seq   {bs: tok/s}        ppl   arc_easy hellaswag wikitext kl
     "B":  (10.0, 4e9, 5e9, 100.0, 20.0, 1000.0, {1: 20.0, 4: 60.0}, 10.0, 0.80, 0.50, 20.0, None),
     "T1": (5.0, 2e9, 4e9, 200.0, 10.0, 2000.0, {1: 10.0, 4: 30.0}, 10.5, 0.78, 0.50, 22.0, 0.01),
     "T2": (8.0, 1e9, 2e9, 50.0, 30.0, 500.0, {1: 30.0, 4: 120.0}, 12.0, 0.72, 0.45, 25.0, 0.05),
@@ -31,6 +31,11 @@ CONFIG = {
     "F": ("m1", "fp4", "fp32", False, "B"),
     "M": ("m2", "nf4", "fp16", False, "m2base00000"),
 }
+# kernel-level decode (CUDA graph) tok/s; T1 (int8) has none: its row says why (GRAPH_ERROR)
+GRAPH = {"B": 100.0, "T2": 150.0, "T3": 160.0, "M": 90.0}
+GRAPH_ERROR = "not attempted: bitsandbytes LLM.int8 finds outlier columns on the host"
+# what get_memory_footprint() says for every trial (as for torchao's tensor subclasses): never a memory column's source
+HF_FOOTPRINT = 4e9
 CATEGORIES = ["code", "math", "translation"]
 N_ITEMS = 400
 
@@ -42,14 +47,15 @@ def _trial_row(tid: str, status: str = "done", **extra) -> dict:
            "status": status, "error_stage": None, "error_type": None, "error": None, "device": "cpu",
            "device_name": "test-cpu", "host": "testhost", "gpu_share": 0.0, "started_at": "2025-01-01T00:00:00",
            "finished_at": "2025-01-01T00:01:00", "stage_load_s": 1.0, "torch_version": "2.13.0",
-           "transformers_version": "4.99.0"}
+           "transformers_version": "4.99.0", "graph_decode_error": GRAPH_ERROR if tid == "T1" else None}
     row.update(extra)
     return row
 
 
 def _metric_rows(tid: str) -> list[dict]:
     load, fp, peak, pre, dec, seq, thr, ppl, arc, hella, wiki, kl = CELLS[tid]
-    r = [dict(stage="load", metric="load_s", value=load), dict(stage="load", metric="footprint_bytes", value=fp),
+    r = [dict(stage="load", metric="load_s", value=load), dict(stage="load", metric="weights_bytes", value=fp),
+         dict(stage="load", metric="footprint_bytes", value=HF_FOOTPRINT),
          dict(stage="load", metric="allocated_bytes", value=fp * 1.01), dict(stage="load", metric="num_params", value=1e9),
          dict(stage="benchmark", metric="prefill_ms", value=pre, batch_size=1),
          dict(stage="benchmark", metric="decode_tok_s", value=dec, batch_size=1),
@@ -64,6 +70,8 @@ def _metric_rows(tid: str) -> list[dict]:
          dict(stage="tasks", task="wikitext", metric="word_perplexity", value=wiki, n=62),
          dict(stage="tasks", task="wikitext", metric="bits_per_byte", value=1.0, n=62)]
     r += [dict(stage="benchmark", metric="throughput_tok_s", value=v, batch_size=bs) for bs, v in thr.items()]
+    if tid in GRAPH:
+        r += [dict(stage="benchmark", metric="decode_graph_tok_s", value=GRAPH[tid], batch_size=1)]
     if kl is not None:
         r += [dict(stage="kl", metric="kl_mean", value=kl), dict(stage="kl", metric="top1_agreement", value=1 - kl)]
         r += [dict(stage="prompts", task=c, metric="kl_mean", value=kl * (i + 1)) for i, c in enumerate(CATEGORIES)]
@@ -140,7 +148,9 @@ def test_derived_columns_known_answers(cmp):
     assert t1["memory_reduction_peak"] == approx(0.2)
     assert t1["compression_ratio"] == approx(2.0)
     assert t1["gb_saved"] == approx(2.0)
-    assert t1["footprint_gb"] == approx(2.0) and t1["peak_gb"] == approx(4.0)
+    assert t1["weights_gb"] == approx(2.0) and t1["peak_gb"] == approx(4.0)
+    assert t1["hf_footprint_gb"] == approx(4.0)  # shown under its own name, never the source of memory_reduction
+    assert t1["speedup_decode_graph"] is None and t1["graph_decode_error"] == GRAPH_ERROR
     assert t1["retention_arc_easy"] == approx(0.78 / 0.80)  # acc_norm is arc_easy's main metric, not acc
     assert t1["retention_hellaswag"] == approx(1.0)
     assert t1["retention_wikitext"] == approx(20.0 / 22.0)  # lower-is-better: baseline / trial
@@ -151,6 +161,8 @@ def test_derived_columns_known_answers(cmp):
 
     t2 = _row(cmp, "T2")
     assert t2["speedup_decode"] == approx(1.5)
+    assert t2["speedup_decode_graph"] == approx(1.5) and t2["decode_graph_tok_s"] == approx(150.0)
+    assert _row(cmp, "T3")["speedup_decode_graph"] == approx(1.6)
     assert t2["speedup_throughput"] == approx(2.0)
     assert t2["memory_reduction"] == approx(0.75) and t2["compression_ratio"] == approx(4.0)
     assert t2["ppl_delta_pct"] == approx(20.0)
@@ -290,6 +302,34 @@ def test_recommendations(cmp):
     m2 = {r["scenario"]: (r["trial_id"], r["reason"]) for r in rec.filter(pl.col("model") == "m2").to_dicts()}
     assert m2["max_throughput_within_1pct"][0] is None and "99%" in m2["max_throughput_within_1pct"][1]
     assert m2["fastest_load"][0] == "M"
+    # m1's int8 trial has no kernel-level decode, so its speed is eager, and the reason says so and why
+    speed = rec.filter((pl.col("model") == "m1") & (pl.col("scenario") == "max_throughput_within_1pct")).row(0, named=True)
+    assert speed["speed_kind"] == "eager" and speed["value"] == pytest.approx(60.0)
+    assert speed["reason"].startswith("batch_tok_s (eager generate, batch 4) = 60.0; kernel-level not used")
+    assert f"int8/fp16: {GRAPH_ERROR}" in speed["reason"]
+    mem = rec.filter((pl.col("model") == "m1") & (pl.col("scenario") == "min_memory_within_3pct")).row(0, named=True)
+    assert mem["value"] == pytest.approx(2.0) and mem["reason"].startswith("weights_gb = 2.0")
+
+
+def test_recommendation_prefers_kernel_level_speed_where_every_trial_has_it():
+    """Q is faster than B at kernel level (CUDA-graph decode) and slower in eager generate: with every trial of the
+    model measured at kernel level, Q is the fastest; once one trial lacks it, the eager numbers decide (B)."""
+    cmp = pl.DataFrame({
+        "model": ["x", "x"], "trial_id": ["B", "Q"], "precision": ["fp16", "w4a16"], "compute_dtype": ["bf16"] * 2,
+        "status": ["done"] * 2, "is_baseline": [True, False], "load_s": [1.0, 2.0], "weights_gb": [16.0, 5.8],
+        "retention_mean": [1.0, 0.995], "ppl_delta_pct": [0.0, 0.5], "batch_tok_s": [None, None],
+        "batch_size": [None, None], "decode_tok_s": [42.0, 41.0], "decode_graph_tok_s": [112.0, 167.0],
+        "graph_decode_error": [None, None]}, schema_overrides={"batch_tok_s": pl.Float64, "batch_size": pl.Int64})
+    fast = analysis.recommend(cmp).filter(pl.col("scenario") == "max_throughput_within_1pct").row(0, named=True)
+    assert (fast["trial_id"], fast["speed_kind"], fast["value"]) == ("Q", "kernel-level", 167.0)
+    assert fast["reason"].startswith("decode_graph_tok_s (kernel-level")
+    no_graph = cmp.with_columns(pl.when(pl.col("trial_id") == "Q").then(None).otherwise(pl.col("decode_graph_tok_s"))
+                                .alias("decode_graph_tok_s"),
+                                pl.when(pl.col("trial_id") == "Q").then(pl.lit("TorchRuntimeError: capture failed"))
+                                .alias("graph_decode_error"))
+    eager = analysis.recommend(no_graph).filter(pl.col("scenario") == "max_throughput_within_1pct").row(0, named=True)
+    assert (eager["trial_id"], eager["speed_kind"], eager["value"]) == ("B", "eager", 42.0)
+    assert "w4a16/bf16: TorchRuntimeError: capture failed" in eager["reason"]
 
 
 def test_empty_results_dir(tmp_path):

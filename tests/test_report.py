@@ -98,9 +98,16 @@ def test_html_parses_has_every_section_and_chart(html_report):
 def test_html_content(html_report):
     text = html_report.read_text()
     # summary in the seeds' style: each metric with its vs-baseline column, baseline marked
-    for s in ("Decode vs base", "Footprint vs base", "arc_easy vs base", "PPL vs base", "0.50x", "-75.0%",
-              "<td>baseline</td>", "no baseline (missing)"):
+    for s in ("Decode vs base", "Weights vs base", "arc_easy vs base", "PPL vs base", "0.50x", "-75.0%",
+              "<td>baseline</td>", "no baseline (missing)", "Decode kernel vs base", "1.50x", "1.60x"):
         assert s in text, s
+    assert "Footprint" not in text  # get_memory_footprint() is no memory column, chart or label
+    # speed in both kinds: the chart's legend names them, one sentence says which is host-bound, and the int8 trial
+    # without a kernel-level number says why (its row's graph_decode_error)
+    speed = text[text.index('<section id="speed">'):text.index('<section id="memory">')]
+    assert "decode eager" in speed and "decode kernel-level" in speed and "host-bound" in speed
+    assert "int8/fp16: no kernel-level decode (not attempted: bitsandbytes LLM.int8" in speed
+    assert "weights GB" in text[text.index('<section id="memory">'):]
     assert "-10.0% (worse)" in text and "-2.5% (noise)" in text  # nf4 / int8 on arc_easy, verdicts from the samples
     assert "within noise" in text and '<td class="v-worse">worse</td>' in text  # the significance table's verdict
     assert "CUDA out of memory" in text and "OutOfMemoryError" in text  # failed trial with its reason

@@ -73,6 +73,10 @@ def run_benchmark(model, tokenizer, settings: Benchmark, device: str, seed: int 
                                            measured_bandwidth_bytes_per_s() if weight_bytes else None)
             rows += g_rows
             facts["graph_decode_error"] = problem
+        elif settings.graph_decode:  # every row without a kernel-level number says why (docs/measurement.md)
+            facts["graph_decode_error"] = f"not measured: CUDA graphs need a CUDA device (this trial ran on {device})"
+        else:
+            facts["graph_decode_error"] = "not measured: Benchmark(graph_decode=False)"
     return rows, facts
 
 
