@@ -71,12 +71,30 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         click.echo("(dry run: GPU shares shown as on a CPU-only cluster; `auto` shares are computed at launch "
                    "from each GPU's memory)" if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
         return
+    resume = L.resume_command(study_file, results_dir, only, limit)
+    with L.StopOnSigint():
+        try:
+            code, ray_stopped = _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurrent, only,
+                                        limit, retries, num_cpus, warm_workers, verbose, resume)
+        except KeyboardInterrupt:
+            # running trials were stopped on the way out (warm workers closed, Ray shut down); rows already written stay
+            click.echo(f"interrupted: finished results are kept; run `{resume}` to resume", err=True)
+            code, ray_stopped = EXIT_INTERRUPTED, True
+    _finish(code, ray_stopped)
+
+
+def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurrent, only, limit, retries, num_cpus,
+            warm_workers, verbose, resume) -> tuple[int, bool]:
+    """The launch itself: (exit code, whether Ray stopped). Ctrl-C leaves it as KeyboardInterrupt, after the clean-up."""
+    from . import launch as L
     from . import scheduler
     from .lock import LaunchLock
+    from .query import format_frame as render
     from .resources import share_function
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
+    pool = None
     with LaunchLock(p.store.root):
         # warm workers start first: their imports then overlap Ray's start and the task check
         pool = (L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, address, fresh,
@@ -99,7 +117,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                     click.echo(f"sweep: error: {e}", err=True)
                     _finish(EXIT_USER_ERROR, ray_stopped=False)
                 raise
-            except BaseException:
+            except BaseException:  # Ctrl-C included
                 scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
                 raise
             if fresh:
@@ -118,7 +136,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             pending = p.pending
             if not pending:
                 click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}")
-                return
+                return 0, True
             done_before = len(p.trials) - len(pending)
             click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
             ray_stopped = True
@@ -127,18 +145,19 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                                      retries=retries, baselines_first=p.study.kl is not None,
                                      warm=pool.descriptor if pool is not None else None)
             except KeyboardInterrupt:
-                click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
-                           "again to resume", err=True)
-                sys.exit(EXIT_INTERRUPTED)
+                if pool is not None:  # the trials running in warm workers stop now, not when Ray has stopped
+                    pool.close(emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool))
+                    pool = None
+                raise
             finally:
                 ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
         finally:
             if pool is not None:
                 pool.close(emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool))
-    _finish(_launch_summary(p, study_file), ray_stopped)
+    return _launch_summary(p, resume), ray_stopped
 
 
-def _launch_summary(p, study_file: str) -> int:
+def _launch_summary(p, resume: str) -> int:
     """Print what the launch left and return its exit code."""
     status = p.store.trial_status()
     ids = [t.trial_id for t in p.trials]
@@ -147,7 +166,7 @@ def _launch_summary(p, study_file: str) -> int:
     click.echo(f"summary: {done}/{len(ids)} done, {len(failed)} failed, {len(ids) - done - len(failed)} pending; "
                f"results in {p.store.root}")
     if len(ids) - done - len(failed) > 0:
-        click.echo(f"interrupted: run `sweep launch {study_file}` again to resume", err=True)
+        click.echo(f"interrupted: run `{resume}` to resume", err=True)
         return EXIT_INTERRUPTED
     click.echo(f"read them: sweep results {p.store.root}")
     if failed:
@@ -183,12 +202,15 @@ def _print_plan(p, notes, render) -> None:
 @main.command()
 @click.argument("study_or_dir")
 @click.option("--results", "results_dir", default=None, help="With a study file: its results dir (default results/<name>).")
+@click.option("--only", multiple=True, metavar="KEY=VALUE", help="With a study file: the launch's --only.")
+@click.option("--limit", type=float, default=None, help="With a study file: the launch's --limit (it changes trial ids).")
 @_handle_errors
-def status(study_or_dir, results_dir):
-    """Counts of done / failed / pending trials, and the failures, of a study file or results dir."""
+def status(study_or_dir, results_dir, only, limit):
+    """Counts of done / failed / pending trials, and the failures, of a study file (the trials a launch with the
+    same options runs) or a results dir (every trial launched there)."""
     from .status import status_report
 
-    click.echo(status_report(study_or_dir, results_dir))
+    click.echo(status_report(study_or_dir, results_dir, only, limit))
 
 
 @main.command()
