@@ -42,7 +42,7 @@ def main(debug: bool, verbose: bool) -> None:
 
 
 @main.command()
-@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("study_file")
 @click.option("--address", default=None, help="Ray cluster address ('auto', 'ray://host:10001'); default: local Ray.")
 @click.option("--results", "results_dir", default=None, help="Results directory (default: results/<study name>).")
 @click.option("--fresh", is_flag=True, help="Start over: move existing results aside (never deleted).")
@@ -67,6 +67,9 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     verbose = click.get_current_context().find_root().params["verbose"]
     if dry_run:
         p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)
+        if fresh and p.store.root.exists():  # what the launch would do: every trial runs again
+            notes.append(f"--fresh: the results in {p.store.root} would be moved aside; every trial runs")
+            p.status = {}
         _print_plan(p, notes, render)
         click.echo("(dry run: GPU shares shown as on a CPU-only cluster; `auto` shares are computed at launch "
                    "from each GPU's memory)" if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
@@ -223,15 +226,16 @@ def status(study_or_dir, results_dir, only, limit):
 @click.option("--sort", default=None, help="Comma-separated sort columns; '-col' sorts descending.")
 @click.option("--pivot", default=None, help="Pivot long rows wide, e.g. --pivot task (seed-style tables).")
 @click.option("--vs-baseline", is_flag=True, help="Add the derived columns against each model's baseline.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default=None,
+              help="Output format (default: the -o file's extension, else table).")
 @click.option("-o", "--output", default=None, help="Also write the result to FILE (required for parquet).")
 @click.option("--limit", "row_limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
 @_handle_errors
 def results(dirs, where, sql, view, columns, sort, pivot, vs_baseline, fmt, output, row_limit):
     """Query the results in DIRS (directories or globs): by default one row per trial."""
-    from .query import run_query
+    from .query import output_format, run_query
 
+    fmt = output_format(fmt, output)
     out = run_query(list(dirs), where=where, sql=sql, columns=columns, sort=sort, pivot=pivot, fmt=fmt,
                     vs_baseline=vs_baseline, output=output, view=view, limit=row_limit)
     if fmt == "parquet":
@@ -243,12 +247,17 @@ def results(dirs, where, sql, view, columns, sort, pivot, vs_baseline, fmt, outp
 @main.command()
 @click.argument("dirs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="The report file to write.")
-@click.option("--format", "fmt", type=click.Choice(["html", "markdown"]), default="html", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["html", "markdown"]), default=None,
+              help="Report format (default: the -o file's extension, .md for markdown, else html).")
 @click.option("--title", default=None, help="Report title (default: from the studies).")
 @_handle_errors
 def report(dirs, output, fmt, title):
     """Write a self-contained HTML (or Markdown) report of the results in DIRS."""
+    from .query import output_format
     from .report import write_report
+
+    fmt = output_format(fmt, output, {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown"},
+                        default="html")
 
     path = write_report(list(dirs), output, fmt=fmt, title=title)
     click.echo(f"wrote {path}")

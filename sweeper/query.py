@@ -17,6 +17,7 @@ Python code: ``precision == 'nf4' and decode_tok_s > 10``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import logging
 import math
@@ -28,7 +29,7 @@ import polars as pl
 
 from . import analysis
 from .errors import UserError
-from .results import Results, open_results
+from .results import Results, open_results, stack_by_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,18 @@ def _metrics_view(res: Results) -> pl.LazyFrame:
 
 
 def view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable[[], pl.LazyFrame]]:
-    """name -> function building that view (lazy where Polars allows; analyses are computed when called)."""
+    """name -> function building that view (lazy where Polars allows; analyses are computed when called).
+
+    Over several results dirs each view is built in each dir on its own and the rows stacked, with a ``results_dir``
+    column first: the same trial id in two dirs (a --fresh copy, or the same cell in two studies) keeps each dir's
+    numbers, and each trial is compared with the baseline of its own dir."""
+    if len(res.dirs) > 1:
+        per_dir = [(d, _view_builders(Results([d]), vs_baseline)) for d in res.dirs]
+        return {name: functools.partial(stack_by_dir, [(d, b[name]) for d, b in per_dir]) for name in per_dir[0][1]}
+    return _view_builders(res, vs_baseline)
+
+
+def _view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable[[], pl.LazyFrame]]:
     def cmp() -> pl.LazyFrame:
         return analysis.compare(res)
 
@@ -122,6 +134,8 @@ def _pivot(df: pl.DataFrame, on: str) -> pl.DataFrame:
         raise UserError(f"--pivot {on} needs a 'value' column (the metrics view, or a --sql query selecting value)")
     df = df.filter(pl.col(on).is_not_null())
     key = on
+    if on == "task" and "stage" in df.columns:  # lm-eval tasks before the KL prompt categories (stage prompts)
+        df = df.sort(pl.col("stage") != "tasks", maintain_order=True)
     if on == "task" and "metric" in df.columns:
         df = df.with_columns(pl.format("{}:{}", pl.col("task"), pl.col("metric")).alias("_col"))
         drop = {"task", "metric", "stage", "batch_size"}
@@ -257,6 +271,25 @@ def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None
     return text
 
 
+RESULTS_EXTENSIONS = {".csv": "csv", ".json": "json", ".md": "markdown", ".markdown": "markdown",
+                      ".parquet": "parquet", ".pq": "parquet", ".txt": "table"}
+
+
+def output_format(fmt: str | None, output: str | Path | None, extensions: dict[str, str] = RESULTS_EXTENSIONS,
+                  default: str = "table") -> str:
+    """The format to write: ``fmt`` when given, else the one ``output``'s extension names, else ``default``. An
+    extension that names another format than ``fmt`` is refused (a file named x.csv never holds a table)."""
+    ext = Path(output).suffix.lower() if output else ""
+    named = extensions.get(ext)
+    if fmt is None:
+        return named or default
+    if named is not None and named != fmt:
+        raise UserError(f"-o {output}: its extension {ext} means {named}, not --format {fmt}; give a file ending in "
+                        f"{'/'.join(e for e, f in extensions.items() if f == fmt) or 'another extension'}, "
+                        "or leave --format out to write what the extension says")
+    return fmt
+
+
 def _write(path: Path, data: bytes) -> None:
     from .store import atomic_write_bytes
 
@@ -285,4 +318,5 @@ def run_query(dirs: str | Sequence[str], where: str | None = None, sql: str | No
     return format_frame(df, fmt=fmt, output=output)
 
 
-__all__ = ["run_query", "query_frame", "format_frame", "view_builders", "FORMATS", "VIEWS"]
+__all__ = ["run_query", "query_frame", "format_frame", "format_number", "output_format", "view_builders", "FORMATS",
+           "VIEWS"]

@@ -149,10 +149,60 @@ def _environment(trials: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"Setting": pl.String, "Values": pl.String})
 
 
+def _study_name(d: Path) -> str:
+    name = d.name
+    p = d / "study.json"
+    if p.is_file():
+        try:
+            name = json.loads(p.read_text()).get("name", name)
+        except (json.JSONDecodeError, AttributeError):
+            log.warning("unreadable %s; using the directory name", p)
+    return str(name)
+
+
+@dataclass
+class _OneFolder(Results):
+    """One folder of a report over several: its models are named ``model (study @ folder)``, so that every per-model
+    table, chart and recommendation compares the trials of one folder (one study's benchmark settings, its own
+    baseline), even where two folders hold the same model or the same trial ids."""
+
+    label: str = ""
+
+    @property
+    def trials(self) -> pl.LazyFrame:
+        return super().trials.with_columns(pl.format("{} ({})", pl.col("model"), pl.lit(self.label)).alias("model"))
+
+
+def _several_folders(res: Results, title: str | None, significance_kwargs: dict | None) -> ReportData:
+    """The report of each folder on its own, its tables stacked (never joined across folders)."""
+    parts = [(str(d), build_report(_OneFolder([d], label=f"{_study_name(d)} @ {d}"),
+                                   significance_kwargs=significance_kwargs)) for d in res.dirs]
+
+    def stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
+        frames = [f for f in frames if f.width]
+        return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+    studies = [p.studies[0] for _, p in parts]
+    return ReportData(
+        title=title or ("sweeper report: " + ", ".join(dict.fromkeys(studies))), dirs=[d for d, _ in parts],
+        studies=studies, generated=parts[0][1].generated,
+        counts={k: sum(p.counts[k] for _, p in parts) for k in parts[0][1].counts},
+        compare=stack([p.compare for _, p in parts]), pareto=stack([p.pareto for _, p in parts]),
+        recommendations=stack([p.recommendations for _, p in parts]),
+        summary={m: df for _, p in parts for m, df in p.summary.items()},
+        significance=stack([p.significance for _, p in parts]), kl=stack([p.kl for _, p in parts]),
+        failed=stack([p.failed for _, p in parts]),
+        environment=stack([p.environment.select(pl.lit(d).alias("Results dir"), pl.all()) for d, p in parts]),
+        notes=[f"{d}: {n}" for d, p in parts for n in p.notes],
+        summary_notes={m: n for _, p in parts for m, n in p.summary_notes.items()})
+
+
 def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
                  significance_kwargs: dict | None = None) -> ReportData:
     """Compute every table of the report (no rendering)."""
     res = dirs if isinstance(dirs, Results) else open_results(dirs)
+    if len(res.dirs) > 1:
+        return _several_folders(res, title, significance_kwargs)
     cmp = analysis.compare(res).collect()
     sig = analysis.significance(res, **(significance_kwargs or {}))
     par = analysis.pareto(cmp)
@@ -161,16 +211,7 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
     tasks = sorted({(t, m) for t, m in tm.select("task", "metric").unique().iter_rows()}) if tm.height else []
 
     trials = res.trials.collect()
-    studies = []
-    for d in res.dirs:
-        name = d.name
-        p = d / "study.json"
-        if p.is_file():
-            try:
-                name = json.loads(p.read_text()).get("name", name)
-            except (json.JSONDecodeError, AttributeError):
-                log.warning("unreadable %s; using the directory name", p)
-        studies.append(str(name))
+    studies = [_study_name(d) for d in res.dirs]
 
     kl = (res.metrics.filter((pl.col("stage") == "prompts") & (pl.col("metric") == "kl_mean"))
           .select("trial_id", pl.col("task").alias("category"), pl.col("value").alias("kl")).collect())

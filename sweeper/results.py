@@ -10,7 +10,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import polars as pl
 
@@ -45,6 +45,8 @@ def top_level_tasks(tasks: Iterable[str]) -> dict[str, str]:
 
 
 def expand_dirs(dirs: list[str]) -> list[Path]:
+    """The results dirs that ``dirs`` (paths or globs) name, each once (the same dir named twice, or by two globs, is
+    read once: its rows would otherwise appear twice)."""
     out: list[Path] = []
     for d in dirs:
         matches = sorted(glob.glob(os.path.expanduser(d))) if any(c in d for c in "*?[") else [d]
@@ -53,10 +55,18 @@ def expand_dirs(dirs: list[str]) -> list[Path]:
             if not (p / "trials").is_dir() and not (p / "study.json").is_file():
                 raise UserError(f"{m} is not a sweeper results directory (no study.json or trials/); "
                                 "give the directory `sweep launch` wrote, e.g. results/<study>")
-            out.append(p)
+            if not any(p.resolve() == q.resolve() for q in out):
+                out.append(p)
     if not out:
         raise UserError(f"no results directories match {' '.join(dirs)}")
     return out
+
+
+def stack_by_dir(parts: list[tuple[Path, Callable[[], pl.LazyFrame]]]) -> pl.LazyFrame:
+    """The frames ``build()`` of each results dir stacked, with a ``results_dir`` column first (rows of several dirs
+    are never joined on trial_id: the same id in two dirs holds two dirs' numbers)."""
+    frames = [build().with_columns(pl.lit(str(d)).alias("results_dir")) for d, build in parts]
+    return pl.concat(frames, how="diagonal_relaxed").select("results_dir", pl.all().exclude("results_dir"))
 
 
 def _scan(paths: list[Path], sub: str) -> pl.LazyFrame | None:
@@ -127,7 +137,10 @@ class Results:
         return lf if lf is not None else _empty(SAMPLES_SCHEMA)
 
     def summary(self) -> pl.LazyFrame:
-        """One row per trial: config, status, the headline speed / memory / quality numbers, task main metrics."""
+        """One row per trial: config, status, the headline speed / memory / quality numbers, task main metrics.
+        Over several dirs: each dir's summary, stacked with a ``results_dir`` column."""
+        if len(self.dirs) > 1:
+            return stack_by_dir([(d, Results([d]).summary) for d in self.dirs])
         m = self.metrics
         cols = []
         for col, stage, metric in SPEED_COLUMNS:

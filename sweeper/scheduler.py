@@ -226,7 +226,7 @@ class Progress:
 
     def line(self, event: str = "") -> str:
         el = int(time.time() - self.started)
-        counts = (f"[{el // 60:d}m{el % 60:02d}s] done {len(self.done)}/{self.total}, running {len(self.running)}, "
+        counts = (f"[{el // 60:d}:{el % 60:02d}] done {len(self.done)}/{self.total}, running {len(self.running)}, "
                   f"failed {len(self.failed)}, pending {self.pending}")
         return f"{counts}  {event}" if event else counts
 
