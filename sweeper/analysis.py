@@ -65,7 +65,7 @@ CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "comput
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
 DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_throughput", "speedup_prefill", "speedup_sequence",
-                   "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio", "gb_saved",
+                   "load_cold", "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio", "gb_saved",
                    "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
 
 # Recommendation scenarios of the seed reports: (key, description).
@@ -73,8 +73,8 @@ SCENARIOS: list[tuple[str, str]] = [
     ("max_throughput_within_1pct", "Highest throughput within 1% retention loss"),
     ("min_memory_within_3pct", "Smallest memory within 3% retention loss"),
     ("best_quality", "Best quality (highest retention, quantized trials)"),
-    ("fastest_load", "Fastest load"),
-]
+]  # no "fastest load": a load time says more about the caches (which trial of its worker process ran first, which
+#    read the model files first) than about the precision
 
 VERDICTS = ("better", "worse", "within noise")
 
@@ -116,7 +116,9 @@ def compare(res: Results) -> pl.LazyFrame:
     baseline: ``baseline_status`` says why the derived columns are null."""
     t = _trials(res)
     present = t.collect_schema().names()
-    cfg = t.select([c for c in CONFIG_COLUMNS if c in present])
+    # a cold load: the first trial its worker process ran (imports, allocator and caches cold); later ones are warm
+    cold = (pl.col("worker_trial_index") == 0) if "worker_trial_index" in present else pl.lit(None, dtype=pl.Boolean)
+    cfg = t.select([c for c in CONFIG_COLUMNS if c in present] + [cold.alias("load_cold")])
 
     thr = _throughput(res)
     largest = (thr.sort("batch_size").group_by("trial_id")
@@ -128,7 +130,8 @@ def compare(res: Results) -> pl.LazyFrame:
                    .unique("trial_id", keep="first").rename({"trial_id": "baseline_id", "status": "_base_status"}))
     metric_cols = [c for c, *_ in METRIC_COLUMNS]
     base = (w.filter(pl.col("status") == "done").unique("trial_id", keep="first")
-            .select([pl.col("trial_id").alias("baseline_id")] + [pl.col(c).alias(c + "_b") for c in metric_cols]))
+            .select([pl.col("trial_id").alias("baseline_id"), pl.col("load_cold").alias("load_cold_b")]
+                    + [pl.col(c).alias(c + "_b") for c in metric_cols]))
     base_thr = thr.rename({"trial_id": "baseline_id", "value": "_base_batch_tok_s"})
 
     w = (w.join(base_status, on="baseline_id", how="left")
@@ -154,7 +157,9 @@ def compare(res: Results) -> pl.LazyFrame:
         ratio(pl.col("batch_tok_s"), pl.col("_base_batch_tok_s")).alias("speedup_throughput"),
         ratio(pl.col("prefill_ms_b"), pl.col("prefill_ms")).alias("speedup_prefill"),
         ratio(pl.col("sequence_ms_b"), pl.col("sequence_ms")).alias("speedup_sequence"),
-        ratio(pl.col("load_s_b"), pl.col("load_s")).alias("speedup_load"),
+        # only between two cold or two warm loads (unknown for rows without worker_trial_index: kept)
+        pl.when(pl.col("load_cold").eq_missing(pl.col("load_cold_b")))
+        .then(ratio(pl.col("load_s_b"), pl.col("load_s"))).alias("speedup_load"),
         (1 - ratio(pl.col("footprint_gb"), pl.col("footprint_gb_b"))).alias("memory_reduction"),
         (1 - ratio(pl.col("peak_gb"), pl.col("peak_gb_b"))).alias("memory_reduction_peak"),
         ratio(pl.col("footprint_gb_b"), pl.col("footprint_gb")).alias("compression_ratio"),
@@ -249,8 +254,7 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
 
     - max_throughput_within_1pct: highest throughput_tok_s with quality_retention >= 0.99;
     - min_memory_within_3pct: smallest footprint_gb with quality_retention >= 0.97;
-    - best_quality: highest quality_retention among the non-baseline trials (ties: smaller footprint);
-    - fastest_load: smallest load_s.
+    - best_quality: highest quality_retention among the non-baseline trials (ties: smaller footprint).
 
     Columns: model, scenario, description, trial_id, precision, compute_dtype, value (the optimised quantity),
     quality_retention, reason. A scenario with no candidate has a null trial_id and says why in ``reason``."""
@@ -262,7 +266,6 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
         ("min_memory_within_3pct", pl.col("quality_retention") >= 0.97, "footprint_gb", False,
          "no trial with quality retention >= 97% and a footprint"),
         ("best_quality", ~pl.col("is_baseline"), "quality_retention", True, "no quantized trial with a quality metric"),
-        ("fastest_load", pl.lit(True), "load_s", False, "no trial with a load time"),
     ]
     desc = dict(SCENARIOS)
     parts = []

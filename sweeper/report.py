@@ -52,6 +52,14 @@ def _fixed(e: pl.Expr, d: int) -> pl.Expr:
     return pl.when(e.is_null() | ~e.is_finite()).then(None).otherwise(sign + text)
 
 
+def _sig(e: pl.Expr) -> pl.Expr:
+    """A measured value with 4 significant digits, each on its own (a 0.0058 GB footprint is not '0.006' next to
+    '16.1', a KL of 0.00004 not '0.0000'); null for null."""
+    from .query import format_number
+
+    return e.map_elements(format_number, return_dtype=pl.String, skip_nulls=True)
+
+
 def _signed_pct(e: pl.Expr, d: int = 1) -> pl.Expr:
     return pl.when(e >= 0).then(pl.lit("+") + _fixed(e, d)).otherwise(_fixed(e, d)) + pl.lit("%")
 
@@ -101,21 +109,22 @@ def _summary_tables(cmp: pl.DataFrame, sig: pl.DataFrame, tasks: list[tuple[str,
     cols: list[pl.Expr] = [
         pl.col("model").alias("Model"), pl.col("precision").alias("Precision"),
         pl.col("compute_dtype").alias("Compute"),
-        _fixed(pl.col("load_s"), 2).fill_null("-").alias("Load (s)"),
+        (_sig(pl.col("load_s")) + pl.when(pl.col("load_cold")).then(pl.lit(" cold"))
+         .when(~pl.col("load_cold")).then(pl.lit(" warm")).otherwise(pl.lit(""))).fill_null("-").alias("Load (s)"),
         _vs(_fixed(pl.col("speedup_load"), 2) + pl.lit("x")).alias("Load vs base"),
-        _fixed(pl.col("footprint_gb"), 3).fill_null("-").alias("Footprint (GB)"),
+        _sig(pl.col("footprint_gb")).fill_null("-").alias("Footprint (GB)"),
         _vs(_signed_pct(-100 * pl.col("memory_reduction"))).alias("Footprint vs base"),
-        _fixed(pl.col("peak_gb"), 3).fill_null("-").alias("Peak (GB)"),
+        _sig(pl.col("peak_gb")).fill_null("-").alias("Peak (GB)"),
         _vs(_signed_pct(-100 * pl.col("memory_reduction_peak"))).alias("Peak vs base"),
-        _fixed(pl.col("prefill_ms"), 2).fill_null("-").alias("Prefill (ms)"),
+        _sig(pl.col("prefill_ms")).fill_null("-").alias("Prefill (ms)"),
         _vs(_fixed(pl.col("speedup_prefill"), 2) + pl.lit("x")).alias("Prefill vs base"),
-        _fixed(pl.col("decode_tok_s"), 2).fill_null("-").alias("Decode (tok/s)"),
+        _sig(pl.col("decode_tok_s")).fill_null("-").alias("Decode (tok/s)"),
         _vs(_fixed(pl.col("speedup_decode"), 2) + pl.lit("x")).alias("Decode vs base"),
-        (_fixed(pl.col("batch_tok_s"), 1) + pl.lit(" @") + bs).fill_null("-").alias("Batch (tok/s)"),
+        (_sig(pl.col("batch_tok_s")) + pl.lit(" @") + bs).fill_null("-").alias("Batch (tok/s)"),
         _vs(_fixed(pl.col("speedup_throughput"), 2) + pl.lit("x")).alias("Batch vs base"),
-        _fixed(pl.col("perplexity"), 3).fill_null("-").alias("PPL"),
+        _sig(pl.col("perplexity")).fill_null("-").alias("PPL"),
         _vs(_signed_pct(pl.col("ppl_delta_pct"), 2)).alias("PPL vs base"),
-        _fixed(pl.col("kl_mean"), 4).fill_null("-").alias("KL mean"),
+        _sig(pl.col("kl_mean")).fill_null("-").alias("KL mean"),
     ]
     for task, metric in tasks:
         col = task if task in cmp.columns else f"task_{task}"
@@ -124,7 +133,7 @@ def _summary_tables(cmp: pl.DataFrame, sig: pl.DataFrame, tasks: list[tuple[str,
         if vc in verdict_cols:
             change = change + pl.when(pl.col(vc).is_not_null()).then(pl.lit(" (") + pl.col(vc) + pl.lit(")")) \
                 .otherwise(pl.lit(""))
-        cols += [_fixed(pl.col(col), 4 if metric not in analysis.LOWER_IS_BETTER else 2).fill_null("-")
+        cols += [_sig(pl.col(col)).fill_null("-")
                  .alias(f"{task} {metric}"), _vs(change).alias(f"{task} vs base")]
     if tasks:
         cols += [_vs(_fixed(100 * pl.col("retention_mean"), 1) + pl.lit("%")).alias("Mean retention")]
@@ -597,8 +606,8 @@ def render_markdown(data: ReportData) -> str:
             out.append(_md_table(p.select(
                 "model", "precision", "compute_dtype",
                 (_fixed(100 * pl.col("quality_retention"), 2) + pl.lit("%")).fill_null("-").alias("quality retention"),
-                _fixed(pl.col("footprint_gb"), 3).fill_null("-").alias("footprint GB"),
-                _fixed(pl.col("throughput_tok_s"), 1).fill_null("-").alias("throughput tok/s"),
+                _sig(pl.col("footprint_gb")).fill_null("-").alias("footprint GB"),
+                _sig(pl.col("throughput_tok_s")).fill_null("-").alias("throughput tok/s"),
                 pl.when(pl.col("pareto_memory")).then(pl.lit("yes")).otherwise(pl.lit("")).alias("front: memory"),
                 pl.when(pl.col("pareto_throughput")).then(pl.lit("yes")).otherwise(pl.lit("")).alias("front: throughput"))))
         elif k == "speed":
@@ -607,7 +616,7 @@ def render_markdown(data: ReportData) -> str:
             out.append("Footprint and peak memory are in the summary tables; the HTML report charts them.\n")
         elif k == "kl":
             if data.kl.height:
-                w = data.kl.sort(["model", "label"]).with_columns(_fixed(pl.col("kl"), 4).alias("kl")).pivot(on="category", index=["model", "label"],
+                w = data.kl.sort(["model", "label"]).with_columns(_sig(pl.col("kl")).alias("kl")).pivot(on="category", index=["model", "label"],
                                                                        values="kl", aggregate_function="first")
                 out.append(_md_table(w.rename({"label": "precision/compute"})))
             else:

@@ -233,9 +233,40 @@ def test_query_options_that_do_not_apply_say_so(two_dirs, args, needles):
     assert "{" not in line, line  # no parser structure
 
 
-def test_pivot_task_puts_the_task_columns_first(two_dirs):
-    a, _ = two_dirs
+def test_pivot_task_puts_the_task_columns_first(tmp_path):
+    # the first trial's KL prompt-category rows come before its task rows (as the stages run: KL, then tasks)
+    a = build_results(tmp_path / "hand")
+    prompts = [dict(trial_id="B", stage="prompts", task=c, metric="kl_mean", value=0.0)
+               for c in ("code", "math", "translation")]
+    ResultsStore(a).write_trial(_trial_row("B"), prompts + _metric_rows("B"))
     df = query_frame([str(a)], pivot="task")
     pivoted = [c for c in df.columns if ":" in c]
     kinds = ["prompt" if c.split(":")[0] in ("code", "math", "translation") else "task" for c in pivoted]
     assert kinds == sorted(kinds, key=lambda k: k != "task"), pivoted
+
+
+def test_load_speedups_only_between_loads_alike(tmp_path):
+    """A warm load (a later trial of its worker process) is not compared with a cold one, and no 'fastest load' is
+    recommended; the report says which loads were cold and which warm."""
+    a = build_results(tmp_path / "hand")
+    store = ResultsStore(a)
+    for tid, index in (("B", 0), ("T1", 1), ("T2", 0)):
+        store.write_trial(_trial_row(tid, worker_trial_index=index), _metric_rows(tid))
+    cmp = query_frame([str(a)], vs_baseline=True, where="model = 'm1' and status = 'done'")
+    by_id = {r["trial_id"]: r for r in cmp.to_dicts()}
+    assert by_id["T1"]["load_cold"] is False and by_id["T1"]["speedup_load"] is None  # warm vs the cold baseline
+    assert by_id["T2"]["load_cold"] is True and by_id["T2"]["speedup_load"] == pytest.approx(10.0 / 8.0)
+    rec = query_frame([str(a)], view="recommendations")
+    assert "fastest_load" not in rec["scenario"].to_list()
+    r = sweep("report", str(a), "-o", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "r.md").read_text()
+    assert "| 10 cold " in md and "| 5 warm " in md, md
+
+
+def test_report_keeps_small_values(tmp_path):
+    a = build_results(tmp_path / "hand")
+    rows = [({**m, "value": 5.8e6} if m["metric"] == "footprint_bytes" else m) for m in _metric_rows("T1")]
+    ResultsStore(a).write_trial(_trial_row("T1"), rows)
+    assert sweep("report", str(a), "-o", str(tmp_path / "r.md")).returncode == 0
+    assert "| 0.0058 " in (tmp_path / "r.md").read_text()
