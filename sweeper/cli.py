@@ -81,7 +81,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                                         limit, retries, num_cpus, warm_workers, verbose, resume)
         except KeyboardInterrupt:
             # running trials were stopped on the way out (warm workers closed, Ray shut down); rows already written stay
-            click.echo(f"interrupted: finished results are kept; run `{resume}` to resume", err=True)
+            click.echo(f"interrupted: finished results are kept; run `{resume}` again to resume", err=True)
             code, ray_stopped = EXIT_INTERRUPTED, True
     _finish(code, ray_stopped)
 
@@ -169,7 +169,7 @@ def _launch_summary(p, resume: str) -> int:
     click.echo(f"summary: {done}/{len(ids)} done, {len(failed)} failed, {len(ids) - done - len(failed)} pending; "
                f"results in {p.store.root}")
     if len(ids) - done - len(failed) > 0:
-        click.echo(f"interrupted: run `{resume}` to resume", err=True)
+        click.echo(f"interrupted: run `{resume}` again to resume", err=True)
         return EXIT_INTERRUPTED
     click.echo(f"read them: sweep results {p.store.root}")
     if failed:

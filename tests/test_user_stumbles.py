@@ -268,5 +268,5 @@ def test_report_keeps_small_values(tmp_path):
     a = build_results(tmp_path / "hand")
     rows = [({**m, "value": 5.8e6} if m["metric"] == "footprint_bytes" else m) for m in _metric_rows("T1")]
     ResultsStore(a).write_trial(_trial_row("T1"), rows)
-    assert sweep("report", str(a), "-o", str(tmp_path / "r.md")).returncode == 0
+    assert sweep("report", str(a), "--format", "markdown", "-o", str(tmp_path / "r.md")).returncode == 0
     assert "| 0.0058 " in (tmp_path / "r.md").read_text()
