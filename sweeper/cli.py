@@ -13,6 +13,7 @@ from .errors import UserError
 EXIT_TRIALS_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+INTERRUPTED_RAY_STOP_S = 6.0  # after Ctrl-C, how long Ray may take to stop (the launch promises to leave within 10 s)
 
 
 def _handle_errors(fn):
@@ -79,10 +80,10 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         try:
             code, ray_stopped = _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurrent, only,
                                         limit, retries, num_cpus, warm_workers, verbose, resume)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # running trials were stopped on the way out (warm workers closed, Ray shut down); rows already written stay
             click.echo(f"interrupted: finished results are kept; run `{resume}` again to resume", err=True)
-            code, ray_stopped = EXIT_INTERRUPTED, True
+            code, ray_stopped = EXIT_INTERRUPTED, getattr(e, "ray_stopped", True)
     _finish(code, ray_stopped)
 
 
@@ -142,18 +143,22 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                 return 0, True
             done_before = len(p.trials) - len(pending)
             click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
-            ray_stopped = True
             try:
                 scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
                                      retries=retries, baselines_first=p.study.kl is not None,
                                      warm=pool.descriptor if pool is not None else None)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 if pool is not None:  # the trials running in warm workers stop now, not when Ray has stopped
                     pool.close(emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool))
                     pool = None
+                # Ctrl-C leaves within seconds: a Ray that does not stop in time is left to die with this process
+                e.ray_stopped = scheduler.disconnect(timeout_s=INTERRUPTED_RAY_STOP_S,
+                                                     emit=lambda m: click.echo(m, err=True))
                 raise
-            finally:
-                ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+            except BaseException:
+                scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+                raise
+            ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
         finally:
             if pool is not None:
                 pool.close(emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool))

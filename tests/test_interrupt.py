@@ -48,6 +48,9 @@ class Launch:
             time.sleep(0.02)
         return pred()
 
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
     def interrupt(self) -> float:
         at = time.time()
         self.proc.send_signal(signal.SIGINT)
@@ -89,6 +92,7 @@ def kl_study(tmp_path, tiny_model) -> Path:
 def _check_stopped(launch: Launch, at: float, results: Path, rows_before: pl.DataFrame, only: str) -> pl.DataFrame:
     rc, ended, out = launch.finish()
     assert rc == 130, out
+    print(f"stopped {ended - at:.2f}s after SIGINT; rows {len(_rows(results))}")  # the figure docs/reliability.md quotes
     assert ended - at < 10, f"the launch took {ended - at:.1f}s to stop after SIGINT\n{out}"
     rows = _rows(results)
     # finished rows kept, untouched
@@ -125,7 +129,7 @@ def test_sigint_at_several_moments_stops_the_launch(tmp_path, kl_study):
 
     # 2. mid-trial: the baseline (phase 1) runs for a second; no row for it, and phase 2 never starts
     launch = Launch(args)
-    assert launch.wait_for(lambda: any("started" in line for _, line in launch.lines))
+    assert launch.wait_for(lambda: any("started" in line for _, line in launch.lines)), launch.output()
     time.sleep(1.0)
     at = launch.interrupt()
     rows = _check_stopped(launch, at, results, pl.DataFrame(), only)
@@ -133,7 +137,7 @@ def test_sigint_at_several_moments_stops_the_launch(tmp_path, kl_study):
 
     # 3. between phases: right as the baseline's row lands, before the next phase's trials start
     launch = Launch(args)
-    assert launch.wait_for(lambda: _rows(results).height >= 1)
+    assert launch.wait_for(lambda: _rows(results).height >= 1), launch.output()
     at = launch.interrupt()
     before = _rows(results)
     rows = _check_stopped(launch, at, results, before, only)
@@ -142,7 +146,7 @@ def test_sigint_at_several_moments_stops_the_launch(tmp_path, kl_study):
     # 4. as a file lands in phase 2 (the row of the next trial)
     launch = Launch(args)
     n = _rows(results).height
-    assert launch.wait_for(lambda: _rows(results).height > n)
+    assert launch.wait_for(lambda: _rows(results).height > n), launch.output()
     at = launch.interrupt()
     before = _rows(results)
     _check_stopped(launch, at, results, before, only)
