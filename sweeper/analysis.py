@@ -35,7 +35,8 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from .results import TASK_MAIN_METRICS, Results, task_main_metrics, task_metric_rank, top_level_tasks
+from .results import (TASK_MAIN_METRICS, Results, stack_folders, task_main_metrics, task_metric_rank,
+                      top_level_tasks)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "comput
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
 DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_throughput", "speedup_prefill", "speedup_sequence",
-                   "load_cold", "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio", "gb_saved",
+                   "load_cold", "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio",
+                   "gb_saved",
                    "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
 
 # Recommendation scenarios of the seed reports: (key, description).
@@ -113,7 +115,11 @@ def _throughput(res: Results) -> pl.LazyFrame:
 def compare(res: Results) -> pl.LazyFrame:
     """One row per trial: config, status, headline metrics (display units), task main metrics (one column per top-level
     task, named by the task), and the derived vs-baseline columns (module docstring). Never raises for a missing
-    baseline: ``baseline_status`` says why the derived columns are null."""
+    baseline: ``baseline_status`` says why the derived columns are null. Over several results dirs: each dir
+    compared on its own (its own numbers; its own baseline, else the same baseline cell of another dir), stacked with
+    a ``results_dir`` column."""
+    if len(res.dirs) > 1:
+        return stack_folders(res.folders(), compare)
     t = _trials(res)
     present = t.collect_schema().names()
     # a cold load: the first trial its worker process ran (imports, allocator and caches cold); later ones are warm
@@ -365,6 +371,8 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
     Columns: trial_id, model, precision, compute_dtype, baseline_id, task, metric, n, baseline_score, trial_score,
     diff, ci_low, ci_high, improved, regressed (items right only in the trial / only in the baseline, for 0/1
     metrics), verdict."""
+    if len(res.dirs) > 1:  # each dir on its own (see compare)
+        return stack_folders(res.folders(), lambda f: significance(f, n_boot, seed, confidence).lazy()).collect()
     schema = {"trial_id": pl.String, "model": pl.String, "precision": pl.String, "compute_dtype": pl.String,
               "baseline_id": pl.String, "task": pl.String, "metric": pl.String, "n": pl.Int64,
               "baseline_score": pl.Float64, "trial_score": pl.Float64, "diff": pl.Float64, "ci_low": pl.Float64,

@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 
 import click
 
@@ -89,7 +90,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
 
 def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurrent, only, limit, retries, num_cpus,
             warm_workers, verbose, resume) -> tuple[int, bool]:
-    """The launch itself: (exit code, whether Ray stopped). Ctrl-C leaves it as KeyboardInterrupt, after the clean-up."""
+    """The launch: (exit code, whether Ray stopped). Ctrl-C leaves it as KeyboardInterrupt, after the clean-up."""
     from . import launch as L
     from . import scheduler
     from .lock import LaunchLock
@@ -148,12 +149,18 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                                      retries=retries, baselines_first=p.study.kl is not None,
                                      warm=pool.descriptor if pool is not None else None)
             except KeyboardInterrupt as e:
-                if pool is not None:  # the trials running in warm workers stop now, not when Ray has stopped
-                    pool.close(emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool))
+                # the warm workers (and their running trials) and Ray stop side by side: Ctrl-C leaves within seconds,
+                # and a Ray that does not stop in time is left to die with this process
+                closing = None
+                if pool is not None:
+                    closing = threading.Thread(target=pool.close, name="sweep-warm-close", kwargs=dict(
+                        emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool)))
+                    closing.start()
                     pool = None
-                # Ctrl-C leaves within seconds: a Ray that does not stop in time is left to die with this process
                 e.ray_stopped = scheduler.disconnect(timeout_s=INTERRUPTED_RAY_STOP_S,
                                                      emit=lambda m: click.echo(m, err=True))
+                if closing is not None:
+                    closing.join()
                 raise
             except BaseException:
                 scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
@@ -211,7 +218,8 @@ def _print_plan(p, notes, render) -> None:
 @click.argument("study_or_dir")
 @click.option("--results", "results_dir", default=None, help="With a study file: its results dir (default results/<name>).")
 @click.option("--only", multiple=True, metavar="KEY=VALUE", help="With a study file: the launch's --only.")
-@click.option("--limit", type=float, default=None, help="With a study file: the launch's --limit (it changes trial ids).")
+@click.option("--limit", type=float, default=None,
+              help="With a study file: the launch's --limit (it changes trial ids).")
 @_handle_errors
 def status(study_or_dir, results_dir, only, limit):
     """Counts of done / failed / pending trials, and the failures, of a study file (the trials a launch with the

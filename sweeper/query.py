@@ -29,7 +29,7 @@ import polars as pl
 
 from . import analysis
 from .errors import UserError
-from .results import Results, open_results, stack_by_dir
+from .results import Results, open_results, stack_folders
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,12 @@ def view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable
 
     Over several results dirs each view is built in each dir on its own and the rows stacked, with a ``results_dir``
     column first: the same trial id in two dirs (a --fresh copy, or the same cell in two studies) keeps each dir's
-    numbers, and each trial is compared with the baseline of its own dir."""
+    numbers, and each trial is compared with the baseline of its own dir (else the same baseline cell of another)."""
     if len(res.dirs) > 1:
-        per_dir = [(d, _view_builders(Results([d]), vs_baseline)) for d in res.dirs]
-        return {name: functools.partial(stack_by_dir, [(d, b[name]) for d, b in per_dir]) for name in per_dir[0][1]}
+        folders = res.folders()
+        return {name: functools.partial(stack_folders, folders,
+                                        lambda f, name=name: _view_builders(f, vs_baseline)[name]())
+                for name in VIEWS}
     return _view_builders(res, vs_baseline)
 
 

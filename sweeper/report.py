@@ -24,7 +24,7 @@ import polars as pl
 
 from . import analysis
 from .errors import UserError
-from .results import Results, open_results
+from .results import Folder, Results, open_results
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _study_name(d: Path) -> str:
 
 
 @dataclass
-class _OneFolder(Results):
+class _OneFolder(Folder):
     """One folder of a report over several: its models are named ``model (study @ folder)``, so that every per-model
     table, chart and recommendation compares the trials of one folder (one study's benchmark settings, its own
     baseline), even where two folders hold the same model or the same trial ids."""
@@ -184,8 +184,11 @@ class _OneFolder(Results):
 
 def _several_folders(res: Results, title: str | None, significance_kwargs: dict | None) -> ReportData:
     """The report of each folder on its own, its tables stacked (never joined across folders)."""
-    parts = [(str(d), build_report(_OneFolder([d], label=f"{_study_name(d)} @ {d}"),
-                                   significance_kwargs=significance_kwargs)) for d in res.dirs]
+    parts = []
+    for f in res.folders():
+        d = f.dirs[0]
+        one = _OneFolder(f.dirs, f.borrowed, label=f"{_study_name(d)} @ {d}")
+        parts.append((str(d), build_report(one, significance_kwargs=significance_kwargs)))
 
     def stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
         frames = [f for f in frames if f.width]

@@ -166,6 +166,13 @@ def test_several_folders_keep_their_own_numbers(two_dirs):
     cmp = query_frame([str(a), str(b)], vs_baseline=True, where="trial_id = 'T2'")
     # each compared with the baseline of its own folder (20 tok/s in both)
     assert sorted(zip(cmp["results_dir"], cmp["speedup_decode"])) == sorted([(str(a), 1.5), (str(b), 3.0)])
+    # the Python API as well
+    from sweeper import analysis
+    from sweeper.results import open_results
+
+    api = analysis.compare(open_results([str(a), str(b)])).filter(pl.col("trial_id") == "T2").collect()
+    assert sorted(api["speedup_decode"]) == [1.5, 3.0]
+    assert analysis.significance(open_results([str(a), str(b)]))["results_dir"].n_unique() == 2
     m = query_frame([str(a), str(b)], view="metrics", where="trial_id = 'T2' and metric = 'decode_tok_s'")
     assert sorted(m["value"]) == [30.0, 60.0] and m["results_dir"].n_unique() == 2
     rec = query_frame([str(a), str(b)], view="recommendations")
@@ -243,6 +250,17 @@ def test_pivot_task_puts_the_task_columns_first(tmp_path):
     pivoted = [c for c in df.columns if ":" in c]
     kinds = ["prompt" if c.split(":")[0] in ("code", "math", "translation") else "task" for c in pivoted]
     assert kinds == sorted(kinds, key=lambda k: k != "task"), pivoted
+
+
+def test_progress_prefix_is_minutes_and_seconds():
+    import re
+
+    from sweeper.scheduler import Progress
+
+    p = Progress(total=3, labels={})
+    p.started -= 70
+    line = p.line("x")
+    assert re.match(r"\[1:1\d\] done 0/3", line) and "[0m" not in line and "m1" not in line, line
 
 
 def test_load_speedups_only_between_loads_alike(tmp_path):
