@@ -52,8 +52,9 @@ def status_report(study_or_dir: str, results_dir: str | None = None, only: tuple
     from .lock import lock_holder
 
     lock = lock_holder(store.root) is not None
-    lines = [f"{store.root}: {len(ids)} trials ({what}): {len(done)} done, {len(failed)} failed, "
-             f"{len(ids) - len(done) - len(failed)} pending" + (" (a launch holds the lock: running)" if lock else "")]
+    lines = [f"{store.root}: {len(ids)} trials: {len(done)} done, {len(failed)} failed, "
+             f"{len(ids) - len(done) - len(failed)} pending ({what})"
+             + (" (a launch holds the lock: running)" if lock else "")]
     for t in failed:
         row = store.read_trial_row(t["trial_id"]) or {}
         lines.append(f"  FAILED {t['trial_id']} {t['model']} {t['precision']}/{t['compute_dtype']}: "

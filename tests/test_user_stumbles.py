@@ -132,12 +132,12 @@ def test_status_counts_the_launch_selection_and_what_else_the_folder_holds(tmp_p
     store.write_trial({**_trial_row("T1"), "trial_id": "otherlimit01", "study": "plain", "status": "failed"}, [])
     s = sweep("status", str(plain_study), "--results", str(res), "--only", "precision=nf4")
     assert s.returncode == 0, s.stderr
-    assert "1 trials (study plain): 1 done, 0 failed, 0 pending" in s.stdout
+    assert "1 trials: 1 done, 0 failed, 0 pending (study plain)" in s.stdout
     assert "also holds 1 other trial(s) (0 done, 1 failed)" in s.stdout
     whole = sweep("status", str(plain_study), "--results", str(res))
-    assert "2 trials (study plain): 1 done, 0 failed, 1 pending" in whole.stdout
+    assert "2 trials: 1 done, 0 failed, 1 pending (study plain)" in whole.stdout
     d = sweep("status", str(res))
-    assert "1 trials (launched here): 1 done" in d.stdout
+    assert "1 trials: 1 done, 0 failed, 0 pending (launched here)" in d.stdout
     # a folder of another study is refused as launch refuses it
     other = tmp_path / "other"
     ResultsStore(other).write_study({"name": "someone-else"})
