@@ -126,8 +126,8 @@ def check_results_dir(store: ResultsStore, study: Study) -> None:
     for probe_dir in dict.fromkeys([existing(root), existing(root.parent)]):
         why = _not_writable(probe_dir)
         if why:
-            raise UserError(f"results dir {root} is not writable ({why} in {probe_dir}); give --results a folder "
-                            "where you can write")
+            raise UserError(f"results dir {root} is not writable: {why}; give --results a folder where you can "
+                            "write")
 
 
 def _not_writable(d: Path) -> str | None:
@@ -135,12 +135,12 @@ def _not_writable(d: Path) -> str | None:
     import tempfile
 
     if not d.is_dir():
-        return f"{d} is not a directory"
+        return f"{d} is a file, not a folder"
     try:
         with tempfile.NamedTemporaryFile(dir=d, prefix=".sweep-probe-"):
             pass
     except OSError as e:
-        return f"cannot create a file: {e.strerror or e}"
+        return f"cannot create a file in {d} ({e.strerror or e})"
     return None
 
 
