@@ -39,7 +39,8 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from .results import TASK_MAIN_METRICS, Results, task_main_metrics, task_metric_rank, top_level_tasks
+from .results import (TASK_MAIN_METRICS, Results, stack_folders, task_main_metrics, task_metric_rank,
+                      top_level_tasks)
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,16 @@ CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "comput
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
 DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_throughput", "speedup_prefill",
-                   "speedup_sequence", "speedup_load", "memory_reduction", "memory_reduction_peak", "compression_ratio",
-                   "gb_saved", "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
+                   "speedup_sequence", "load_cold", "speedup_load", "memory_reduction", "memory_reduction_peak",
+                   "compression_ratio", "gb_saved", "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
 
 # Recommendation scenarios of the seed reports: (key, description).
 SCENARIOS: list[tuple[str, str]] = [
     ("max_throughput_within_1pct", "Highest throughput within 1% retention loss"),
     ("min_memory_within_3pct", "Smallest memory within 3% retention loss"),
     ("best_quality", "Best quality (highest retention, quantized trials)"),
-    ("fastest_load", "Fastest load"),
-]
+]  # no "fastest load": a load time says more about the caches (which trial of its worker process ran first, which
+#    read the model files first) than about the precision
 
 VERDICTS = ("better", "worse", "within noise")
 
@@ -118,10 +119,16 @@ def _throughput(res: Results) -> pl.LazyFrame:
 def compare(res: Results) -> pl.LazyFrame:
     """One row per trial: config, status, headline metrics (display units), task main metrics (one column per top-level
     task, named by the task), and the derived vs-baseline columns (module docstring). Never raises for a missing
-    baseline: ``baseline_status`` says why the derived columns are null."""
+    baseline: ``baseline_status`` says why the derived columns are null. Over several results dirs: each dir
+    compared on its own (its own numbers; its own baseline, else the same baseline cell of another dir), stacked with
+    a ``results_dir`` column."""
+    if len(res.dirs) > 1:
+        return stack_folders(res.folders(), compare)
     t = _trials(res)
     present = t.collect_schema().names()
-    cfg = t.select([c for c in CONFIG_COLUMNS + ["graph_decode_error"] if c in present])
+    # a cold load: the first trial its worker process ran (imports, allocator and caches cold); later ones are warm
+    cold = (pl.col("worker_trial_index") == 0) if "worker_trial_index" in present else pl.lit(None, dtype=pl.Boolean)
+    cfg = t.select([c for c in CONFIG_COLUMNS + ["graph_decode_error"] if c in present] + [cold.alias("load_cold")])
 
     thr = _throughput(res)
     largest = (thr.sort("batch_size").group_by("trial_id")
@@ -133,7 +140,8 @@ def compare(res: Results) -> pl.LazyFrame:
                    .unique("trial_id", keep="first").rename({"trial_id": "baseline_id", "status": "_base_status"}))
     metric_cols = [c for c, *_ in METRIC_COLUMNS]
     base = (w.filter(pl.col("status") == "done").unique("trial_id", keep="first")
-            .select([pl.col("trial_id").alias("baseline_id")] + [pl.col(c).alias(c + "_b") for c in metric_cols]))
+            .select([pl.col("trial_id").alias("baseline_id"), pl.col("load_cold").alias("load_cold_b")]
+                    + [pl.col(c).alias(c + "_b") for c in metric_cols]))
     base_thr = thr.rename({"trial_id": "baseline_id", "value": "_base_batch_tok_s"})
 
     w = (w.join(base_status, on="baseline_id", how="left")
@@ -160,7 +168,9 @@ def compare(res: Results) -> pl.LazyFrame:
         ratio(pl.col("batch_tok_s"), pl.col("_base_batch_tok_s")).alias("speedup_throughput"),
         ratio(pl.col("prefill_ms_b"), pl.col("prefill_ms")).alias("speedup_prefill"),
         ratio(pl.col("sequence_ms_b"), pl.col("sequence_ms")).alias("speedup_sequence"),
-        ratio(pl.col("load_s_b"), pl.col("load_s")).alias("speedup_load"),
+        # only between two cold or two warm loads (unknown for rows without worker_trial_index: kept)
+        pl.when(pl.col("load_cold").eq_missing(pl.col("load_cold_b")))
+        .then(ratio(pl.col("load_s_b"), pl.col("load_s"))).alias("speedup_load"),
         (1 - ratio(pl.col("weights_gb"), pl.col("weights_gb_b"))).alias("memory_reduction"),
         (1 - ratio(pl.col("peak_gb"), pl.col("peak_gb_b"))).alias("memory_reduction_peak"),
         ratio(pl.col("weights_gb_b"), pl.col("weights_gb")).alias("compression_ratio"),
@@ -261,8 +271,7 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
       (throughput_tok_s: generate's batch throughput at the largest batch size, or its batch-1 decode); ``speed_kind``
       says which, and ``reason`` names the column and, for eager, why kernel-level was not used;
     - min_memory_within_3pct: smallest weights_gb (the true bytes of the loaded weights) with quality_retention >= 0.97;
-    - best_quality: highest quality_retention among the non-baseline trials (ties: smaller weights_gb);
-    - fastest_load: smallest load_s.
+    - best_quality: highest quality_retention among the non-baseline trials (ties: smaller weights_gb).
 
     Columns: model, scenario, description, trial_id, precision, compute_dtype, value (the optimised quantity),
     quality_retention, speed_kind, reason. A scenario with no candidate has a null trial_id and says why in
@@ -292,7 +301,6 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
         ("min_memory_within_3pct", pl.col("quality_retention") >= 0.97, "weights_gb", False,
          "no trial with quality retention >= 97% and a weights_gb"),
         ("best_quality", ~pl.col("is_baseline"), "quality_retention", True, "no quantized trial with a quality metric"),
-        ("fastest_load", pl.lit(True), "load_s", False, "no trial with a load time"),
     ]
     desc = dict(SCENARIOS)
     parts = []
@@ -400,6 +408,8 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
     Columns: trial_id, model, precision, compute_dtype, baseline_id, task, metric, n, baseline_score, trial_score,
     diff, ci_low, ci_high, improved, regressed (items right only in the trial / only in the baseline, for 0/1
     metrics), verdict."""
+    if len(res.dirs) > 1:  # each dir on its own (see compare)
+        return stack_folders(res.folders(), lambda f: significance(f, n_boot, seed, confidence).lazy()).collect()
     schema = {"trial_id": pl.String, "model": pl.String, "precision": pl.String, "compute_dtype": pl.String,
               "baseline_id": pl.String, "task": pl.String, "metric": pl.String, "n": pl.Int64,
               "baseline_score": pl.Float64, "trial_score": pl.Float64, "diff": pl.Float64, "ci_low": pl.Float64,

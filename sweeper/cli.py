@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 
 import click
 
@@ -13,6 +14,7 @@ from .errors import UserError
 EXIT_TRIALS_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+INTERRUPTED_RAY_STOP_S = 6.0  # after Ctrl-C, how long Ray may take to stop (the launch promises to leave within 10 s)
 
 
 def _handle_errors(fn):
@@ -42,7 +44,7 @@ def main(debug: bool, verbose: bool) -> None:
 
 
 @main.command()
-@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.argument("study_file")
 @click.option("--address", default=None, help="Ray cluster address ('auto', 'ray://host:10001'); default: local Ray.")
 @click.option("--results", "results_dir", default=None, help="Results directory (default: results/<study name>).")
 @click.option("--fresh", is_flag=True, help="Start over: move existing results aside (never deleted).")
@@ -67,17 +69,38 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     verbose = click.get_current_context().find_root().params["verbose"]
     if dry_run:
         p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)
+        if fresh and p.store.root.exists():  # what the launch would do: every trial runs again
+            notes.append(f"--fresh: the results in {p.store.root} would be moved aside; every trial runs")
+            p.status = {}
         _print_plan(p, notes, render)
         click.echo("(dry run: GPU shares shown as on a CPU-only cluster; `auto` shares are computed at launch "
                    "from each GPU's memory)" if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
         return
+    resume = L.resume_command(study_file, results_dir, only, limit)
+    with L.StopOnSigint():
+        try:
+            code, ray_stopped = _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurrent, only,
+                                        limit, retries, num_cpus, warm_workers, verbose, resume)
+        except KeyboardInterrupt as e:
+            # running trials were stopped on the way out (warm workers closed, Ray shut down); rows already written stay
+            click.echo(f"interrupted: finished results are kept; run `{resume}` again to resume", err=True)
+            code, ray_stopped = EXIT_INTERRUPTED, getattr(e, "ray_stopped", True)
+    _finish(code, ray_stopped)
+
+
+def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurrent, only, limit, retries, num_cpus,
+            warm_workers, verbose, resume) -> tuple[int, bool]:
+    """The launch: (exit code, whether Ray stopped). Ctrl-C leaves it as KeyboardInterrupt, after the clean-up."""
+    from . import launch as L
     from . import scheduler
     from .cluster_inputs import check_inputs_visible
     from .lock import LaunchLock
+    from .query import format_frame as render
     from .resources import share_function
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
+    pool = None
     with LaunchLock(p.store.root):
         # warm workers start first: their imports then overlap Ray's start and the task check
         pool = (L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, address, fresh,
@@ -101,7 +124,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                     click.echo(f"sweep: error: {e}", err=True)
                     _finish(EXIT_USER_ERROR, ray_stopped=False)
                 raise
-            except BaseException:
+            except BaseException:  # Ctrl-C included
                 scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
                 raise
             if fresh:
@@ -120,27 +143,38 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             pending = p.pending
             if not pending:
                 click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}")
-                return
+                return 0, True
             done_before = len(p.trials) - len(pending)
             click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
-            ray_stopped = True
             try:
                 scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
                                      retries=retries, baselines_first=p.study.kl is not None,
                                      warm=pool.descriptor if pool is not None else None)
-            except KeyboardInterrupt:
-                click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
-                           "again to resume", err=True)
-                sys.exit(EXIT_INTERRUPTED)
-            finally:
-                ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+            except KeyboardInterrupt as e:
+                # the warm workers (and their running trials) and Ray stop side by side: Ctrl-C leaves within seconds,
+                # and a Ray that does not stop in time is left to die with this process
+                closing = None
+                if pool is not None:
+                    closing = threading.Thread(target=pool.close, name="sweep-warm-close", kwargs=dict(
+                        emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool)))
+                    closing.start()
+                    pool = None
+                e.ray_stopped = scheduler.disconnect(timeout_s=INTERRUPTED_RAY_STOP_S,
+                                                     emit=lambda m: click.echo(m, err=True))
+                if closing is not None:
+                    closing.join()
+                raise
+            except BaseException:
+                scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
+                raise
+            ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
         finally:
             if pool is not None:
                 pool.close(emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool))
-    _finish(_launch_summary(p, study_file), ray_stopped)
+    return _launch_summary(p, resume), ray_stopped
 
 
-def _launch_summary(p, study_file: str) -> int:
+def _launch_summary(p, resume: str) -> int:
     """Print what the launch left and return its exit code."""
     status = p.store.trial_status()
     ids = [t.trial_id for t in p.trials]
@@ -149,7 +183,7 @@ def _launch_summary(p, study_file: str) -> int:
     click.echo(f"summary: {done}/{len(ids)} done, {len(failed)} failed, {len(ids) - done - len(failed)} pending; "
                f"results in {p.store.root}")
     if len(ids) - done - len(failed) > 0:
-        click.echo(f"interrupted: run `sweep launch {study_file}` again to resume", err=True)
+        click.echo(f"interrupted: run `{resume}` again to resume", err=True)
         return EXIT_INTERRUPTED
     click.echo(f"read them: sweep results {p.store.root}")
     if failed:
@@ -185,12 +219,16 @@ def _print_plan(p, notes, render) -> None:
 @main.command()
 @click.argument("study_or_dir")
 @click.option("--results", "results_dir", default=None, help="With a study file: its results dir (default results/<name>).")
+@click.option("--only", multiple=True, metavar="KEY=VALUE", help="With a study file: the launch's --only.")
+@click.option("--limit", type=float, default=None,
+              help="With a study file: the launch's --limit (it changes trial ids).")
 @_handle_errors
-def status(study_or_dir, results_dir):
-    """Counts of done / failed / pending trials, and the failures, of a study file or results dir."""
+def status(study_or_dir, results_dir, only, limit):
+    """Counts of done / failed / pending trials, and the failures, of a study file (the trials a launch with the
+    same options runs) or a results dir (every trial launched there)."""
     from .status import status_report
 
-    click.echo(status_report(study_or_dir, results_dir))
+    click.echo(status_report(study_or_dir, results_dir, only, limit))
 
 
 @main.command()
@@ -203,15 +241,16 @@ def status(study_or_dir, results_dir):
 @click.option("--sort", default=None, help="Comma-separated sort columns; '-col' sorts descending.")
 @click.option("--pivot", default=None, help="Pivot long rows wide, e.g. --pivot task (seed-style tables).")
 @click.option("--vs-baseline", is_flag=True, help="Add the derived columns against each model's baseline.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default="table",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown", "parquet"]), default=None,
+              help="Output format (default: the -o file's extension, else table).")
 @click.option("-o", "--output", default=None, help="Also write the result to FILE (required for parquet).")
 @click.option("--limit", "row_limit", type=click.IntRange(min=1), default=None, help="At most N rows.")
 @_handle_errors
 def results(dirs, where, sql, view, columns, sort, pivot, vs_baseline, fmt, output, row_limit):
     """Query the results in DIRS (directories or globs): by default one row per trial."""
-    from .query import run_query
+    from .query import output_format, run_query
 
+    fmt = output_format(fmt, output)
     out = run_query(list(dirs), where=where, sql=sql, columns=columns, sort=sort, pivot=pivot, fmt=fmt,
                     vs_baseline=vs_baseline, output=output, view=view, limit=row_limit)
     if fmt == "parquet":
@@ -223,12 +262,17 @@ def results(dirs, where, sql, view, columns, sort, pivot, vs_baseline, fmt, outp
 @main.command()
 @click.argument("dirs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="The report file to write.")
-@click.option("--format", "fmt", type=click.Choice(["html", "markdown"]), default="html", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["html", "markdown"]), default=None,
+              help="Report format (default: the -o file's extension, .md for markdown, else html).")
 @click.option("--title", default=None, help="Report title (default: from the studies).")
 @_handle_errors
 def report(dirs, output, fmt, title):
     """Write a self-contained HTML (or Markdown) report of the results in DIRS."""
+    from .query import output_format
     from .report import write_report
+
+    fmt = output_format(fmt, output, {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown"},
+                        default="html")
 
     path = write_report(list(dirs), output, fmt=fmt, title=title)
     click.echo(f"wrote {path}")

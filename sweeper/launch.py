@@ -8,14 +8,18 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import shlex
+import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .environment import scrub, scrub_argv, static_environment
 from .errors import UserError
+from .precisions import get as get_precision
 from .resources import spread_shares
 from .store import ResultsStore
 from .study import Resources, Study
@@ -44,10 +48,22 @@ def apply_overrides(study: Study, limit: float | None, gpus_per_trial: float | N
     """CLI overrides of study settings, each reported (never silent)."""
     notes = []
     if limit is not None:
+        if not (limit > 0 and (limit < 1 or float(limit).is_integer())):
+            raise UserError(f"--limit {limit:g}: give a whole number of items per task (1, 2, ...) or a fraction of "
+                            "each task's items in (0, 1)")
+        if not study.tasks:
+            raise UserError(f"--limit {limit:g}: study {study.name!r} has no lm-eval tasks, the only stage it limits")
+        if all(t.limit is not None for t in study.tasks):
+            raise UserError(f"--limit {limit:g}: every task of study {study.name!r} sets its own limit, which wins "
+                            "over --limit")
+        limit = int(limit) if limit >= 1 else limit
         notes.append(f"--limit {limit:g} overrides study.limit={study.limit}")
         study = dataclasses.replace(study, limit=limit)
     res = study.resources
     if gpus_per_trial is not None:
+        if not (0 < gpus_per_trial <= 8 and (gpus_per_trial <= 1 or float(gpus_per_trial).is_integer())):
+            raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: give a fraction of a GPU in (0, 1] or a whole "
+                            "number of GPUs (up to 8)")
         notes.append(f"--gpus-per-trial {gpus_per_trial:g} overrides study.resources.gpus_per_trial={res.gpus_per_trial}")
         res = dataclasses.replace(res, gpus_per_trial=gpus_per_trial)
     if max_concurrent is not None:
@@ -77,7 +93,10 @@ def narrow(trials: list[TrialSpec], only: dict[str, set[str]]) -> list[TrialSpec
     out = [t for t in trials if t in kept or t.trial_id in needed]
     if not out:
         given = " ".join(f"{k}={','.join(sorted(v))}" for k, v in only.items())
-        raise UserError(f"--only {given} matches no trial of the study")
+        present = {"model": lambda t: t.model.name, "precision": lambda t: t.precision,
+                   "compute_dtype": lambda t: t.compute_dtype}
+        values = "; ".join(f"{k}: {', '.join(dict.fromkeys(present[k](t) for t in trials))}" for k in only)
+        raise UserError(f"--only {given} matches no trial of the study; values present: {values}")
     return out
 
 
@@ -85,7 +104,8 @@ def default_results_dir(study: Study) -> Path:
     return Path("results") / study.name
 
 
-def check_results_dir(store: ResultsStore, study: Study) -> None:
+def check_same_study(store: ResultsStore, study: Study) -> None:
+    """UserError when the results dir is not a folder or holds another study's results."""
     root = store.root
     if root.exists() and not root.is_dir():
         raise UserError(f"results dir {root} exists and is not a directory")
@@ -93,9 +113,35 @@ def check_results_dir(store: ResultsStore, study: Study) -> None:
     if existing is not None and existing.get("name") != study.name:
         raise UserError(f"results dir {root} belongs to study {existing.get('name')!r}, not {study.name!r}; "
                         "give another --results dir or launch that study")
-    probe_dir = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise UserError(f"results dir {root} is not writable (no write permission on {probe_dir})")
+
+
+def check_results_dir(store: ResultsStore, study: Study) -> None:
+    root = store.root
+    check_same_study(store, study)
+    # the folder itself (or the nearest one that exists, where it will be made) and its parent (the launch's lock):
+    # a file is made and removed in each, as os.access says yes to root on /proc or /sys
+    def existing(d: Path) -> Path:
+        return d if d.exists() else next((p for p in d.parents if p.exists()), Path("."))
+
+    for probe_dir in dict.fromkeys([existing(root), existing(root.parent)]):
+        why = _not_writable(probe_dir)
+        if why:
+            raise UserError(f"results dir {root} is not writable: {why}; give --results a folder where you can "
+                            "write")
+
+
+def _not_writable(d: Path) -> str | None:
+    """Why no file can be made in folder ``d`` (None: one can)."""
+    import tempfile
+
+    if not d.is_dir():
+        return f"{d} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".sweep-probe-"):
+            pass
+    except OSError as e:
+        return f"cannot create a file in {d} ({e.strerror or e})"
+    return None
 
 
 def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = (), limit: float | None = None,
@@ -115,8 +161,53 @@ def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = ()
     trials, dropped = expand(study)
     if only:
         trials = narrow(trials, parse_only(only))
+    if study.baseline is None and all(get_precision(p).compute_dtype_matters for p in study.precisions):
+        # never silently: every speedup and KL of the study is relative to this quantized trial
+        base = study.baseline_cell()
+        notes.append(f"baseline: {base[0]}/{base[1]}, a quantized precision (the study has no plain fp32/fp16/bf16 "
+                     "one, so its first precision); set study.baseline='precision/compute_dtype' to choose another")
     return Plan(study=study, study_path=Path(study_path), store=store, trials=trials, dropped=dropped,
                 status=store.trial_status(skip_damaged=True)), notes
+
+
+class StopOnSigint:
+    """Ctrl-C (SIGINT) during a launch: the first raises KeyboardInterrupt in the main thread wherever it is (Ray
+    starting, a Tune phase, a write), so the launch stops, stops its running trials and starts no other; a second
+    leaves at once (exit 130). Installed whatever SIGINT's inherited disposition: a launch started in the background
+    of a shell script inherits SIGINT ignored, and `kill -INT` must stop it as Ctrl-C does. (Ray Tune's own handler,
+    which ends a phase quietly so that the next one starts, is kept off: scheduler.py sets
+    TUNE_DISABLE_SIGINT_HANDLER.)"""
+
+    def __init__(self):
+        self.at: float | None = None
+        self._previous = None
+
+    def __enter__(self) -> "StopOnSigint":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.at is None:
+            self.at = time.time()
+            raise KeyboardInterrupt
+        os.write(2, b"sweep: second Ctrl-C: leaving without waiting for the clean-up\n")
+        os._exit(130)
+
+
+def resume_command(study_file: str, results: str | None, only: tuple[str, ...] = (), limit: float | None = None) -> str:
+    """The `sweep launch` command that resumes this launch: the options that name its results (--results, --only,
+    --limit, which changes trial ids) repeated."""
+    args = ["sweep", "launch", study_file]
+    if results:
+        args += ["--results", results]
+    for o in only:
+        args += ["--only", o]
+    if limit is not None:
+        args += ["--limit", f"{limit:g}"]
+    return shlex.join(args)
 
 
 class Background:

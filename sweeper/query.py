@@ -17,6 +17,7 @@ Python code: ``precision == 'nf4' and decode_tok_s > 10``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import logging
 import math
@@ -28,7 +29,7 @@ import polars as pl
 
 from . import analysis
 from .errors import UserError
-from .results import Results, open_results
+from .results import Results, open_results, stack_folders
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,13 @@ _METRIC_CONTEXT = ("study", "model", "precision", "compute_dtype")
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
+    line = msg[0] if msg else type(e).__name__
+    # the SQL parser's own structures (`Interval { value: Value(...) ... }`) say nothing to a user
+    return re.sub(r"\s*\b[A-Z]\w*\s*\{.*$", "", line)[:300] or type(e).__name__
+
+
+WHERE_HELP = ("a SQL boolean expression over the view's columns, strings in single quotes, e.g. "
+              "\"precision = 'nf4' and decode_tok_s > 10\"")
 
 
 def _split(v: str | Sequence[str] | None) -> list[str]:
@@ -60,7 +67,20 @@ def _metrics_view(res: Results) -> pl.LazyFrame:
 
 
 def view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable[[], pl.LazyFrame]]:
-    """name -> function building that view (lazy where Polars allows; analyses are computed when called)."""
+    """name -> function building that view (lazy where Polars allows; analyses are computed when called).
+
+    Over several results dirs each view is built in each dir on its own and the rows stacked, with a ``results_dir``
+    column first: the same trial id in two dirs (a --fresh copy, or the same cell in two studies) keeps each dir's
+    numbers, and each trial is compared with the baseline of its own dir (else the same baseline cell of another)."""
+    if len(res.dirs) > 1:
+        folders = res.folders()
+        return {name: functools.partial(stack_folders, folders,
+                                        lambda f, name=name: _view_builders(f, vs_baseline)[name]())
+                for name in VIEWS}
+    return _view_builders(res, vs_baseline)
+
+
+def _view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable[[], pl.LazyFrame]]:
     def cmp() -> pl.LazyFrame:
         return analysis.compare(res)
 
@@ -76,14 +96,21 @@ def view_builders(res: Results, vs_baseline: bool = False) -> dict[str, Callable
     }
 
 
-def _select_columns(df: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+# the columns --vs-baseline adds (sweeper.analysis.compare): named without it, the error says so
+_DERIVED = ("speedup_*", "*_vs_baseline", "*_delta", "*_ratio", "*retention*", "baseline_*", "*_reduction*")
+
+
+def _select_columns(df: pl.DataFrame, columns: list[str], vs_baseline: bool = True) -> pl.DataFrame:
     names = df.columns
     picked: list[str] = []
     for c in columns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, c)] if any(ch in c for ch in "*?[") else \
             ([c] if c in names else [])
         if not hits:
-            raise UserError(f"--columns: no column {c!r}; available: {', '.join(names)}")
+            hint = ("; columns against the baseline such as speedup_* come with --vs-baseline"
+                    if not vs_baseline and (any(fnmatch.fnmatchcase(c, d) for d in _DERIVED) or
+                                            any(fnmatch.fnmatchcase(d.strip("*"), c) for d in _DERIVED)) else "")
+            raise UserError(f"--columns: no column {c!r}{hint}; available: {', '.join(names)}")
         picked.extend(h for h in hits if h not in picked)
     return df.select(picked)
 
@@ -109,6 +136,8 @@ def _pivot(df: pl.DataFrame, on: str) -> pl.DataFrame:
         raise UserError(f"--pivot {on} needs a 'value' column (the metrics view, or a --sql query selecting value)")
     df = df.filter(pl.col(on).is_not_null())
     key = on
+    if on == "task" and "stage" in df.columns:  # lm-eval tasks before the KL prompt categories (stage prompts)
+        df = df.sort(pl.col("stage") != "tasks", maintain_order=True)
     if on == "task" and "metric" in df.columns:
         df = df.with_columns(pl.format("{}:{}", pl.col("task"), pl.col("metric")).alias("_col"))
         drop = {"task", "metric", "stage", "batch_size"}
@@ -130,10 +159,14 @@ def query_frame(dirs: str | Sequence[str], where: str | None = None, sql: str | 
     """The rows ``sweep results`` shows, as a DataFrame. Order of operations: view (or ``sql``) -> ``where`` ->
     ``pivot`` -> ``sort`` -> ``columns`` -> ``limit``. Without ``view``, ``pivot`` works on the metrics view and
     everything else on the summary. Raises UserError (one line naming the bad query or column) on bad input."""
-    res = open_results(dirs)
-    builders = view_builders(res, vs_baseline=vs_baseline)
     if sql is not None and view is not None:
         raise UserError("give either --sql or --view, not both (--sql names its views itself)")
+    if vs_baseline and (pivot or view in ("trials", "metrics", "samples", "significance")):
+        what = f"--pivot {pivot}" if pivot else f"--view {view}"
+        raise UserError(f"--vs-baseline adds columns to the summary (the default view); it does not apply to {what}. "
+                        "Leave it out, or use it with --view summary / compare / pareto / recommendations")
+    res = open_results(dirs)
+    builders = view_builders(res, vs_baseline=vs_baseline)
     if sql is not None:
         ctx = pl.SQLContext()
         for name, build in builders.items():
@@ -155,7 +188,7 @@ def query_frame(dirs: str | Sequence[str], where: str | None = None, sql: str | 
             lf = lf.filter(expr)
             lf.collect_schema()
         except Exception as e:
-            raise UserError(f"--where {where!r} failed: {_one_line(e)}") from None
+            raise UserError(f"--where {where!r} failed: {_one_line(e)}; give {WHERE_HELP}") from None
     try:
         df = lf.collect()
     except UserError:
@@ -168,23 +201,35 @@ def query_frame(dirs: str | Sequence[str], where: str | None = None, sql: str | 
     if sort:
         df = _sort(df, _split(sort))
     if columns:
-        df = _select_columns(df, _split(columns))
+        df = _select_columns(df, _split(columns), vs_baseline or view in ("compare", "pareto", "recommendations")
+                             or sql is not None)
     if limit is not None:
         df = df.head(limit)
     return df
 
 
+def format_number(v: float | None, digits: int = 4) -> str:
+    """``v`` with ``digits`` significant digits, each value on its own (a small value next to a large one is never
+    rounded to zero): 0.0835, 11.45, 299.5, 12346, 5.8e-05; trailing zeros dropped; None -> ""."""
+    if v is None:
+        return ""
+    if not math.isfinite(v) or v == 0:
+        return str(v) if not math.isfinite(v) else "0"
+    mag = math.floor(math.log10(abs(v)))
+    if mag < -4:
+        mantissa, exp = f"{v:.{digits - 1}e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{exp}"  # 5.800e-05 -> 5.8e-05
+    text = f"{v:.{max(0, digits - 1 - mag)}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def _display(df: pl.DataFrame) -> pl.DataFrame:
-    """Floats rounded to 4 significant digits (per column, from its largest magnitude) and nulls blank, for reading."""
+    """Floats with 4 significant digits (each value on its own, never rounded to zero) and nulls blank, for reading."""
     out = []
     for name, dtype in df.schema.items():
         c = pl.col(name)
         if dtype.is_float():
-            col = df.get_column(name)
-            finite = col.filter(col.is_finite()).abs()
-            mx = float(finite.max()) if finite.len() else 0.0  # type: ignore[arg-type]
-            decimals = 4 if mx == 0 else min(max(0, 3 - math.floor(math.log10(mx))), 6)
-            out.append(c.round(decimals).cast(pl.String).fill_null("").alias(name))
+            out.append(pl.Series(name, [format_number(v) for v in df.get_column(name).to_list()], dtype=pl.String))
         elif dtype == pl.String:
             out.append(c.fill_null(""))
         elif dtype.is_nested() or dtype == pl.Object:
@@ -228,6 +273,25 @@ def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None
     return text
 
 
+RESULTS_EXTENSIONS = {".csv": "csv", ".json": "json", ".md": "markdown", ".markdown": "markdown",
+                      ".parquet": "parquet", ".pq": "parquet", ".txt": "table"}
+
+
+def output_format(fmt: str | None, output: str | Path | None, extensions: dict[str, str] = RESULTS_EXTENSIONS,
+                  default: str = "table") -> str:
+    """The format to write: ``fmt`` when given, else the one ``output``'s extension names, else ``default``. An
+    extension that names another format than ``fmt`` is refused (a file named x.csv never holds a table)."""
+    ext = Path(output).suffix.lower() if output else ""
+    named = extensions.get(ext)
+    if fmt is None:
+        return named or default
+    if named is not None and named != fmt:
+        raise UserError(f"-o {output}: its extension {ext} means {named}, not --format {fmt}; give a file ending in "
+                        f"{'/'.join(e for e, f in extensions.items() if f == fmt) or 'another extension'}, "
+                        "or leave --format out to write what the extension says")
+    return fmt
+
+
 def _write(path: Path, data: bytes) -> None:
     from .store import atomic_write_bytes
 
@@ -256,4 +320,5 @@ def run_query(dirs: str | Sequence[str], where: str | None = None, sql: str | No
     return format_frame(df, fmt=fmt, output=output)
 
 
-__all__ = ["run_query", "query_frame", "format_frame", "view_builders", "FORMATS", "VIEWS"]
+__all__ = ["run_query", "query_frame", "format_frame", "format_number", "output_format", "view_builders", "FORMATS",
+           "VIEWS"]

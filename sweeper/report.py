@@ -24,7 +24,7 @@ import polars as pl
 
 from . import analysis
 from .errors import UserError
-from .results import Results, open_results
+from .results import Folder, Results, open_results
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ def _fixed(e: pl.Expr, d: int) -> pl.Expr:
     text = ip + pl.lit(".") + (scaled % scale).cast(pl.String).str.zfill(d) if d > 0 else ip
     sign = pl.when((e < 0) & (scaled > 0)).then(pl.lit("-")).otherwise(pl.lit(""))
     return pl.when(e.is_null() | ~e.is_finite()).then(None).otherwise(sign + text)
+
+
+def _sig(e: pl.Expr) -> pl.Expr:
+    """A measured value with 4 significant digits, each on its own (a 0.0058 GB footprint is not '0.006' next to
+    '16.1', a KL of 0.00004 not '0.0000'); null for null."""
+    from .query import format_number
+
+    return e.map_elements(format_number, return_dtype=pl.String, skip_nulls=True)
 
 
 def _signed_pct(e: pl.Expr, d: int = 1) -> pl.Expr:
@@ -101,23 +109,24 @@ def _summary_tables(cmp: pl.DataFrame, sig: pl.DataFrame, tasks: list[tuple[str,
     cols: list[pl.Expr] = [
         pl.col("model").alias("Model"), pl.col("precision").alias("Precision"),
         pl.col("compute_dtype").alias("Compute"),
-        _fixed(pl.col("load_s"), 2).fill_null("-").alias("Load (s)"),
+        (_sig(pl.col("load_s")) + pl.when(pl.col("load_cold")).then(pl.lit(" cold"))
+         .when(~pl.col("load_cold")).then(pl.lit(" warm")).otherwise(pl.lit(""))).fill_null("-").alias("Load (s)"),
         _vs(_fixed(pl.col("speedup_load"), 2) + pl.lit("x")).alias("Load vs base"),
-        _fixed(pl.col("weights_gb"), 3).fill_null("-").alias("Weights (GB)"),
+        _sig(pl.col("weights_gb")).fill_null("-").alias("Weights (GB)"),
         _vs(_signed_pct(-100 * pl.col("memory_reduction"))).alias("Weights vs base"),
-        _fixed(pl.col("peak_gb"), 3).fill_null("-").alias("Peak (GB)"),
+        _sig(pl.col("peak_gb")).fill_null("-").alias("Peak (GB)"),
         _vs(_signed_pct(-100 * pl.col("memory_reduction_peak"))).alias("Peak vs base"),
-        _fixed(pl.col("prefill_ms"), 2).fill_null("-").alias("Prefill (ms)"),
+        _sig(pl.col("prefill_ms")).fill_null("-").alias("Prefill (ms)"),
         _vs(_fixed(pl.col("speedup_prefill"), 2) + pl.lit("x")).alias("Prefill vs base"),
-        _fixed(pl.col("decode_tok_s"), 2).fill_null("-").alias("Decode (tok/s)"),
+        _sig(pl.col("decode_tok_s")).fill_null("-").alias("Decode (tok/s)"),
         _vs(_fixed(pl.col("speedup_decode"), 2) + pl.lit("x")).alias("Decode vs base"),
-        _fixed(pl.col("decode_graph_tok_s"), 2).fill_null("-").alias("Decode kernel (tok/s)"),
+        _sig(pl.col("decode_graph_tok_s")).fill_null("-").alias("Decode kernel (tok/s)"),
         _vs(_fixed(pl.col("speedup_decode_graph"), 2) + pl.lit("x")).alias("Decode kernel vs base"),
-        (_fixed(pl.col("batch_tok_s"), 1) + pl.lit(" @") + bs).fill_null("-").alias("Batch (tok/s)"),
+        (_sig(pl.col("batch_tok_s")) + pl.lit(" @") + bs).fill_null("-").alias("Batch (tok/s)"),
         _vs(_fixed(pl.col("speedup_throughput"), 2) + pl.lit("x")).alias("Batch vs base"),
-        _fixed(pl.col("perplexity"), 3).fill_null("-").alias("PPL"),
+        _sig(pl.col("perplexity")).fill_null("-").alias("PPL"),
         _vs(_signed_pct(pl.col("ppl_delta_pct"), 2)).alias("PPL vs base"),
-        _fixed(pl.col("kl_mean"), 4).fill_null("-").alias("KL mean"),
+        _sig(pl.col("kl_mean")).fill_null("-").alias("KL mean"),
     ]
     for task, metric in tasks:
         col = task if task in cmp.columns else f"task_{task}"
@@ -126,7 +135,7 @@ def _summary_tables(cmp: pl.DataFrame, sig: pl.DataFrame, tasks: list[tuple[str,
         if vc in verdict_cols:
             change = change + pl.when(pl.col(vc).is_not_null()).then(pl.lit(" (") + pl.col(vc) + pl.lit(")")) \
                 .otherwise(pl.lit(""))
-        cols += [_fixed(pl.col(col), 4 if metric not in analysis.LOWER_IS_BETTER else 2).fill_null("-")
+        cols += [_sig(pl.col(col)).fill_null("-")
                  .alias(f"{task} {metric}"), _vs(change).alias(f"{task} vs base")]
     if tasks:
         cols += [_vs(_fixed(100 * pl.col("retention_mean"), 1) + pl.lit("%")).alias("Mean retention")]
@@ -151,10 +160,63 @@ def _environment(trials: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"Setting": pl.String, "Values": pl.String})
 
 
+def _study_name(d: Path) -> str:
+    name = d.name
+    p = d / "study.json"
+    if p.is_file():
+        try:
+            name = json.loads(p.read_text()).get("name", name)
+        except (json.JSONDecodeError, AttributeError):
+            log.warning("unreadable %s; using the directory name", p)
+    return str(name)
+
+
+@dataclass
+class _OneFolder(Folder):
+    """One folder of a report over several: its models are named ``model (study @ folder)``, so that every per-model
+    table, chart and recommendation compares the trials of one folder (one study's benchmark settings, its own
+    baseline), even where two folders hold the same model or the same trial ids."""
+
+    label: str = ""
+
+    @property
+    def trials(self) -> pl.LazyFrame:
+        return super().trials.with_columns(pl.format("{} ({})", pl.col("model"), pl.lit(self.label)).alias("model"))
+
+
+def _several_folders(res: Results, title: str | None, significance_kwargs: dict | None) -> ReportData:
+    """The report of each folder on its own, its tables stacked (never joined across folders)."""
+    parts = []
+    for f in res.folders():
+        d = f.dirs[0]
+        one = _OneFolder(f.dirs, f.borrowed, label=f"{_study_name(d)} @ {d}")
+        parts.append((str(d), build_report(one, significance_kwargs=significance_kwargs)))
+
+    def stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
+        frames = [f for f in frames if f.width]
+        return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+    studies = [p.studies[0] for _, p in parts]
+    return ReportData(
+        title=title or ("sweeper report: " + ", ".join(dict.fromkeys(studies))), dirs=[d for d, _ in parts],
+        studies=studies, generated=parts[0][1].generated,
+        counts={k: sum(p.counts[k] for _, p in parts) for k in parts[0][1].counts},
+        compare=stack([p.compare for _, p in parts]), pareto=stack([p.pareto for _, p in parts]),
+        recommendations=stack([p.recommendations for _, p in parts]),
+        summary={m: df for _, p in parts for m, df in p.summary.items()},
+        significance=stack([p.significance for _, p in parts]), kl=stack([p.kl for _, p in parts]),
+        failed=stack([p.failed for _, p in parts]),
+        environment=stack([p.environment.select(pl.lit(d).alias("Results dir"), pl.all()) for d, p in parts]),
+        notes=[f"{d}: {n}" for d, p in parts for n in p.notes],
+        summary_notes={m: n for _, p in parts for m, n in p.summary_notes.items()})
+
+
 def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
                  significance_kwargs: dict | None = None) -> ReportData:
     """Compute every table of the report (no rendering)."""
     res = dirs if isinstance(dirs, Results) else open_results(dirs)
+    if len(res.dirs) > 1:
+        return _several_folders(res, title, significance_kwargs)
     cmp = analysis.compare(res).collect()
     sig = analysis.significance(res, **(significance_kwargs or {}))
     par = analysis.pareto(cmp)
@@ -163,16 +225,7 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
     tasks = sorted({(t, m) for t, m in tm.select("task", "metric").unique().iter_rows()}) if tm.height else []
 
     trials = res.trials.collect()
-    studies = []
-    for d in res.dirs:
-        name = d.name
-        p = d / "study.json"
-        if p.is_file():
-            try:
-                name = json.loads(p.read_text()).get("name", name)
-            except (json.JSONDecodeError, AttributeError):
-                log.warning("unreadable %s; using the directory name", p)
-        studies.append(str(name))
+    studies = [_study_name(d) for d in res.dirs]
 
     kl = (res.metrics.filter((pl.col("stage") == "prompts") & (pl.col("metric") == "kl_mean"))
           .select("trial_id", pl.col("task").alias("category"), pl.col("value").alias("kl")).collect())
@@ -575,8 +628,8 @@ def render_markdown(data: ReportData) -> str:
             out.append(_md_table(p.select(
                 "model", "precision", "compute_dtype",
                 (_fixed(100 * pl.col("quality_retention"), 2) + pl.lit("%")).fill_null("-").alias("quality retention"),
-                _fixed(pl.col("weights_gb"), 3).fill_null("-").alias("weights GB"),
-                _fixed(pl.col("throughput_tok_s"), 1).fill_null("-").alias("throughput tok/s"),
+                _sig(pl.col("weights_gb")).fill_null("-").alias("weights GB"),
+                _sig(pl.col("throughput_tok_s")).fill_null("-").alias("throughput tok/s"),
                 pl.when(pl.col("pareto_memory")).then(pl.lit("yes")).otherwise(pl.lit("")).alias("front: memory"),
                 pl.when(pl.col("pareto_throughput")).then(pl.lit("yes")).otherwise(pl.lit("")).alias("front: throughput"))))
         elif k == "speed":
@@ -588,7 +641,7 @@ def render_markdown(data: ReportData) -> str:
                        "HTML report charts them.\n")
         elif k == "kl":
             if data.kl.height:
-                w = data.kl.sort(["model", "label"]).with_columns(_fixed(pl.col("kl"), 4).alias("kl")).pivot(on="category", index=["model", "label"],
+                w = data.kl.sort(["model", "label"]).with_columns(_sig(pl.col("kl")).alias("kl")).pivot(on="category", index=["model", "label"],
                                                                        values="kl", aggregate_function="first")
                 out.append(_md_table(w.rename({"label": "precision/compute"})))
             else:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import polars as pl
 
@@ -49,6 +49,8 @@ def top_level_tasks(tasks: Iterable[str]) -> dict[str, str]:
 
 
 def expand_dirs(dirs: list[str]) -> list[Path]:
+    """The results dirs that ``dirs`` (paths or globs) name, each once (the same dir named twice, or by two globs, is
+    read once: its rows would otherwise appear twice)."""
     out: list[Path] = []
     for d in dirs:
         matches = sorted(glob.glob(os.path.expanduser(d))) if any(c in d for c in "*?[") else [d]
@@ -57,10 +59,24 @@ def expand_dirs(dirs: list[str]) -> list[Path]:
             if not (p / "trials").is_dir() and not (p / "study.json").is_file():
                 raise UserError(f"{m} is not a sweeper results directory (no study.json or trials/); "
                                 "give the directory `sweep launch` wrote, e.g. results/<study>")
-            out.append(p)
+            if not any(p.resolve() == q.resolve() for q in out):
+                out.append(p)
     if not out:
         raise UserError(f"no results directories match {' '.join(dirs)}")
     return out
+
+
+def stack_folders(folders: list["Folder"], build: Callable[["Folder"], pl.LazyFrame]) -> pl.LazyFrame:
+    """``build(folder)`` of each results dir (:meth:`Results.folders`) stacked, with a ``results_dir`` column first and
+    without the baselines a folder borrowed (they are another folder's rows). Rows of several dirs are never joined on
+    trial_id: the same id in two dirs (a --fresh copy) keeps each dir's numbers."""
+    frames = []
+    for f in folders:
+        lf = build(f)
+        if f.borrowed and "trial_id" in lf.collect_schema().names():
+            lf = lf.filter(~pl.col("trial_id").is_in(list(f.borrowed)))
+        frames.append(lf.with_columns(pl.lit(str(f.dirs[0])).alias("results_dir")))
+    return pl.concat(frames, how="diagonal_relaxed").select("results_dir", pl.all().exclude("results_dir"))
 
 
 def _scan(paths: list[Path], sub: str) -> pl.LazyFrame | None:
@@ -131,7 +147,10 @@ class Results:
         return lf if lf is not None else _empty(SAMPLES_SCHEMA)
 
     def summary(self) -> pl.LazyFrame:
-        """One row per trial: config, status, the headline speed / memory / quality numbers, task main metrics."""
+        """One row per trial: config, status, the headline speed / memory / quality numbers, task main metrics.
+        Over several dirs: each dir's summary, stacked with a ``results_dir`` column."""
+        if len(self.dirs) > 1:
+            return stack_folders(self.folders(), lambda f: f.summary())
         m = self.metrics
         cols = []
         for col, stage, metric in SPEED_COLUMNS:
@@ -163,6 +182,50 @@ class Results:
         return (out.sort(["study", "model", "is_baseline", "_p", "compute_dtype"],
                          descending=[False, False, True, False, False], nulls_last=True)
                 .drop("_p", "is_baseline"))
+
+
+    def folders(self) -> list["Folder"]:
+        """Each dir on its own (:class:`Folder`), with the done baselines it lacks borrowed from the first other dir
+        that has them."""
+        own = {d: Results([d]).trials.select("trial_id", "status", "baseline_id").collect() for d in self.dirs}
+        done_in: dict[str, Path] = {}
+        for d, t in own.items():
+            for tid in t.filter(pl.col("status") == "done").get_column("trial_id").to_list():
+                done_in.setdefault(tid, d)
+        out = []
+        for d, t in own.items():
+            have = set(t.get_column("trial_id").to_list())
+            bases = t.get_column("baseline_id").drop_nulls().to_list()
+            need = sorted({b for b in bases if b not in have and b in done_in})
+            out.append(Folder([d], borrowed={b: done_in[b] for b in need}))
+        return out
+
+
+@dataclass
+class Folder(Results):
+    """One results dir of several, read on its own, plus the done baseline trials it lacks, read from other dirs
+    (``borrowed``: trial id -> dir). The same trial id is the same cell measured with the same settings
+    (sweeper/trials.py), so a baseline another study measured serves; a trial id in two dirs keeps each dir's rows."""
+
+    borrowed: dict[str, Path] = field(default_factory=dict)
+
+    def _with_borrowed(self, own: pl.LazyFrame, kind: str) -> pl.LazyFrame:
+        if not self.borrowed:
+            return own
+        extra = [getattr(Results([d]), kind).filter(pl.col("trial_id") == tid) for tid, d in self.borrowed.items()]
+        return pl.concat([own, *extra], how="diagonal_relaxed")
+
+    @property
+    def trials(self) -> pl.LazyFrame:
+        return self._with_borrowed(super().trials, "trials")
+
+    @property
+    def metrics(self) -> pl.LazyFrame:
+        return self._with_borrowed(super().metrics, "metrics")
+
+    @property
+    def samples(self) -> pl.LazyFrame:
+        return self._with_borrowed(super().samples, "samples")
 
 
 def open_results(dirs: list[str] | str, check: bool = True) -> Results:

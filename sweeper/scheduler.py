@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
+# Ctrl-C is the launch's (launch.StopOnSigint): Tune's own handler ends a phase quietly, the next phase then starts,
+# and it prints a Tuner.restore hint that sweeper does not use
+os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 # The legacy reporter honours verbose=0; the sweep prints its own progress lines.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # With the loggers off, Tune's result grid cannot find per-trial metrics files and warns about every trial.
@@ -223,7 +226,7 @@ class Progress:
 
     def line(self, event: str = "") -> str:
         el = int(time.time() - self.started)
-        counts = (f"[{el // 60:d}m{el % 60:02d}s] done {len(self.done)}/{self.total}, running {len(self.running)}, "
+        counts = (f"[{el // 60:d}:{el % 60:02d}] done {len(self.done)}/{self.total}, running {len(self.running)}, "
                   f"failed {len(self.failed)}, pending {self.pending}")
         return f"{counts}  {event}" if event else counts
 

@@ -59,19 +59,26 @@ def load_study_file(path: str | os.PathLike) -> Study:
     """Run a study file and return its validated, path-resolved ``study``; UserError (one line) on any problem."""
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        what = "a results dir" if (path / "study.json").is_file() else "a directory"
+        raise UserError(f"{source} is {what}, not a study file; give the .py file that defines `study = Study(...)`")
     if not path.is_file():
         raise UserError(f"study file {source} does not exist; give the path of a .py file that defines `study = Study(...)`")
+    if path.suffix != ".py":
+        raise UserError(f"{source} is not a study file (a .py file that defines `study = Study(...)`, such as "
+                        "studies/demo.py)")
+    # the study file's own error is chained (`from e`): --debug shows its traceback
     try:
         namespace = runpy.run_path(str(path), run_name="__sweeper_study__")
     except UserError as e:
-        raise UserError(f"{source}: {e}") from None
+        raise UserError(f"{source}: {e}") from e
     except SyntaxError as e:
-        raise UserError(f"{source}: syntax error at line {e.lineno}: {e.msg}; the study file must be valid Python") from None
+        raise UserError(f"{source}: syntax error at line {e.lineno}: {e.msg}; the study file must be valid Python") from e
     except Exception as e:  # the study file's own code raised
         tb = traceback.extract_tb(e.__traceback__)
         line = next((f.lineno for f in reversed(tb) if f.filename == str(path)), None)
         where = f" at line {line}" if line else ""
-        raise UserError(f"{source}: running the study file failed{where}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{source}: running the study file failed{where}: {type(e).__name__}: {e}") from e
     if "study" not in namespace:
         raise UserError(f"{source}: defines no module-level `study`; add `study = Study(name=..., models=[...], precisions=[...])`")
     study = namespace["study"]

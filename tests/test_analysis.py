@@ -297,11 +297,10 @@ def test_recommendations(cmp):
     m1 = {r["scenario"]: r["trial_id"] for r in rec.filter(pl.col("model") == "m1").to_dicts()}
     assert m1 == {"max_throughput_within_1pct": "B",  # T1 retains 98.75% < 99%
                   "min_memory_within_3pct": "T1",
-                  "best_quality": "T1",
-                  "fastest_load": "T1"}
+                  "best_quality": "T1"}
     m2 = {r["scenario"]: (r["trial_id"], r["reason"]) for r in rec.filter(pl.col("model") == "m2").to_dicts()}
     assert m2["max_throughput_within_1pct"][0] is None and "99%" in m2["max_throughput_within_1pct"][1]
-    assert m2["fastest_load"][0] == "M"
+    assert "fastest_load" not in m2  # load times compare caches, not precisions (issue 25)
     # m1's int8 trial has no kernel-level decode, so its speed is eager, and the reason says so and why
     speed = rec.filter((pl.col("model") == "m1") & (pl.col("scenario") == "max_throughput_within_1pct")).row(0, named=True)
     assert speed["speed_kind"] == "eager" and speed["value"] == pytest.approx(60.0)

@@ -1,0 +1,161 @@
+"""Ctrl-C (SIGINT) stops a launch at any moment: while Ray starts, between phases, mid-trial, as a file lands
+(issue 25). Each time: exit 130 within 10 s, no trial starts after the signal, a trial running at the signal leaves
+no row (or a row that says so), finished rows stay, and one resume hint repeating --results/--only; the hint's
+command then finishes the study."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from helpers import fast_kl, write_study
+
+# trials of a few seconds each on 2 cores: a signal can land mid-trial
+SLOW_BENCHMARK = "Benchmark(prompt_tokens=64, new_tokens=32, batch_sizes=(1, 4), repeats=6, warmup=1)"
+
+
+class Launch:
+    """`sweep launch` as a subprocess, its output lines timestamped as they come."""
+
+    def __init__(self, args: list[str], sigint_ignored: bool = False):
+        # sigint_ignored: as a shell script's background job starts it (SIGINT ignored), where `kill -INT` must work
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.cli", "launch", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                                     if sigint_ignored else None)
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line.rstrip("\n")))
+
+    def wait_for(self, pred, timeout: float = 300.0) -> bool:
+        end = time.time() + timeout
+        while time.time() < end and self.proc.poll() is None:
+            if pred():
+                return True
+            time.sleep(0.02)
+        return pred()
+
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def interrupt(self) -> float:
+        at = time.time()
+        self.proc.send_signal(signal.SIGINT)
+        return at
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, float, str]:
+        rc = self.proc.wait(timeout)
+        ended = time.time()
+        self._reader.join(10)
+        return rc, ended, "\n".join(line for _, line in self.lines)
+
+
+def _rows(results: Path) -> pl.DataFrame:
+    files = sorted((results / "trials").glob("*.parquet")) if (results / "trials").is_dir() else []
+    return pl.read_parquet(files) if files else pl.DataFrame()
+
+
+def _scheduled_at(results: Path) -> list[float]:
+    f = results / "_tune" / "events.jsonl"
+    events = [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+    return [e["at"] for e in events if e["event"] == "scheduled"]
+
+
+@pytest.fixture()
+def kl_study(tmp_path, tiny_model) -> Path:
+    # KL: the baseline runs in a phase of its own, before the other trials
+    return write_study(tmp_path / "s.py", f"""
+        study = Study(
+            name="stop",
+            models=[{str(tiny_model)!r}],
+            precisions=["fp32", "bf16", "int8", "nf4"],
+            compute_dtypes=["fp32"],
+            benchmark={SLOW_BENCHMARK},
+            kl={fast_kl()},
+        )
+    """)
+
+
+def _check_stopped(launch: Launch, at: float, results: Path, rows_before: pl.DataFrame, only: str) -> pl.DataFrame:
+    rc, ended, out = launch.finish()
+    assert rc == 130, out
+    print(f"stopped {ended - at:.2f}s after SIGINT; rows {len(_rows(results))}")  # the figure docs/reliability.md quotes
+    assert ended - at < 10, f"the launch took {ended - at:.1f}s to stop after SIGINT\n{out}"
+    rows = _rows(results)
+    # finished rows kept, untouched
+    if rows_before.height:
+        kept = rows.filter(pl.col("trial_id").is_in(rows_before["trial_id"].to_list()))
+        assert kept.sort("trial_id").equals(rows_before.sort("trial_id")), out
+    if rows.height:
+        # no trial started after the signal, and none that ran at the signal went on to finish and be recorded
+        # (0.2 s: a trial that ended as the signal came)
+        assert (rows["load_started_at"] < at).all(), out
+        ends = rows["load_started_at"] + rows["duration_s"]
+        assert rows.filter((ends >= at + 0.2) & (pl.col("status") == "done")).height == 0, out
+    assert all(t < at + 0.1 for t in _scheduled_at(results)), f"Tune scheduled a trial after the signal\n{out}"
+    hints = [line for line in out.splitlines() if "to resume" in line]
+    assert len(hints) == 1, out
+    assert f"--results {results}" in hints[0] and f"--only {only}" in hints[0], hints
+    assert "Tuner.restore" not in out and "Stop signal received" not in out, out
+    return rows
+
+
+def test_sigint_at_several_moments_stops_the_launch(tmp_path, kl_study):
+    results = tmp_path / "res"
+    only = "precision=fp32,int8,nf4"  # the resume hint must repeat it (and --results)
+    args = [str(kl_study), "--results", str(results), "--only", only, "--max-concurrent", "1"]
+
+    # 1. while Ray starts, in a launch that inherited SIGINT ignored (a script's background job): nothing runs
+    launch = Launch(args, sigint_ignored=True)
+    assert launch.wait_for(lambda: any("warm workers:" in line for _, line in launch.lines), 120)
+    time.sleep(0.5)
+    assert not any("ray:" in line for _, line in launch.lines), "Ray had started: not the moment this tests"
+    at = launch.interrupt()
+    rows = _check_stopped(launch, at, results, pl.DataFrame(), only)
+    assert rows.height == 0
+
+    # 2. mid-trial: the baseline (phase 1) runs for a second; no row for it, and phase 2 never starts
+    launch = Launch(args)
+    assert launch.wait_for(lambda: any("started" in line for _, line in launch.lines)), launch.output()
+    time.sleep(1.0)
+    at = launch.interrupt()
+    rows = _check_stopped(launch, at, results, pl.DataFrame(), only)
+    assert rows.height == 0 or rows.filter(pl.col("status") == "done").height == 0, rows
+
+    # 3. between phases: right as the baseline's row lands, before the next phase's trials start
+    launch = Launch(args)
+    assert launch.wait_for(lambda: _rows(results).height >= 1), launch.output()
+    at = launch.interrupt()
+    before = _rows(results)
+    rows = _check_stopped(launch, at, results, before, only)
+    assert rows.height <= 1
+
+    # 4. as a file lands in phase 2 (the row of the next trial)
+    launch = Launch(args)
+    n = _rows(results).height
+    assert launch.wait_for(lambda: _rows(results).height > n), launch.output()
+    at = launch.interrupt()
+    before = _rows(results)
+    _check_stopped(launch, at, results, before, only)
+
+    # the hint's own command finishes the study's selected trials
+    hint = next(line for line in launch.lines[-1:] + launch.lines if "to resume" in line[1])[1]
+    cmd = shlex.split(hint.split("`")[1])
+    assert cmd[:2] == ["sweep", "launch"]
+    r = subprocess.run([sys.executable, "-m", "sweeper.cli", *cmd[1:]], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    done = _rows(results)
+    assert sorted(done["precision"]) == ["fp32", "int8", "nf4"] and set(done["status"]) == {"done"}
