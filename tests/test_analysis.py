@@ -251,20 +251,18 @@ def test_better_verdict_and_group_pooling(tmp_path):
     def metrics(tid: str, acc: float) -> list[dict]:
         return [dict(trial_id=tid, stage="tasks", task=t, metric="acc", value=acc) for t in ("mmlu", "mmlu_a", "mmlu_b")]
 
-    store.write_trial(_trial_row("B"), metrics("B", 0.5), samples("B", 0))
-    store.write_trial(_trial_row("T1"), metrics("T1", 0.8), samples("T1", 30))
+    groups = {"mmlu": ["mmlu_a", "mmlu_b"]}  # lm-eval's group_subtasks, as the tasks stage records it
+    store.write_trial(_trial_row("B", task_groups=groups), metrics("B", 0.5), samples("B", 0))
+    store.write_trial(_trial_row("T1", task_groups=groups), metrics("T1", 0.8), samples("T1", 30))
     res = open_results([str(tmp_path / "g")])
     sig = analysis.significance(res)
     assert sig.select("trial_id", "task", "n", "verdict").to_dicts() == [
         {"trial_id": "T1", "task": "mmlu", "n": 200, "verdict": "better"}]
     cmp = analysis.compare(res).collect()
-    assert [c for c in cmp.columns if c.startswith("retention_")] == ["retention_mmlu", "retention_mean"]
+    assert [c for c in cmp.columns if c.startswith("retention_")] == ["retention_mmlu", "retention_mean",
+                                                                    "retention_mean_ppl"]
 
 
-def test_top_level_tasks():
-    assert analysis.top_level_tasks(["mmlu", "mmlu_stem", "mmlu_stem_physics", "arc_easy", "arc_challenge"]) == {
-        "arc_challenge": "arc_challenge", "arc_easy": "arc_easy", "mmlu": "mmlu", "mmlu_stem": "mmlu",
-        "mmlu_stem_physics": "mmlu"}
 
 
 def test_pareto_fronts(cmp):

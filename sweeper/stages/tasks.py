@@ -277,12 +277,13 @@ def _limits(plans: list[PlannedTask], leaves: dict[str, Any]) -> tuple[int | flo
 
 
 def run_tasks(model: Any, tokenizer: Any, spec: "TrialSpec", device: str,
-              max_batch_size: int | None = None) -> tuple[list[dict[str, Any]], "pa.Table | None"]:
+              max_batch_size: int | None = None) -> tuple[list[dict[str, Any]], "pa.Table | None", dict[str, Any]]:
     """Run all of ``spec.tasks`` in one lm-eval evaluation on ``model`` (already loaded) and return
-    (metric rows for the store, per-item samples table). ``([], None)`` when the trial has no tasks.
+    (metric rows for the store, per-item samples table, trial row values: ``task_groups``, see :func:`task_groups`).
+    ``([], None, {})`` when the trial has no tasks.
     """
     if not spec.tasks:
-        return [], None
+        return [], None, {}
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -304,10 +305,10 @@ def run_tasks(model: Any, tokenizer: Any, spec: "TrialSpec", device: str,
         numpy_random_seed=spec.seed, torch_random_seed=spec.seed, fewshot_random_seed=spec.seed,
     )
     if results is None:  # non-zero rank of a distributed run: nothing to report
-        return [], None
+        return [], None, {}
     rows = metric_rows(results, spec.trial_id)
     table = samples_table(results, spec.trial_id, {n: t.OUTPUT_TYPE for n, t in leaves.items()})
-    return rows, table
+    return rows, table, {"task_groups": task_groups(results)}
 
 
 # ---------------------------------------------------------------------------------------------------------- results
@@ -333,6 +334,13 @@ def _leaf_counts(results: dict[str, Any]) -> dict[str, int]:
 
     return {name: c for name in set(counts) | set(groups) | set(results.get("results", {}))
             if (c := count(name)) is not None}
+
+
+def task_groups(results: dict[str, Any]) -> dict[str, list[str]]:
+    """lm-eval's own group structure of this evaluation: group -> the tasks and groups it holds (its
+    ``group_subtasks``; ``{}`` when no group ran). Stored in the trial row so the analysis groups tasks as lm-eval did
+    (``sweeper.results.task_tops``) instead of guessing from names (``gsm8k_cot`` is not part of ``gsm8k``)."""
+    return {str(g): [str(c) for c in children] for g, children in (results.get("group_subtasks") or {}).items()}
 
 
 def metric_rows(results: dict[str, Any], trial_id: str) -> list[dict[str, Any]]:
