@@ -514,13 +514,17 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
     boot = Bootstrap(n_boot=n_boot, seed=seed, confidence=confidence)
     rows = []
     done: set[tuple] = set()
-    for (tid, task, metric), g in paired.group_by(keys, maintain_order=True):
+    # one sort and one numpy copy, then a slice per (trial, task, metric): no per-group DataFrame
+    paired = paired.sort(keys)
+    bounds = paired.select(keys).with_row_index("_r").group_by(keys, maintain_order=True).agg(
+        pl.col("_r").first().alias("_start"), pl.len().alias("_n"))
+    cols = {c: paired.get_column(c).cast(pl.Float64).to_numpy() for c in ("value", "weight", "_bv", "_bw")}
+    for tid, task, metric, start, n in bounds.iter_rows():
         done.add((tid, task, metric))
-        v, w = g.get_column("value").to_numpy(), g.get_column("weight").to_numpy()
-        bv, bw = g.get_column("_bv").to_numpy(), g.get_column("_bw").to_numpy()
-        weighted = bool(g.get_column("weight").is_not_null().all() and g.get_column("_bw").is_not_null().all())
+        v, w, bv, bw = (cols[c][start:start + n] for c in ("value", "weight", "_bv", "_bw"))
+        weighted = not (np.isnan(w).any() or np.isnan(bw).any())  # a null weight reads as NaN
         kind = metric_kind(metric, weighted)
-        row = {"trial_id": tid, "task": task, "metric": metric, "kind": kind, "n": g.height}
+        row = {"trial_id": tid, "task": task, "metric": metric, "kind": kind, "n": n}
         if kind is None:
             rows.append({**row, "note": f"{metric}: no per-item definition of its corpus metric (per-item records "
                          f"{'are (value, weight) pairs' if weighted else 'lack the pair or count lm-eval aggregates'})"})
