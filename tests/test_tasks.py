@@ -128,9 +128,16 @@ def test_mmlu_group_from_hendrycks_csv(tiny_model, tmp_path):
             shutil.copy(TASKS_DATA / "mmlu" / split / f"anatomy_{split}.csv", tmp_path / "data" / split / f"{s}_{split}.csv")
     model, tok = _load(tiny_model)
     spec = _spec(tiny_model, [Task("mmlu", data=str(tmp_path / "data"), num_fewshot=1, limit=1)], eval_batch_size=8)
-    rows, samples, _ = run_tasks(model, tok, spec, "cpu")
+    rows, samples, row_values = run_tasks(model, tok, spec, "cpu")
     by_task = {r["task"]: r for r in rows if r["metric"] == "acc"}
     index = task_manager().task_index
+    # lm-eval's group structure is recorded for the trial row; from it every subject and subgroup belongs to mmlu
+    from sweeper.results import _tops_of
+
+    groups = row_values["task_groups"]
+    assert sorted(groups["mmlu"]) == ["mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem"]
+    tops = _tops_of(groups, {r["task"] for r in rows})
+    assert set(tops) == set(by_task) - {"mmlu"} and set(tops.values()) == {"mmlu"}
     assert by_task["mmlu"]["n"] == 57
     for group in ("mmlu_stem", "mmlu_humanities", "mmlu_other", "mmlu_social_sciences"):
         assert by_task[group]["n"] == len(index[f"{group}_tasks"].tags), group

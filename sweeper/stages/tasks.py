@@ -392,7 +392,8 @@ def samples_table(results: dict[str, Any], trial_id: str, output_types: dict[str
 
     ``value`` is lm-eval's per-item metric value (acc 0/1, exact_match 0/1); for metrics lm-eval reports per item as
     (log-likelihood, count) pairs (word/byte perplexity, bits per byte) ``value`` is the log-likelihood and ``weight``
-    the count of words or bytes. ``correct`` is set for 0/1 accuracy-type metrics; ``gold_loglik`` is the
+    the count of words or bytes; for those kept as (gold, prediction) pairs (mcc, glue's f1) ``value`` is the gold
+    label and ``weight`` the prediction (``sweeper.analysis.metric_kind`` says how each is scored). ``correct`` is set for 0/1 accuracy-type metrics; ``gold_loglik`` is the
     log-likelihood of the gold continuation (multiple choice: the gold choice; rolling: the whole document).
     ``prompt_hash`` lets paired statistics check that two trials saw the same prompt for a doc_id.
     """
