@@ -368,37 +368,6 @@ class Bootstrap:
     seed: int = 0
     confidence: float = 0.95
 
-    def interval(self, d: np.ndarray) -> tuple[float, float]:
-        """Percentile interval of the mean of ``d`` (per-item differences)."""
-        n = d.size
-        if n == 0:
-            return (math.nan, math.nan)
-        vals, counts = np.unique(d, return_counts=True)
-        if vals.size <= 64:
-            return self.interval_counts(vals, counts)
-        rng = np.random.default_rng([self.seed, n])
-        means = np.empty(self.n_boot)
-        step = max(1, 4_000_000 // n)
-        for i in range(0, self.n_boot, step):
-            k = min(step, self.n_boot - i)
-            means[i:i + k] = d[rng.integers(0, n, size=(k, n))].mean(axis=1)
-        return self._quantiles(means)
-
-    def interval_counts(self, vals: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
-        """The same interval when the differences take few distinct values (0/1 accuracies give -1, 0, 1): resampling
-        n items with replacement is a multinomial draw over the distinct values, the same distribution in
-        O(n_boot * k) instead of O(n_boot * n)."""
-        n = int(counts.sum())
-        if n == 0:
-            return (math.nan, math.nan)
-        # the same resampling stream for every pair with the same n, independent of processing order
-        rng = np.random.default_rng([self.seed, n])
-        order = np.argsort(vals)  # value order fixed, so the same counts always give the same draws
-        vals = np.asarray(vals, dtype=float)[order]
-        counts = np.asarray(counts)[order]
-        draws = rng.multinomial(n, counts / n, size=self.n_boot)
-        return self._quantiles(draws @ vals / n)
-
     def paired(self, kind: str, trial: np.ndarray, base: np.ndarray) -> dict[str, float]:
         """Paired bootstrap of the corpus metric of ``kind`` from per-item feature rows (:func:`_features`) of the trial
         and the baseline (row i = the same item). Returns trial_score, baseline_score, diff (trial - baseline, the

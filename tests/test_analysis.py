@@ -218,17 +218,23 @@ def test_significance_noise_and_real_difference(results_dir):
 
 
 def test_bootstrap_interval_matches_normal_theory():
+    """The paired bootstrap of a mean metric: its interval of the difference is the normal-theory one."""
     rng = np.random.default_rng(1)
     d = rng.choice([-1.0, 0.0, 1.0], p=[0.1, 0.8, 0.1], size=2000)
-    lo, hi = analysis.Bootstrap(n_boot=4000).interval(d)
+    t, b = (d == 1).astype(float), (d == -1).astype(float)  # 0/1 items whose differences are d
+    one = np.ones_like(d)
+    r = analysis.Bootstrap(n_boot=4000).paired("mean", np.column_stack([one, t]), np.column_stack([one, b]))
     se = d.std() / math.sqrt(d.size)
-    assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.006)
-    assert hi == pytest.approx(d.mean() + 1.96 * se, abs=0.006)
-    # continuous differences take the resampling path; same answer in expectation
+    assert r["diff"] == pytest.approx(d.mean())
+    assert r["ci_low"] == pytest.approx(d.mean() - 1.96 * se, abs=0.006)
+    assert r["ci_high"] == pytest.approx(d.mean() + 1.96 * se, abs=0.006)
+    # continuous items (every item its own category); same answer in expectation
     c = rng.normal(0.3, 1.0, size=500)
-    lo, hi = analysis.Bootstrap(n_boot=2000).interval(c)
+    r = analysis.Bootstrap(n_boot=2000).paired("mean", np.column_stack([np.ones(500), c]),
+                                               np.column_stack([np.ones(500), np.zeros(500)]))
     se = c.std() / math.sqrt(c.size)
-    assert lo == pytest.approx(c.mean() - 1.96 * se, abs=0.02) and hi == pytest.approx(c.mean() + 1.96 * se, abs=0.02)
+    assert r["ci_low"] == pytest.approx(c.mean() - 1.96 * se, abs=0.02)
+    assert r["ci_high"] == pytest.approx(c.mean() + 1.96 * se, abs=0.02)
 
 
 def test_better_verdict_and_group_pooling(tmp_path):
