@@ -52,12 +52,17 @@ def _fixed(e: pl.Expr, d: int) -> pl.Expr:
     return pl.when(e.is_null() | ~e.is_finite()).then(None).otherwise(sign + text)
 
 
-def _signed_pct(e: pl.Expr, d: int = 1) -> pl.Expr:
-    return pl.when(e >= 0).then(pl.lit("+") + _fixed(e, d)).otherwise(_fixed(e, d)) + pl.lit("%")
-
-
 def _signed(e: pl.Expr, d: int) -> pl.Expr:
     return pl.when(e >= 0).then(pl.lit("+") + _fixed(e, d)).otherwise(_fixed(e, d))
+
+
+def _signed_pct(e: pl.Expr, d: int = 1) -> pl.Expr:
+    return _signed(e, d) + pl.lit("%")
+
+
+def _score(e: pl.Expr) -> pl.Expr:
+    """A significance score: perplexity with 2 decimals, anything else with 4."""
+    return pl.when(pl.col("kind") == "perplexity").then(_fixed(e, 2)).otherwise(_fixed(e, 4))
 
 
 def _in_units(e: pl.Expr) -> pl.Expr:
@@ -198,13 +203,10 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
               else pl.DataFrame())
     failed = failed.select([pl.col(c).cast(pl.String).fill_null("-") for c in failed.columns])
 
-    digits = pl.when(pl.col("kind") == "perplexity").then(2).otherwise(4)
     sig_show = sig.select(
         "model", "task", "precision", "compute_dtype", "metric", pl.col("n").cast(pl.String).fill_null("-"),
-        pl.when(digits == 2).then(_fixed(pl.col("baseline_score"), 2)).otherwise(_fixed(pl.col("baseline_score"), 4))
-        .fill_null("-").alias("baseline"),
-        pl.when(digits == 2).then(_fixed(pl.col("trial_score"), 2)).otherwise(_fixed(pl.col("trial_score"), 4))
-        .fill_null("-").alias("trial"),
+        _score(pl.col("baseline_score")).fill_null("-").alias("baseline"),
+        _score(pl.col("trial_score")).fill_null("-").alias("trial"),
         _in_units(pl.col("diff")).fill_null("-").alias("diff"),
         (pl.lit("[") + _in_units(pl.col("ci_low")) + pl.lit(", ") + _in_units(pl.col("ci_high")) + pl.lit("]"))
         .fill_null("-").alias("95% CI"),
@@ -506,8 +508,9 @@ def render_html(data: ReportData) -> str:
            if len(models) > MAX_CHART_MODELS else "")
     sec: dict[str, str] = {}
     sec["recommendations"] = ("<p>Computed from point estimates over each model's done trials; quality retention is the "
-                              "mean task retention (or baseline/trial perplexity where a trial ran no tasks). Check the "
-                              "significance section before trusting a small difference.</p>"
+                              "mean retention of the accuracy-type tasks, else of the perplexity-type tasks (baseline/"
+                              "trial perplexity), else baseline/trial token perplexity. Check the significance section "
+                              "before trusting a small difference.</p>"
                               + _html_table(data.recommendations))
     sec["summary"] = ("<p>Speed columns are baseline-relative speedups (x, &gt;1 is faster); memory columns are the change "
                       "in %; task columns the change of the task's main metric (with the paired-bootstrap verdict).</p>"
