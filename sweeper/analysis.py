@@ -368,16 +368,20 @@ class Bootstrap:
     seed: int = 0
     confidence: float = 0.95
 
-    def paired(self, kind: str, trial: np.ndarray, base: np.ndarray) -> dict[str, float]:
+    def paired(self, kind: str, trial: np.ndarray, base: np.ndarray, counts: np.ndarray | None = None) -> dict[str, float]:
         """Paired bootstrap of the corpus metric of ``kind`` from per-item feature rows (:func:`_features`) of the trial
-        and the baseline (row i = the same item). Returns trial_score, baseline_score, diff (trial - baseline, the
-        metric's units) with its interval ci_low / ci_high, and diff_pct = 100 * (trial / baseline - 1) with its
-        interval (NaN where the baseline's metric is not positive in some resample, and for mcc).
+        and the baseline (row i = the same item; with ``counts``, row i stands for counts[i] items). Returns
+        trial_score, baseline_score, diff (trial - baseline, the metric's units) with its interval ci_low / ci_high,
+        and diff_pct = 100 * (trial / baseline - 1) with its interval (NaN where the baseline's metric is not positive
+        in some resample, and for mcc).
 
         Resampling n items with replacement is a multinomial draw over the distinct (trial, baseline) item rows, so
         0/1 items cost O(n_boot * 4), and the stream depends only on the seed and n (reproducible, order-free)."""
-        n, f = trial.shape
-        rows, counts = np.unique(np.hstack([trial, base]), axis=0, return_counts=True)
+        f = trial.shape[1]
+        rows = np.hstack([trial, base])
+        if counts is None:
+            rows, counts = np.unique(rows, axis=0, return_counts=True)
+        n = int(counts.sum())
         point_t, point_b = _corpus(kind, counts @ rows[:, :f]), _corpus(kind, counts @ rows[:, f:])
         rng = np.random.default_rng([self.seed, n])
         diff, rel = np.empty(self.n_boot), np.empty(self.n_boot)
@@ -483,17 +487,22 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
     boot = Bootstrap(n_boot=n_boot, seed=seed, confidence=confidence)
     rows = []
     done: set[tuple] = set()
-    # one sort and one numpy copy, then a slice per (trial, task, metric): no per-group DataFrame
-    paired = paired.sort(keys)
-    bounds = paired.select(keys).with_row_index("_r").group_by(keys, maintain_order=True).agg(
-        pl.col("_r").first().alias("_start"), pl.len().alias("_n"))
-    cols = {c: paired.get_column(c).cast(pl.Float64).to_numpy() for c in ("value", "weight", "_bv", "_bw")}
-    for tid, task, metric, start, n in bounds.iter_rows():
+    # the distinct (trial, baseline) item records with their counts, sorted (the bootstrap's canonical category order),
+    # in one numpy copy; then a slice per (trial, task, metric): no per-group DataFrame
+    item = ["value", "weight", "_bv", "_bw"]
+    distinct = (paired.group_by([*keys, *item]).agg(pl.len().alias("_c"))
+                .sort([*keys, *item], nulls_last=True).with_row_index("_r"))
+    bounds = distinct.group_by(keys, maintain_order=True).agg(pl.col("_r").first().alias("_start"),
+                                                              pl.len().alias("_k"))
+    cols = {c: distinct.get_column(c).cast(pl.Float64).to_numpy() for c in item}
+    all_counts = distinct.get_column("_c").to_numpy()
+    for tid, task, metric, start, k in bounds.iter_rows():
         done.add((tid, task, metric))
-        v, w, bv, bw = (cols[c][start:start + n] for c in ("value", "weight", "_bv", "_bw"))
+        v, w, bv, bw = (cols[c][start:start + k] for c in item)
+        c = all_counts[start:start + k]
         weighted = not (np.isnan(w).any() or np.isnan(bw).any())  # a null weight reads as NaN
         kind = metric_kind(metric, weighted)
-        row = {"trial_id": tid, "task": task, "metric": metric, "kind": kind, "n": n}
+        row = {"trial_id": tid, "task": task, "metric": metric, "kind": kind, "n": int(c.sum())}
         if kind is None:
             rows.append({**row, "note": f"{metric}: no per-item definition of its corpus metric (per-item records "
                          f"{'are (value, weight) pairs' if weighted else 'lack the pair or count lm-eval aggregates'})"})
@@ -502,11 +511,11 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
         if kind == "f1" and not np.isin(labels, (0.0, 1.0)).all():
             rows.append({**row, "note": "f1 over labels other than 0/1 (lm-eval's f1 is binary)"})
             continue
-        stats = boot.paired(kind, _features(kind, v, w, labels), _features(kind, bv, bw, labels))
+        stats = boot.paired(kind, _features(kind, v, w, labels), _features(kind, bv, bw, labels), c)
         binary = kind == "mean" and np.isin(v, (0.0, 1.0)).all() and np.isin(bv, (0.0, 1.0)).all()
         rows.append({**row, **stats, "verdict": _verdict(kind, metric, stats["ci_low"], stats["ci_high"]),
-                     "improved": int(((v == 1) & (bv == 0)).sum()) if binary else None,
-                     "regressed": int(((v == 0) & (bv == 1)).sum()) if binary else None})
+                     "improved": int(c[(v == 1) & (bv == 0)].sum()) if binary else None,
+                     "regressed": int(c[(v == 0) & (bv == 1)].sum()) if binary else None})
     why = {"failed": "the baseline trial {} failed", "missing": "the baseline trial {} is not in the loaded directories"}
     for tid, task, metric, bid, status in tasks.iter_rows():
         if (tid, task, metric) not in done:
