@@ -308,15 +308,20 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
 # contributes (a feature vector per item, summed over the items of a resample) and how the metric follows from those
 # sums, exactly as lm-eval aggregates that metric over the items.
 PERPLEXITY_METRICS = {"word_perplexity": "perplexity", "byte_perplexity": "perplexity", "bits_per_byte": "bits_per_byte"}
+# lambada's per-item "perplexity" is the item's log-likelihood alone; lm-eval aggregates it as exp(-mean)
+ITEM_PERPLEXITY = "perplexity"
 PAIR_METRICS = {"mcc", "f1"}  # lm-eval keeps (gold, pred) per item: the store has gold in value, pred in weight
 
 
 def metric_kind(metric: str, weighted: bool) -> str | None:
     """How significance scores ``metric`` (lm-eval's name, ``,filter`` allowed): ``mean`` (per-item value, corpus
     metric = mean: acc, exact_match, per-item f1), ``perplexity`` / ``bits_per_byte`` (per item: log-likelihood and
-    word/byte count), ``mcc`` / ``f1`` (per item: gold and prediction). ``weighted``: every item has a ``weight``.
+    word/byte count; lambada's ``perplexity``: log-likelihood, each item counting 1), ``mcc`` / ``f1`` (per item:
+    gold and prediction). ``weighted``: every item has a ``weight``.
     None: no per-item definition (left out of significance, with the reason)."""
     base = metric.split(",", 1)[0]
+    if base == ITEM_PERPLEXITY and not weighted:
+        return "perplexity"  # every item counts 1: exp(-sum(loglik) / n)
     if base in PERPLEXITY_METRICS:
         return PERPLEXITY_METRICS[base] if weighted else None
     if base in PAIR_METRICS:
@@ -329,8 +334,8 @@ def _features(kind: str, v: np.ndarray, w: np.ndarray, labels: np.ndarray) -> np
     one = np.ones_like(v)
     if kind == "mean":
         return np.column_stack([one, v])
-    if kind in ("perplexity", "bits_per_byte"):
-        return np.column_stack([w, v])  # sum of counts, sum of log-likelihoods
+    if kind in ("perplexity", "bits_per_byte"):  # sum of counts (1 per item where none is kept), sum of log-likelihoods
+        return np.column_stack([np.where(np.isnan(w), 1.0, w), v])
     if kind == "f1":  # binary, positive label 1 (sklearn's f1_score, as lm-eval's f1 aggregation)
         return np.column_stack([(v == 1) & (w == 1), (v != 1) & (w == 1), (v == 1) & (w != 1)]).astype(float)
     # mcc: one-hot gold, one-hot prediction, correct, count (multi-class Matthews correlation, as sklearn's)

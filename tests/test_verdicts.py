@@ -147,6 +147,26 @@ def test_mcc_and_f1_match_sklearn_on_random_pairs():
             assert f1 == pytest.approx(sk.f1_score(g, p))
 
 
+def test_lambada_item_perplexity_is_exp_of_mean_loglik(tmp_path):
+    """lambada's per-item "perplexity" is the item's log-likelihood (lm-eval: exp(-mean)); a trial with lower
+    log-likelihoods has the higher perplexity: worse, not a "better" from a flipped mean of log-likelihoods."""
+    def out(shift: float) -> dict:
+        ll = [-1.0 - 0.01 * (i % 7) - shift for i in range(200)]
+        return {"results": {"lambada_x": {"alias": "lambada_x", "perplexity,none": math.exp(-sum(ll) / 200)}},
+                "samples": {"lambada_x": [{"doc_id": i, "filter": "none", "metrics": ["perplexity"],
+                                           "perplexity": ll[i]} for i in range(200)]}, "group_subtasks": {}}
+
+    store = ResultsStore(tmp_path / "lam")
+    _write_lm_eval(store, "B", out(0.0))
+    _write_lm_eval(store, "T1", out(0.05))
+    res = open_results([str(store.root)])
+    r = _sig(res)[("T1", "lambada_x")]
+    assert r["verdict"] == "worse" and r["kind"] == "perplexity"
+    value = {x["trial_id"]: x["value"] for x in res.metrics.collect().to_dicts()}
+    assert r["trial_score"] == pytest.approx(value["T1"]) and r["baseline_score"] == pytest.approx(value["B"])
+    assert r["diff_pct"] == pytest.approx(100 * (math.exp(0.05) - 1))
+
+
 # ------------------------------------------------------------------------------------------ failed baseline
 def test_significance_skips_a_failed_baseline(tmp_path):
     """A baseline that failed after its tasks stage keeps its samples; compare says baseline_status failed, and
