@@ -22,7 +22,8 @@ Definitions (docs/analysis.md repeats them):
   ``memory_reduction_peak`` = the same for the benchmark's peak memory; ``compression_ratio`` = baseline weights /
   trial weights; ``gb_saved`` = baseline - trial weights_gb.
 - ``retention_<task>`` = trial main metric / baseline main metric (baseline / trial for lower-is-better metrics such as
-  word_perplexity); ``retention_mean`` = mean over the higher-is-better (accuracy-type) top-level tasks.
+  word_perplexity); ``retention_mean`` = mean over the higher-is-better (accuracy-type) top-level tasks;
+  ``retention_mean_ppl`` = mean over the lower-is-better (perplexity-type) top-level tasks.
 - ``ppl_delta_pct`` = 100 * (trial token perplexity / baseline token perplexity - 1);
   ``ppl_delta_per_gb_saved`` = ppl_delta_pct / gb_saved (null where nothing is saved).
 - ``baseline_status``: ``self`` (this is the baseline), ``ok``, ``missing`` (the baseline's trial is not in the
@@ -39,8 +40,8 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from .results import (TASK_MAIN_METRICS, Results, stack_folders, task_main_metrics, task_metric_rank,
-                      top_level_tasks)
+from .results import (TASK_MAIN_METRICS, Results, stack_folders, task_main_metrics, task_metric_rank, task_tops,
+                      with_top)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,21 @@ def _throughput(res: Results) -> pl.LazyFrame:
             .select("trial_id", "batch_size", "value").unique(["trial_id", "batch_size"], keep="first"))
 
 
+def _with_baseline_status(lf: pl.LazyFrame, trials: pl.LazyFrame) -> pl.LazyFrame:
+    """``lf`` (with trial_id, baseline_id) plus ``baseline_status`` (module docstring): the one definition of whether
+    a trial's baseline is usable, shared by the derived columns and significance."""
+    # the baseline cells: one row per trial id (the same cell may sit in two studies), done preferred
+    base_status = (trials.select("trial_id", "status").sort(pl.col("status") == "done", descending=True)
+                   .unique("trial_id", keep="first").rename({"trial_id": "baseline_id", "status": "_base_status"}))
+    status = (pl.when(pl.col("baseline_id").is_null()).then(pl.lit("none"))
+              .when(pl.col("_base_status").is_null()).then(pl.lit("missing"))
+              .when(pl.col("_base_status") != "done").then(pl.lit("failed"))
+              .when(pl.col("trial_id") == pl.col("baseline_id")).then(pl.lit("self"))
+              .otherwise(pl.lit("ok")))
+    return (lf.join(base_status, on="baseline_id", how="left").with_columns(status.alias("baseline_status"))
+            .drop("_base_status"))
+
+
 # ----------------------------------------------------------------------------------------------------------- compare
 def compare(res: Results) -> pl.LazyFrame:
     """One row per trial: config, status, headline metrics (display units), task main metrics (one column per top-level
@@ -135,24 +151,15 @@ def compare(res: Results) -> pl.LazyFrame:
                .agg(pl.col("batch_size").last().alias("batch_size"), pl.col("value").last().alias("batch_tok_s")))
     w = cfg.join(_scalar_metrics(res), on="trial_id", how="left").join(largest, on="trial_id", how="left")
 
-    # the baseline cells: one row per trial id (the same cell may sit in two studies), done preferred
-    base_status = (t.select("trial_id", "status").sort(pl.col("status") == "done", descending=True)
-                   .unique("trial_id", keep="first").rename({"trial_id": "baseline_id", "status": "_base_status"}))
     metric_cols = [c for c, *_ in METRIC_COLUMNS]
     base = (w.filter(pl.col("status") == "done").unique("trial_id", keep="first")
             .select([pl.col("trial_id").alias("baseline_id"), pl.col("load_cold").alias("load_cold_b")]
                     + [pl.col(c).alias(c + "_b") for c in metric_cols]))
     base_thr = thr.rename({"trial_id": "baseline_id", "value": "_base_batch_tok_s"})
 
-    w = (w.join(base_status, on="baseline_id", how="left")
+    w = (_with_baseline_status(w, t)
          .join(base, on="baseline_id", how="left")
          .join(base_thr, on=["baseline_id", "batch_size"], how="left"))
-    status = (pl.when(pl.col("baseline_id").is_null()).then(pl.lit("none"))
-              .when(pl.col("_base_status").is_null()).then(pl.lit("missing"))
-              .when(pl.col("_base_status") != "done").then(pl.lit("failed"))
-              .when(pl.col("trial_id") == pl.col("baseline_id")).then(pl.lit("self"))
-              .otherwise(pl.lit("ok")))
-    w = w.with_columns(status.alias("baseline_status"))
     usable = pl.col("baseline_status").is_in(["ok", "self"])
 
     def ok(e: pl.Expr) -> pl.Expr:
@@ -181,7 +188,7 @@ def compare(res: Results) -> pl.LazyFrame:
         .alias("ppl_delta_per_gb_saved"))
 
     # tasks: main metric per top-level task, retention against the baseline's same task and metric
-    tm = task_main_metrics(res.metrics)
+    tm = task_main_metrics(res.metrics, res.trials)
     task_names: list[str] = sorted(tm.get_column("task").unique().to_list()) if tm.height else []
     if task_names:
         link = (t.select("trial_id", "baseline_id").unique("trial_id", keep="first").collect())
@@ -195,17 +202,20 @@ def compare(res: Results) -> pl.LazyFrame:
         values = long.pivot(on="task", index="trial_id", values="value", on_columns=task_names)
         ret = long.pivot(on="task", index="trial_id", values="retention", on_columns=task_names)
         ret = ret.rename({k: f"retention_{k}" for k in task_names})
-        mean = (long.filter(~pl.col("_lower")).group_by("trial_id")
-                .agg(pl.col("retention").mean().alias("_retention_mean")))
+        mean = long.group_by("trial_id").agg(
+            pl.col("retention").filter(~pl.col("_lower")).mean().alias("_retention_mean"),
+            pl.col("retention").filter(pl.col("_lower")).mean().alias("_retention_mean_ppl"))
         clash = [k for k in task_names if k in w.collect_schema().names()]
         if clash:
             values = values.rename({k: f"task_{k}" for k in clash})
         w = (w.join(values.lazy(), on="trial_id", how="left").join(ret.lazy(), on="trial_id", how="left")
              .join(mean.lazy(), on="trial_id", how="left")
              .with_columns([ok(pl.col(f"retention_{k}")).alias(f"retention_{k}") for k in task_names]
-                           + [ok(pl.col("_retention_mean")).alias("retention_mean")]))
+                           + [ok(pl.col("_retention_mean")).alias("retention_mean"),
+                              ok(pl.col("_retention_mean_ppl")).alias("retention_mean_ppl")]))
     else:
-        w = w.with_columns(pl.lit(None, dtype=pl.Float64).alias("retention_mean"))
+        w = w.with_columns(pl.lit(None, dtype=pl.Float64).alias("retention_mean"),
+                           pl.lit(None, dtype=pl.Float64).alias("retention_mean_ppl"))
 
     names = w.collect_schema().names()
     task_value_cols = [c for c in names if c in task_names or c in {f"task_{k}" for k in task_names}]
@@ -216,7 +226,7 @@ def compare(res: Results) -> pl.LazyFrame:
         + metric_cols[metric_cols.index("decode_graph_tok_s") + 1:]
     order = (head + shown + ["batch_size", "batch_tok_s"] + task_value_cols
              + [c for c in DERIVED_COLUMNS if c != "retention_mean" and c not in ("ppl_delta_pct", "ppl_delta_per_gb_saved")]
-             + retention_cols + ["retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"])
+             + retention_cols + ["retention_mean", "retention_mean_ppl", "ppl_delta_pct", "ppl_delta_per_gb_saved"])
     out = w.select(order)
     sort = [c for c in ("study", "model", "precision", "compute_dtype") if c in names]
     return out.sort(sort, nulls_last=True) if sort else out
@@ -225,13 +235,16 @@ def compare(res: Results) -> pl.LazyFrame:
 def with_axes(cmp: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
     """Add the two axes the Pareto fronts and recommendations use:
 
-    - ``quality_retention`` = retention_mean, or baseline / trial token perplexity where a trial has no tasks;
+    - ``quality_retention`` = retention_mean (accuracy-type tasks), else retention_mean_ppl (perplexity-type tasks
+      such as wikitext), else baseline / trial token perplexity (perplexity stage);
     - ``throughput_tok_s`` = batch throughput at the largest batch size, or decode tok/s where there is none."""
     lf = cmp.lazy()
     names = lf.collect_schema().names()
+    none = pl.lit(None, dtype=pl.Float64)
     ppl_ret = (pl.when(pl.col("ppl_delta_pct").is_not_null()).then(100 / (100 + pl.col("ppl_delta_pct")))
-               if "ppl_delta_pct" in names else pl.lit(None, dtype=pl.Float64))
-    return lf.with_columns(pl.coalesce(pl.col("retention_mean"), ppl_ret).alias("quality_retention"),
+               if "ppl_delta_pct" in names else none)
+    task_ppl_ret = pl.col("retention_mean_ppl") if "retention_mean_ppl" in names else none
+    return lf.with_columns(pl.coalesce(pl.col("retention_mean"), task_ppl_ret, ppl_ret).alias("quality_retention"),
                            pl.coalesce(pl.col("batch_tok_s"), pl.col("decode_tok_s")).alias("throughput_tok_s"))
 
 
@@ -248,12 +261,16 @@ def pareto(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     lf = lf.select(keep).with_row_index("_i")
 
     def front(x: str, x_descending: bool, name: str) -> pl.LazyFrame:
-        # sort by the x axis from best to worst (ties: best quality first); a point is on the front when its quality
-        # beats every point with a better-or-equal x, i.e. the running max before it.
-        s = (lf.filter(pl.col(x).is_not_null() & pl.col("quality_retention").is_not_null())
-             .sort(["model", x, "quality_retention"], descending=[False, x_descending, True])
-             .with_columns(pl.col("quality_retention").cum_max().shift(1).over("model").alias("_prev"))
-             .with_columns((pl.col("_prev").is_null() | (pl.col("quality_retention") > pl.col("_prev"))).alias(name)))
+        # p is dominated when another point has x better-or-equal and quality >= with one of them strictly better, so
+        # p is on the front iff its quality is the best among the points with the same x and beats every point with a
+        # strictly better x. Identical points dominate nothing: all of them are on the front (order-independent).
+        q = pl.col("quality_retention")
+        pts = lf.filter(pl.col(x).is_not_null() & q.is_not_null())
+        by_x = (pts.group_by("model", x).agg(q.max().alias("_best"))
+                .sort(["model", x], descending=[False, x_descending])
+                .with_columns(pl.col("_best").cum_max().shift(1).over("model").alias("_prev")))
+        s = (pts.join(by_x, on=["model", x])
+             .with_columns(((q == pl.col("_best")) & (pl.col("_prev").is_null() | (q > pl.col("_prev")))).alias(name)))
         return s.select("_i", name)
 
     out = (lf.join(front("weights_gb", False, "pareto_memory"), on="_i", how="left")
@@ -333,44 +350,107 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------------------- significance
+# Per-item records and the corpus metric of each kind (docs/analysis.md, "Significance"). A kind says what an item
+# contributes (a feature vector per item, summed over the items of a resample) and how the metric follows from those
+# sums, exactly as lm-eval aggregates that metric over the items.
+PERPLEXITY_METRICS = {"word_perplexity": "perplexity", "byte_perplexity": "perplexity", "bits_per_byte": "bits_per_byte"}
+# lambada's per-item "perplexity" is the item's log-likelihood alone; lm-eval aggregates it as exp(-mean)
+ITEM_PERPLEXITY = "perplexity"
+PAIR_METRICS = {"mcc", "f1"}  # lm-eval keeps (gold, pred) per item: the store has gold in value, pred in weight
+
+
+def metric_kind(metric: str, weighted: bool) -> str | None:
+    """How significance scores ``metric`` (lm-eval's name, ``,filter`` allowed): ``mean`` (per-item value, corpus
+    metric = mean: acc, exact_match, per-item f1), ``perplexity`` / ``bits_per_byte`` (per item: log-likelihood and
+    word/byte count; lambada's ``perplexity``: log-likelihood, each item counting 1), ``mcc`` / ``f1`` (per item:
+    gold and prediction). ``weighted``: every item has a ``weight``.
+    None: no per-item definition (left out of significance, with the reason)."""
+    base = metric.split(",", 1)[0]
+    if base == ITEM_PERPLEXITY and not weighted:
+        return "perplexity"  # every item counts 1: exp(-sum(loglik) / n)
+    if base in PERPLEXITY_METRICS:
+        return PERPLEXITY_METRICS[base] if weighted else None
+    if base in PAIR_METRICS:
+        return base if weighted else ("mean" if base == "f1" else None)
+    return None if weighted else "mean"
+
+
+def _features(kind: str, v: np.ndarray, w: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-item feature rows (n x f) whose column sums determine the corpus metric (:func:`_corpus`)."""
+    one = np.ones_like(v)
+    if kind == "mean":
+        return np.column_stack([one, v])
+    if kind in ("perplexity", "bits_per_byte"):  # sum of counts (1 per item where none is kept), sum of log-likelihoods
+        return np.column_stack([np.where(np.isnan(w), 1.0, w), v])
+    if kind == "f1":  # binary, positive label 1 (sklearn's f1_score, as lm-eval's f1 aggregation)
+        return np.column_stack([(v == 1) & (w == 1), (v != 1) & (w == 1), (v == 1) & (w != 1)]).astype(float)
+    # mcc: one-hot gold, one-hot prediction, correct, count (multi-class Matthews correlation, as sklearn's)
+    g = (v[:, None] == labels[None, :]).astype(float)
+    p = (w[:, None] == labels[None, :]).astype(float)
+    return np.column_stack([g, p, (v == w).astype(float), one])
+
+
+def _corpus(kind: str, s: np.ndarray) -> np.ndarray:
+    """The corpus metric from summed features ``s`` (... x f), vectorised over resamples."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "mean":
+            return s[..., 1] / s[..., 0]
+        if kind == "perplexity":  # lm-eval's weighted_perplexity: exp(-sum(loglik) / sum(count))
+            return np.exp(-s[..., 1] / s[..., 0])
+        if kind == "bits_per_byte":  # lm-eval's bits_per_byte: -sum(loglik) / sum(bytes) / ln 2
+            return -s[..., 1] / s[..., 0] / math.log(2)
+        if kind == "f1":
+            tp, fp, fn = s[..., 0], s[..., 1], s[..., 2]
+            den = 2 * tp + fp + fn
+            return np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), 0.0)
+        k = (s.shape[-1] - 2) // 2
+        t, p, c, n = s[..., :k], s[..., k:2 * k], s[..., 2 * k], s[..., 2 * k + 1]
+        cov = c * n - (p * t).sum(-1)
+        den = np.sqrt((n * n - (p * p).sum(-1)) * (n * n - (t * t).sum(-1)))
+        return np.where(den > 0, cov / np.where(den > 0, den, 1), 0.0)  # sklearn: 0 where undefined
+
+
 @dataclass(frozen=True)
 class Bootstrap:
-    """Paired percentile bootstrap of the mean per-item difference (trial - baseline) over the items both ran."""
+    """Paired percentile bootstrap over the items both ran: each resample draws the same items for the trial and its
+    baseline and recomputes each side's corpus metric (:meth:`paired`)."""
 
     n_boot: int = 2000
     seed: int = 0
     confidence: float = 0.95
 
-    def interval(self, d: np.ndarray) -> tuple[float, float]:
-        """Percentile interval of the mean of ``d`` (per-item differences)."""
-        n = d.size
-        if n == 0:
-            return (math.nan, math.nan)
-        vals, counts = np.unique(d, return_counts=True)
-        if vals.size <= 64:
-            return self.interval_counts(vals, counts)
+    def paired(self, kind: str, trial: np.ndarray, base: np.ndarray, counts: np.ndarray | None = None) -> dict[str, float]:
+        """Paired bootstrap of the corpus metric of ``kind`` from per-item feature rows (:func:`_features`) of the trial
+        and the baseline (row i = the same item; with ``counts``, row i stands for counts[i] items). Returns
+        trial_score, baseline_score, diff (trial - baseline, the metric's units) with its interval ci_low / ci_high,
+        and diff_pct = 100 * (trial / baseline - 1) with its interval (NaN where the baseline's metric is not positive
+        in some resample, and for mcc).
+
+        Resampling n items with replacement is a multinomial draw over the distinct (trial, baseline) item rows, so
+        0/1 items cost O(n_boot * 4), and the stream depends only on the seed and n (reproducible, order-free)."""
+        f = trial.shape[1]
+        rows = np.hstack([trial, base])
+        if counts is None:
+            rows, counts = np.unique(rows, axis=0, return_counts=True)
+        n = int(counts.sum())
+        point_t, point_b = _corpus(kind, counts @ rows[:, :f]), _corpus(kind, counts @ rows[:, f:])
         rng = np.random.default_rng([self.seed, n])
-        means = np.empty(self.n_boot)
-        step = max(1, 4_000_000 // n)
+        diff, rel = np.empty(self.n_boot), np.empty(self.n_boot)
+        step = max(1, 4_000_000 // rows.shape[0])
         for i in range(0, self.n_boot, step):
             k = min(step, self.n_boot - i)
-            means[i:i + k] = d[rng.integers(0, n, size=(k, n))].mean(axis=1)
-        return self._quantiles(means)
-
-    def interval_counts(self, vals: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
-        """The same interval when the differences take few distinct values (0/1 accuracies give -1, 0, 1): resampling
-        n items with replacement is a multinomial draw over the distinct values, the same distribution in
-        O(n_boot * k) instead of O(n_boot * n)."""
-        n = int(counts.sum())
-        if n == 0:
-            return (math.nan, math.nan)
-        # the same resampling stream for every pair with the same n, independent of processing order
-        rng = np.random.default_rng([self.seed, n])
-        order = np.argsort(vals)  # value order fixed, so the same counts always give the same draws
-        vals = np.asarray(vals, dtype=float)[order]
-        counts = np.asarray(counts)[order]
-        draws = rng.multinomial(n, counts / n, size=self.n_boot)
-        return self._quantiles(draws @ vals / n)
+            sums = rng.multinomial(n, counts / n, size=k) @ rows
+            mt, mb = _corpus(kind, sums[:, :f]), _corpus(kind, sums[:, f:])
+            diff[i:i + k] = mt - mb
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel[i:i + k] = np.where(mb > 0, 100 * (mt / mb - 1), np.nan)
+        lo, hi = self._quantiles(diff)
+        rel_ok = kind != "mcc" and point_b > 0 and not np.isnan(rel).any()
+        rlo, rhi = self._quantiles(rel) if rel_ok else (math.nan, math.nan)
+        return {"trial_score": float(point_t), "baseline_score": float(point_b), "diff": float(point_t - point_b),
+                "ci_low": lo, "ci_high": hi,
+                "diff_pct": float(100 * (point_t / point_b - 1)) if rel_ok else math.nan,
+                "ci_low_pct": rlo, "ci_high_pct": rhi}
 
     def _quantiles(self, means: np.ndarray) -> tuple[float, float]:
         # numpy's default ('linear') percentile, on one sorted copy
@@ -386,95 +466,124 @@ class Bootstrap:
 
 
 def _samples_long(res: Results) -> pl.DataFrame:
+    """Per-item records (trial_id, task, metric, doc, value, weight); ``metric`` has ``,filter`` unless it is none."""
     # old samples files may lack columns (missing ones are inserted by the scan only when some file has them)
     s = _ensure(res.samples, {"task": pl.String, "doc_id": pl.String, "metric": pl.String, "value": pl.Float64,
-                              "correct": pl.Boolean, "filter": pl.String})
+                              "weight": pl.Float64, "correct": pl.Boolean, "filter": pl.String})
     s = s.select(
         "trial_id", "task",
         pl.when(pl.col("filter").is_null() | (pl.col("filter") == "none")).then(pl.col("metric"))
         .otherwise(pl.format("{},{}", pl.col("metric"), pl.col("filter"))).alias("metric"),
         pl.col("doc_id").cast(pl.String).alias("doc"),
-        pl.coalesce(pl.col("value").cast(pl.Float64, strict=False), pl.col("correct").cast(pl.Float64)).alias("score"),
-    ).filter(pl.col("score").is_not_null() & pl.col("metric").is_not_null())
+        pl.coalesce(pl.col("value").cast(pl.Float64, strict=False), pl.col("correct").cast(pl.Float64)).alias("value"),
+        pl.col("weight").cast(pl.Float64, strict=False),
+    ).filter(pl.col("value").is_not_null() & pl.col("metric").is_not_null())
     return s.collect()
 
 
-def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> pl.DataFrame:
-    """Per trial (not the baseline) and top-level task: the difference of the task's main per-item metric to the
-    baseline over the items both ran (pooled over subtasks for groups such as mmlu), with a paired percentile bootstrap
-    interval (``n_boot`` resamples, fixed ``seed``), and a verdict: ``better`` / ``worse`` when the whole interval is
-    above / below zero (sign flipped for lower-is-better metrics), else ``within noise``.
+SIGNIFICANCE_SCHEMA = {
+    "trial_id": pl.String, "model": pl.String, "precision": pl.String, "compute_dtype": pl.String,
+    "baseline_id": pl.String, "task": pl.String, "metric": pl.String, "kind": pl.String, "n": pl.Int64,
+    "baseline_score": pl.Float64, "trial_score": pl.Float64, "diff": pl.Float64, "ci_low": pl.Float64,
+    "ci_high": pl.Float64, "diff_pct": pl.Float64, "ci_low_pct": pl.Float64, "ci_high_pct": pl.Float64,
+    "improved": pl.Int64, "regressed": pl.Int64, "verdict": pl.String, "note": pl.String}
 
-    Columns: trial_id, model, precision, compute_dtype, baseline_id, task, metric, n, baseline_score, trial_score,
-    diff, ci_low, ci_high, improved, regressed (items right only in the trial / only in the baseline, for 0/1
-    metrics), verdict."""
+
+def _verdict(kind: str, metric: str, lo: float, hi: float) -> str:
+    lower_better = kind in ("perplexity", "bits_per_byte") or metric.split(",", 1)[0] in LOWER_IS_BETTER
+    if (lo > 0 and not lower_better) or (hi < 0 and lower_better):
+        return "better"
+    if (hi < 0 and not lower_better) or (lo > 0 and lower_better):
+        return "worse"
+    return "within noise"
+
+
+def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> pl.DataFrame:
+    """Per trial (not the baseline) and top-level task: the task's main metric computed from the per-item records as
+    lm-eval aggregates it (mean for acc / exact_match, exp(-sum loglik / sum words) for word_perplexity, MCC from
+    (gold, pred) pairs, ...: :func:`metric_kind`), for the trial and its baseline over the items both ran (pooled over
+    a group's subtasks, groups as lm-eval ran them), with a paired percentile bootstrap interval of the difference
+    (``n_boot`` resamples, fixed ``seed``) and a verdict: ``better`` / ``worse`` when the whole interval is on the
+    better / worse side of zero for that metric's direction (lower perplexity is better), else ``within noise``.
+
+    Columns: trial_id, model, precision, compute_dtype, baseline_id, task, metric, kind, n, baseline_score,
+    trial_score, diff (trial - baseline, metric units), ci_low, ci_high, diff_pct (100 * (trial / baseline - 1)),
+    ci_low_pct, ci_high_pct, improved, regressed (items right only in the trial / only in the baseline, for 0/1
+    metrics), verdict, note. A (trial, task) that cannot be compared (baseline failed or missing, no baseline items,
+    a metric without a per-item definition) has a null verdict and says why in ``note``."""
     if len(res.dirs) > 1:  # each dir on its own (see compare)
         return stack_folders(res.folders(), lambda f: significance(f, n_boot, seed, confidence).lazy()).collect()
-    schema = {"trial_id": pl.String, "model": pl.String, "precision": pl.String, "compute_dtype": pl.String,
-              "baseline_id": pl.String, "task": pl.String, "metric": pl.String, "n": pl.Int64,
-              "baseline_score": pl.Float64, "trial_score": pl.Float64, "diff": pl.Float64, "ci_low": pl.Float64,
-              "ci_high": pl.Float64, "improved": pl.Int64, "regressed": pl.Int64, "verdict": pl.String}
+    schema = SIGNIFICANCE_SCHEMA
     s = _samples_long(res)
     if s.height == 0:
         return pl.DataFrame(schema=schema)
-    top = top_level_tasks(s.get_column("task").unique().to_list()
-                          + res.metrics.filter(pl.col("stage") == "tasks").select(pl.col("task").unique())
-                          .collect().get_column("task").to_list())
-    s = s.with_columns(pl.col("task").replace_strict(top, default=pl.col("task")).alias("group"),
-                       pl.format("{}/{}", pl.col("task"), pl.col("doc")).alias("doc"))
+    s = with_top(s, task_tops(res.trials, res.metrics), "group").with_columns(
+        pl.format("{}/{}", pl.col("task"), pl.col("doc")).alias("doc"))
     # main per-item metric per group, the same for trial and baseline
     ranked = s.select("group", "metric").unique().with_columns(task_metric_rank().alias("_rank"))
     ranked = ranked.with_columns(pl.col("_rank").fill_null(len(TASK_MAIN_METRICS)))
     main = ranked.sort(["group", "_rank", "metric"]).group_by("group", maintain_order=True).first().select("group", "metric")
-    s = s.join(main, on=["group", "metric"]).select("trial_id", pl.col("group").alias("task"), "metric", "doc", "score")
+    s = s.join(main, on=["group", "metric"]).select("trial_id", pl.col("group").alias("task"), "metric", "doc",
+                                                    "value", "weight")
     s = s.unique(["trial_id", "task", "metric", "doc"], keep="first")
 
-    t = _trials(res).filter((pl.col("status") == "done") & ~pl.col("is_baseline") & pl.col("baseline_id").is_not_null())
-    t = t.select("trial_id", "model", "precision", "compute_dtype", "baseline_id").unique("trial_id").collect()
-    trial_s = s.join(t.select("trial_id", "baseline_id"), on="trial_id")
-    base_s = s.rename({"trial_id": "baseline_id", "score": "_b"})
-    paired = trial_s.join(base_s, on=["baseline_id", "task", "metric", "doc"])
-    if paired.height == 0:
-        return pl.DataFrame(schema=schema)
-    boot = Bootstrap(n_boot=n_boot, seed=seed, confidence=confidence)
+    trials = _trials(res)
+    t = trials.filter((pl.col("status") == "done") & ~pl.col("is_baseline") & pl.col("baseline_id").is_not_null())
+    t = _with_baseline_status(t.select("trial_id", "model", "precision", "compute_dtype", "baseline_id")
+                              .unique("trial_id"), trials).collect()
     keys = ["trial_id", "task", "metric"]
-    paired = paired.with_columns((pl.col("score") - pl.col("_b")).alias("d"))
-    binary = pl.col("score").is_in([0.0, 1.0]).all() & pl.col("_b").is_in([0.0, 1.0]).all()
-    agg = paired.group_by(keys, maintain_order=True).agg(
-        pl.len().alias("n"), pl.col("score").mean().alias("trial_score"), pl.col("_b").mean().alias("baseline_score"),
-        pl.col("d").mean().alias("diff"), pl.col("d").n_unique().alias("_k"), binary.alias("_binary"),
-        ((pl.col("score") == 1) & (pl.col("_b") == 0)).sum().cast(pl.Int64).alias("improved"),
-        ((pl.col("score") == 0) & (pl.col("_b") == 1)).sum().cast(pl.Int64).alias("regressed"))
-    # pairs whose differences take few values: bootstrap from (value, count) lists, no per-item arrays in Python
-    few = agg.filter(pl.col("_k") <= 64).select(keys)
-    counts = (paired.join(few, on=keys).group_by([*keys, "d"]).agg(pl.len().alias("c"))
-              .group_by(keys).agg("d", "c"))
-    intervals = {(r[0], r[1], r[2]): boot.interval_counts(np.asarray(r[3], dtype=float), np.asarray(r[4]))
-                 for r in counts.iter_rows()}
-    many = agg.filter(pl.col("_k") > 64).select(keys)
-    if many.height:
-        for (tid, task, metric), g in paired.join(many, on=keys).group_by(keys):
-            intervals[(tid, task, metric)] = boot.interval(g.get_column("d").to_numpy())
+    trial_s = s.join(t.select("trial_id", "baseline_id", "baseline_status"), on="trial_id")
+    tasks = trial_s.select(*keys, "baseline_id", "baseline_status").unique(keys)
+    base_s = s.rename({"trial_id": "baseline_id", "value": "_bv", "weight": "_bw"})
+    paired = (trial_s.filter(pl.col("baseline_status") == "ok")
+              .join(base_s, on=["baseline_id", "task", "metric", "doc"]))
+    boot = Bootstrap(n_boot=n_boot, seed=seed, confidence=confidence)
     rows = []
-    for r in agg.iter_rows(named=True):
-        lo, hi = intervals[(r["trial_id"], r["task"], r["metric"])]
-        lower_better = r["metric"] in LOWER_IS_BETTER
-        if (lo > 0 and not lower_better) or (hi < 0 and lower_better):
-            verdict = "better"
-        elif (hi < 0 and not lower_better) or (lo > 0 and lower_better):
-            verdict = "worse"
-        else:
-            verdict = "within noise"
-        rows.append({"trial_id": r["trial_id"], "task": r["task"], "metric": r["metric"], "n": r["n"],
-                     "baseline_score": r["baseline_score"], "trial_score": r["trial_score"], "diff": r["diff"],
-                     "ci_low": lo, "ci_high": hi, "improved": r["improved"] if r["_binary"] else None,
-                     "regressed": r["regressed"] if r["_binary"] else None, "verdict": verdict})
-    out = pl.DataFrame(rows, schema={k: v for k, v in schema.items() if k not in
-                                     ("model", "precision", "compute_dtype", "baseline_id")})
-    out = out.join(t, on="trial_id", how="left").select(list(schema))
+    done: set[tuple] = set()
+    # the distinct (trial, baseline) item records with their counts, sorted (the bootstrap's canonical category order),
+    # in one numpy copy; then a slice per (trial, task, metric): no per-group DataFrame
+    item = ["value", "weight", "_bv", "_bw"]
+    distinct = (paired.group_by([*keys, *item]).agg(pl.len().alias("_c"))
+                .sort([*keys, *item], nulls_last=True).with_row_index("_r"))
+    bounds = distinct.group_by(keys, maintain_order=True).agg(pl.col("_r").first().alias("_start"),
+                                                              pl.len().alias("_k"))
+    cols = {c: distinct.get_column(c).cast(pl.Float64).to_numpy() for c in item}
+    all_counts = distinct.get_column("_c").to_numpy()
+    for tid, task, metric, start, k in bounds.iter_rows():
+        done.add((tid, task, metric))
+        v, w, bv, bw = (cols[c][start:start + k] for c in item)
+        c = all_counts[start:start + k]
+        weighted = not (np.isnan(w).any() or np.isnan(bw).any())  # a null weight reads as NaN
+        kind = metric_kind(metric, weighted)
+        row = {"trial_id": tid, "task": task, "metric": metric, "kind": kind, "n": int(c.sum())}
+        if kind is None:
+            rows.append({**row, "note": f"{metric}: no per-item definition of its corpus metric (per-item records "
+                         f"{'are (value, weight) pairs' if weighted else 'lack the pair or count lm-eval aggregates'})"})
+            continue
+        labels = np.unique(np.concatenate([v, w, bv, bw])) if kind in PAIR_METRICS else np.empty(0)
+        if kind == "f1" and not np.isin(labels, (0.0, 1.0)).all():
+            rows.append({**row, "note": "f1 over labels other than 0/1 (lm-eval's f1 is binary)"})
+            continue
+        stats = boot.paired(kind, _features(kind, v, w, labels), _features(kind, bv, bw, labels), c)
+        binary = kind == "mean" and np.isin(v, (0.0, 1.0)).all() and np.isin(bv, (0.0, 1.0)).all()
+        rows.append({**row, **stats, "verdict": _verdict(kind, metric, stats["ci_low"], stats["ci_high"]),
+                     "improved": int(c[(v == 1) & (bv == 0)].sum()) if binary else None,
+                     "regressed": int(c[(v == 0) & (bv == 1)].sum()) if binary else None})
+    why = {"failed": "the baseline trial {} failed", "missing": "the baseline trial {} is not in the loaded directories"}
+    for tid, task, metric, bid, status in tasks.iter_rows():
+        if (tid, task, metric) not in done:
+            note = why[status].format(bid) if status in why else \
+                f"the baseline trial {bid} has no per-item records of {metric} for this task"
+            rows.append({"trial_id": tid, "task": task, "metric": metric, "note": note})
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    info = ("model", "precision", "compute_dtype", "baseline_id")
+    out = pl.DataFrame(rows, schema={k: v for k, v in schema.items() if k not in info})
+    out = out.with_columns(pl.col(c).fill_nan(None) for c in ("diff_pct", "ci_low_pct", "ci_high_pct"))
+    out = out.join(t.select("trial_id", *info), on="trial_id", how="left").select(list(schema))
     log.debug("significance: %d trial x task pairs", out.height)
     return out.sort(["model", "task", "precision", "compute_dtype"], nulls_last=True)
 
 
-__all__: Sequence[str] = ["compare", "with_axes", "pareto", "recommend", "significance", "Bootstrap",
-                          "task_main_metrics", "top_level_tasks", "SCENARIOS", "METRIC_COLUMNS", "DERIVED_COLUMNS"]
+__all__: Sequence[str] = ["compare", "with_axes", "pareto", "recommend", "significance", "Bootstrap", "metric_kind",
+                          "task_main_metrics", "task_tops", "SCENARIOS", "METRIC_COLUMNS", "DERIVED_COLUMNS"]

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("html", "markdown")
 SECTIONS = [("recommendations", "Recommendations"), ("summary", "Summary vs baseline"),
-            ("significance", "Accuracy vs baseline: significance"), ("pareto", "Pareto fronts"),
+            ("significance", "Task metrics vs baseline: significance"), ("pareto", "Pareto fronts"),
             ("speed", "Speed vs baseline"), ("memory", "Memory"), ("kl", "KL divergence per prompt category"),
             ("failed", "Failed trials"), ("environment", "Environment")]
 MAX_CHART_MODELS = 24   # per-model charts beyond this many models are left out (the tables keep every row)
@@ -60,8 +60,26 @@ def _sig(e: pl.Expr) -> pl.Expr:
     return e.map_elements(format_number, return_dtype=pl.String, skip_nulls=True)
 
 
+def _signed(e: pl.Expr, d: int) -> pl.Expr:
+    return pl.when(e >= 0).then(pl.lit("+") + _fixed(e, d)).otherwise(_fixed(e, d))
+
+
 def _signed_pct(e: pl.Expr, d: int = 1) -> pl.Expr:
-    return pl.when(e >= 0).then(pl.lit("+") + _fixed(e, d)).otherwise(_fixed(e, d)) + pl.lit("%")
+    return _signed(e, d) + pl.lit("%")
+
+
+def _score(e: pl.Expr) -> pl.Expr:
+    """A significance score: perplexity with 2 decimals, anything else with 4."""
+    return pl.when(pl.col("kind") == "perplexity").then(_fixed(e, 2)).otherwise(_fixed(e, 4))
+
+
+def _in_units(e: pl.Expr) -> pl.Expr:
+    """A significance difference in its metric's units: points (x100) for mean / mcc / f1 metrics, perplexity with 2
+    decimals, bits per byte with 4."""
+    kind = pl.col("kind")
+    return (pl.when(kind == "perplexity").then(_signed(e, 2))
+            .when(kind == "bits_per_byte").then(_signed(e, 4))
+            .otherwise(_signed(100 * e, 1) + pl.lit(" pts")))
 
 
 def _vs(expr: pl.Expr, status: pl.Expr = pl.col("baseline_status")) -> pl.Expr:
@@ -130,7 +148,9 @@ def _summary_tables(cmp: pl.DataFrame, sig: pl.DataFrame, tasks: list[tuple[str,
     ]
     for task, metric in tasks:
         col = task if task in cmp.columns else f"task_{task}"
-        change = _signed_pct(100 * (pl.col(f"retention_{task}") - 1))
+        # the change of the metric itself (trial / baseline - 1), as significance's diff_pct: +5% perplexity is worse
+        ret = pl.col(f"retention_{task}")
+        change = _signed_pct(100 * ((1 / ret if metric in analysis.LOWER_IS_BETTER else ret) - 1))
         vc = f"_verdict_{task}"
         if vc in verdict_cols:
             change = change + pl.when(pl.col(vc).is_not_null()).then(pl.lit(" (") + pl.col(vc) + pl.lit(")")) \
@@ -221,7 +241,7 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
     sig = analysis.significance(res, **(significance_kwargs or {}))
     par = analysis.pareto(cmp)
     rec = analysis.recommend(cmp)
-    tm = analysis.task_main_metrics(res.metrics)
+    tm = analysis.task_main_metrics(res.metrics, res.trials)
     tasks = sorted({(t, m) for t, m in tm.select("task", "metric").unique().iter_rows()}) if tm.height else []
 
     trials = res.trials.collect()
@@ -239,14 +259,17 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
     failed = failed.select([pl.col(c).cast(pl.String).fill_null("-") for c in failed.columns])
 
     sig_show = sig.select(
-        "model", "task", "precision", "compute_dtype", "metric", pl.col("n").cast(pl.String),
-        _fixed(pl.col("baseline_score"), 4).alias("baseline"), _fixed(pl.col("trial_score"), 4).alias("trial"),
-        _signed_pct(100 * pl.col("diff"), 1).alias("diff (points)"),
-        (pl.lit("[") + _signed_pct(100 * pl.col("ci_low"), 1) + pl.lit(", ") + _signed_pct(100 * pl.col("ci_high"), 1)
-         + pl.lit("]")).alias("95% CI"),
+        "model", "task", "precision", "compute_dtype", "metric", pl.col("n").cast(pl.String).fill_null("-"),
+        _score(pl.col("baseline_score")).fill_null("-").alias("baseline"),
+        _score(pl.col("trial_score")).fill_null("-").alias("trial"),
+        _in_units(pl.col("diff")).fill_null("-").alias("diff"),
+        (pl.lit("[") + _in_units(pl.col("ci_low")) + pl.lit(", ") + _in_units(pl.col("ci_high")) + pl.lit("]"))
+        .fill_null("-").alias("95% CI"),
+        (_signed_pct(pl.col("diff_pct"), 1) + pl.lit(" [") + _signed_pct(pl.col("ci_low_pct"), 1) + pl.lit(", ")
+         + _signed_pct(pl.col("ci_high_pct"), 1) + pl.lit("]")).fill_null("-").alias("change (95% CI)"),
         pl.format("{} / {}", pl.col("improved").cast(pl.String).fill_null("-"),
                   pl.col("regressed").cast(pl.String).fill_null("-")).alias("items gained / lost"),
-        "verdict")
+        pl.col("verdict").fill_null("not compared"), pl.col("note").fill_null(""))
 
     rec_show = rec.select(
         "model", pl.col("description").alias("scenario"),
@@ -557,8 +580,9 @@ def render_html(data: ReportData) -> str:
            if len(models) > MAX_CHART_MODELS else "")
     sec: dict[str, str] = {}
     sec["recommendations"] = ("<p>Computed from point estimates over each model's done trials; quality retention is the "
-                              "mean task retention (or baseline/trial perplexity where a trial ran no tasks). Check the "
-                              "significance section before trusting a small difference.</p>"
+                              "mean retention of the accuracy-type tasks, else of the perplexity-type tasks (baseline/"
+                              "trial perplexity), else baseline/trial token perplexity. Check the significance section "
+                              "before trusting a small difference.</p>"
                               + _html_table(data.recommendations))
     sec["summary"] = ("<p>Speed columns are baseline-relative speedups (x, &gt;1 is faster); memory columns are the change "
                       "in %; task columns the change of the task's main metric (with the paired-bootstrap verdict).</p>"
@@ -566,8 +590,12 @@ def render_html(data: ReportData) -> str:
                                                               for n in data.summary_notes.get(m, []))
                                 + _html_table(df, "summary") for m, df in data.summary.items()))
     sec["significance"] = ("<p>Paired percentile bootstrap over the items both the trial and its baseline ran (2000 "
-                           "resamples, fixed seed); <b>better</b>/<b>worse</b> only when the whole 95% interval of the "
-                           "difference lies above/below zero.</p>" + _html_table(data.significance))
+                           "resamples, fixed seed), each resample recomputing the task's metric as lm-eval aggregates "
+                           "it (accuracy: mean; perplexity: from the documents' log-likelihoods and word counts); "
+                           "<b>better</b>/<b>worse</b> only when the whole 95% interval of the difference lies on "
+                           "that side of zero (for perplexity, lower is better). diff is in points for accuracy-type "
+                           "metrics, in the metric's units otherwise; change is trial / baseline - 1.</p>"
+                           + _html_table(data.significance))
     sec["pareto"] = cut + "".join(f"<h3>{e(m)}</h3><div class=\"charts\">{_pareto_charts(data, m, color)}</div>"
                                   for m in chart_models)
     speed, memory = [], []
@@ -621,7 +649,9 @@ def render_markdown(data: ReportData) -> str:
                 out.append(f"\n### {m}\n\n" + "".join(f"> {n}\n" for n in data.summary_notes.get(m, []))
                            + ("\n" if data.summary_notes.get(m) else "") + _md_table(df))
         elif k == "significance":
-            out.append("Paired percentile bootstrap (2000 resamples, fixed seed), 95% interval of the difference.\n\n"
+            out.append("Paired percentile bootstrap (2000 resamples, fixed seed) of the task's metric as lm-eval "
+                       "aggregates it, 95% interval of the difference (points for accuracy-type metrics, else the "
+                       "metric's units; change = trial / baseline - 1; lower perplexity is better).\n\n"
                        + _md_table(data.significance))
         elif k == "pareto":
             p = data.pareto.filter(pl.col("pareto_memory").fill_null(False) | pl.col("pareto_throughput").fill_null(False))

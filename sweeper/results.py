@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +38,57 @@ TASK_MAIN_METRICS = ["acc_norm", "acc", "exact_match,strict-match", "exact_match
                      "word_perplexity"]
 
 
-def top_level_tasks(tasks: Iterable[str]) -> dict[str, str]:
-    """task -> the top-level task it belongs to. A task is a subtask when another present task followed by ``_`` is its
-    prefix (lm-eval groups such as ``mmlu`` with ``mmlu_anatomy``); top-level tasks map to themselves."""
-    names = sorted({t for t in tasks if t is not None})
+def _tops_of(groups: dict[str, list[str]], reported: set[str]) -> dict[str, str]:
+    """task -> the top-level task it belongs to, for the tasks inside a group of ``groups`` (lm-eval's
+    group_subtasks). The top is the outermost enclosing group that lm-eval reported numbers for (``reported``): a group
+    with no aggregate of its own (glue) is no column, its tasks are."""
+    parent = {c: g for g, children in groups.items() for c in children if c != g}
     out: dict[str, str] = {}
-    for t in names:
-        parents = [g for g in names if g != t and t.startswith(g + "_")]
-        out[t] = min(parents, key=len) if parents else t
+    for t in set(parent) | reported:
+        top, cur, seen = t, t, {t}
+        while cur in parent and parent[cur] not in seen:
+            cur = parent[cur]
+            seen.add(cur)
+            if cur in reported:
+                top = cur
+        if top != t:
+            out[t] = top
     return out
+
+
+def task_tops(trials: pl.LazyFrame, metrics: pl.LazyFrame) -> pl.DataFrame:
+    """(trial_id, task, top): every task that lm-eval ran inside a group, with the top-level task (group) it belongs
+    to, from the ``task_groups`` each trial's tasks stage recorded (lm-eval's own group structure, never names:
+    ``gsm8k_cot`` is no part of ``gsm8k``). A task with no row here is its own top level; so is every task of a trial
+    without that record (older results)."""
+    schema = {"trial_id": pl.String, "task": pl.String, "top": pl.String}
+    names = trials.collect_schema().names()
+    if "task_groups" not in names:
+        return pl.DataFrame(schema=schema)
+    rec = trials.select("trial_id", "task_groups").filter(pl.col("task_groups").is_not_null()).unique().collect()
+    if rec.height == 0:
+        return pl.DataFrame(schema=schema)
+    # which tasks lm-eval reported numbers for, per distinct record (one per study, typically)
+    reported = (metrics.filter(pl.col("stage") == "tasks").select("trial_id", "task").unique().collect()
+                .join(rec, on="trial_id").group_by("task_groups").agg(pl.col("task").unique()))
+    rep = {g: set(ts) for g, ts in reported.iter_rows()}
+    rows: list[tuple[str, str, str]] = []
+    for g in rec.get_column("task_groups").unique().to_list():
+        try:
+            groups = json.loads(g)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(groups, dict):
+            rows += [(g, t, top) for t, top in _tops_of(groups, rep.get(g, set())).items()]
+    tops = pl.DataFrame(rows, schema={"task_groups": pl.String, "task": pl.String, "top": pl.String}, orient="row")
+    return rec.join(tops, on="task_groups").select("trial_id", "task", "top")
+
+
+def with_top(frame: pl.DataFrame | pl.LazyFrame, tops: pl.DataFrame, name: str = "top") -> pl.DataFrame | pl.LazyFrame:
+    """``frame`` (with trial_id and task) plus a column ``name``: the top-level task of each row's task."""
+    t = tops.lazy() if isinstance(frame, pl.LazyFrame) else tops
+    return (frame.join(t.rename({"top": "_top"}), on=["trial_id", "task"], how="left")
+            .with_columns(pl.coalesce("_top", "task").alias(name)).drop("_top"))
 
 
 def expand_dirs(dirs: list[str]) -> list[Path]:
@@ -102,17 +145,17 @@ def task_metric_rank() -> pl.Expr:
                                            return_dtype=pl.Int64)
 
 
-def task_main_metrics(metrics: pl.LazyFrame) -> pl.DataFrame:
+def task_main_metrics(metrics: pl.LazyFrame, trials: pl.LazyFrame) -> pl.DataFrame:
     """Long frame (trial_id, task, metric, value, stderr, n): each top-level task's main metric (the first of
     TASK_MAIN_METRICS that any trial has for that task, the same for every trial, so a column never mixes metrics).
-    A trial without that metric for the task has no row."""
+    Top-level: not inside a group of the trial's recorded task_groups (:func:`task_tops`). A trial without that
+    metric for the task has no row."""
     m = (metrics.filter(pl.col("stage") == "tasks").select("trial_id", "task", "metric", "value", "stderr", "n")
          .with_columns(task_metric_rank().alias("_rank")).filter(pl.col("_rank").is_not_null()).collect())
     if m.height == 0:
         return pl.DataFrame(schema={"trial_id": pl.String, "task": pl.String, "metric": pl.String,
                                     "value": pl.Float64, "stderr": pl.Float64, "n": pl.Int64})
-    top = top_level_tasks(m.get_column("task").unique().to_list())
-    m = m.filter(pl.col("task").replace_strict(top, default=None) == pl.col("task"))
+    m = m.join(task_tops(trials, metrics), on=["trial_id", "task"], how="anti")
     main = m.group_by("task").agg(pl.col("_rank").min().alias("_best"))
     return (m.join(main, on="task").filter(pl.col("_rank") == pl.col("_best"))
             .unique(["trial_id", "task"], keep="first", maintain_order=True)
@@ -162,7 +205,7 @@ class Results:
             pl.col("value").last().alias("batch_tok_s"), pl.col("batch_size").last().alias("batch_size")))
         wide = m.group_by("trial_id").agg(cols).join(bt, on="trial_id", how="left")
         # one column per top-level task (a group such as mmlu, not its 57 subtasks): its main metric
-        tasks = task_main_metrics(m).select("trial_id", "task", "value")
+        tasks = task_main_metrics(m, self.trials).select("trial_id", "task", "value")
         t = self.trials  # every TRIALS_SCHEMA column, even for old files or none
         keep = ["trial_id", "study", "model", "precision", "compute_dtype", "status", "device", "error_stage", "error"]
         out = t.select(keep + ["is_baseline", "graph_decode_error"]).join(wide, on="trial_id", how="left")

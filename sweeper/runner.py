@@ -201,8 +201,8 @@ def _tasks(spec, loaded, store, lease):
     from .stages.tasks import run_tasks
 
     # lm-eval's "auto" batch probes up to its default cap; on a GPU share its OOM comes at the share's cap already
-    rows, samples = run_tasks(loaded.model, loaded.tokenizer, spec, loaded.device)
-    return rows, {}, samples
+    rows, samples, row_values = run_tasks(loaded.model, loaded.tokenizer, spec, loaded.device)
+    return rows, row_values, samples
 
 
 def _stages(spec: TrialSpec):

@@ -56,6 +56,7 @@ TRIALS_SCHEMA = pa.schema([
     ("trial_id", _S), ("study", _S), ("model", _S), ("model_id", _S), ("model_revision", _S),
     ("model_fingerprint", _S), ("precision", _S), ("precision_options", _S), ("compute_dtype", _S),
     ("is_baseline", _B), ("baseline_id", _S), ("gpu_share", _F), ("cpus", _I), ("tasks", _S), ("config", _S),
+    ("task_groups", _S),  # lm-eval's group_subtasks from the tasks stage (JSON): which reported tasks a group holds
     # outcome
     ("status", _S), ("error_stage", _S), ("error_type", _S), ("error", _S), ("error_traceback", _S), ("attempt", _I),
     ("started_at", _S), ("finished_at", _S), ("duration_s", _F), ("process_started_at", _F),

@@ -230,17 +230,23 @@ def test_significance_noise_and_real_difference(results_dir):
 
 
 def test_bootstrap_interval_matches_normal_theory():
+    """The paired bootstrap of a mean metric: its interval of the difference is the normal-theory one."""
     rng = np.random.default_rng(1)
     d = rng.choice([-1.0, 0.0, 1.0], p=[0.1, 0.8, 0.1], size=2000)
-    lo, hi = analysis.Bootstrap(n_boot=4000).interval(d)
+    t, b = (d == 1).astype(float), (d == -1).astype(float)  # 0/1 items whose differences are d
+    one = np.ones_like(d)
+    r = analysis.Bootstrap(n_boot=4000).paired("mean", np.column_stack([one, t]), np.column_stack([one, b]))
     se = d.std() / math.sqrt(d.size)
-    assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.006)
-    assert hi == pytest.approx(d.mean() + 1.96 * se, abs=0.006)
-    # continuous differences take the resampling path; same answer in expectation
+    assert r["diff"] == pytest.approx(d.mean())
+    assert r["ci_low"] == pytest.approx(d.mean() - 1.96 * se, abs=0.006)
+    assert r["ci_high"] == pytest.approx(d.mean() + 1.96 * se, abs=0.006)
+    # continuous items (every item its own category); same answer in expectation
     c = rng.normal(0.3, 1.0, size=500)
-    lo, hi = analysis.Bootstrap(n_boot=2000).interval(c)
+    r = analysis.Bootstrap(n_boot=2000).paired("mean", np.column_stack([np.ones(500), c]),
+                                               np.column_stack([np.ones(500), np.zeros(500)]))
     se = c.std() / math.sqrt(c.size)
-    assert lo == pytest.approx(c.mean() - 1.96 * se, abs=0.02) and hi == pytest.approx(c.mean() + 1.96 * se, abs=0.02)
+    assert r["ci_low"] == pytest.approx(c.mean() - 1.96 * se, abs=0.02)
+    assert r["ci_high"] == pytest.approx(c.mean() + 1.96 * se, abs=0.02)
 
 
 def test_better_verdict_and_group_pooling(tmp_path):
@@ -263,20 +269,18 @@ def test_better_verdict_and_group_pooling(tmp_path):
     def metrics(tid: str, acc: float) -> list[dict]:
         return [dict(trial_id=tid, stage="tasks", task=t, metric="acc", value=acc) for t in ("mmlu", "mmlu_a", "mmlu_b")]
 
-    store.write_trial(_trial_row("B"), metrics("B", 0.5), samples("B", 0))
-    store.write_trial(_trial_row("T1"), metrics("T1", 0.8), samples("T1", 30))
+    groups = {"mmlu": ["mmlu_a", "mmlu_b"]}  # lm-eval's group_subtasks, as the tasks stage records it
+    store.write_trial(_trial_row("B", task_groups=groups), metrics("B", 0.5), samples("B", 0))
+    store.write_trial(_trial_row("T1", task_groups=groups), metrics("T1", 0.8), samples("T1", 30))
     res = open_results([str(tmp_path / "g")])
     sig = analysis.significance(res)
     assert sig.select("trial_id", "task", "n", "verdict").to_dicts() == [
         {"trial_id": "T1", "task": "mmlu", "n": 200, "verdict": "better"}]
     cmp = analysis.compare(res).collect()
-    assert [c for c in cmp.columns if c.startswith("retention_")] == ["retention_mmlu", "retention_mean"]
+    assert [c for c in cmp.columns if c.startswith("retention_")] == ["retention_mmlu", "retention_mean",
+                                                                    "retention_mean_ppl"]
 
 
-def test_top_level_tasks():
-    assert analysis.top_level_tasks(["mmlu", "mmlu_stem", "mmlu_stem_physics", "arc_easy", "arc_challenge"]) == {
-        "arc_challenge": "arc_challenge", "arc_easy": "arc_easy", "mmlu": "mmlu", "mmlu_stem": "mmlu",
-        "mmlu_stem_physics": "mmlu"}
 
 
 def test_pareto_fronts(cmp):

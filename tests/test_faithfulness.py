@@ -115,7 +115,7 @@ def test_run_tasks_matches_lm_eval_hf(precision, names, per_item, real_model, sh
         limit=LIMIT, eval_batch_size=BATCH, seed=SEED,
     )
     spec = expand(study)[0][0]
-    rows, samples = run_tasks(model, tok, spec, "cpu")
+    rows, samples, _ = run_tasks(model, tok, spec, "cpu")
 
     # --- plain lm-eval: model "hf" from a folder, its own task loading
     nf4_dir = tmp_path / "llama-4m-nf4"

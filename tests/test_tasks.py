@@ -50,7 +50,7 @@ def test_run_tasks_piqa_gsm8k_arc_on_local_data(tiny_model, shared_data):
         Task("gsm8k", data=str(shared_data / "gsm8k" / "test.jsonl"), num_fewshot=0, limit=2),
         Task("arc_easy", data={"test": str(ARC_TEST), "train": str(ARC_TRAIN)}, num_fewshot=2),  # all 8 items
     ], eval_batch_size="auto", seed=3)
-    rows, samples = run_tasks(model, tok, spec, "cpu", max_batch_size=4)
+    rows, samples, _ = run_tasks(model, tok, spec, "cpu", max_batch_size=4)
 
     assert {r["stage"] for r in rows} == {"tasks"} and {r["trial_id"] for r in rows} == {spec.trial_id}
     piqa, gsm, arc = _rows(rows, "piqa"), _rows(rows, "gsm8k"), _rows(rows, "arc_easy")
@@ -89,7 +89,7 @@ def test_wikitext_word_byte_perplexity_and_hellaswag(tiny_model, shared_data):
         Task("wikitext", data=str(test_txt)),
         Task("hellaswag", data=str(TASKS_DATA / "hellaswag" / "hellaswag_val.jsonl")),
     ], limit=2, eval_batch_size=4)
-    rows, samples = run_tasks(model, tok, spec, "cpu")
+    rows, samples, _ = run_tasks(model, tok, spec, "cpu")
     wt = _rows(rows, "wikitext")
     assert set(wt) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
     assert all(r["n"] == 2 and r["stderr"] is None for r in wt.values())  # lm-eval reports no stderr for these
@@ -128,9 +128,16 @@ def test_mmlu_group_from_hendrycks_csv(tiny_model, tmp_path):
             shutil.copy(TASKS_DATA / "mmlu" / split / f"anatomy_{split}.csv", tmp_path / "data" / split / f"{s}_{split}.csv")
     model, tok = _load(tiny_model)
     spec = _spec(tiny_model, [Task("mmlu", data=str(tmp_path / "data"), num_fewshot=1, limit=1)], eval_batch_size=8)
-    rows, samples = run_tasks(model, tok, spec, "cpu")
+    rows, samples, row_values = run_tasks(model, tok, spec, "cpu")
     by_task = {r["task"]: r for r in rows if r["metric"] == "acc"}
     index = task_manager().task_index
+    # lm-eval's group structure is recorded for the trial row; from it every subject and subgroup belongs to mmlu
+    from sweeper.results import _tops_of
+
+    groups = row_values["task_groups"]
+    assert sorted(groups["mmlu"]) == ["mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem"]
+    tops = _tops_of(groups, {r["task"] for r in rows})
+    assert set(tops) == set(by_task) - {"mmlu"} and set(tops.values()) == {"mmlu"}
     assert by_task["mmlu"]["n"] == 57
     for group in ("mmlu_stem", "mmlu_humanities", "mmlu_other", "mmlu_social_sciences"):
         assert by_task[group]["n"] == len(index[f"{group}_tasks"].tags), group

@@ -277,12 +277,13 @@ def _limits(plans: list[PlannedTask], leaves: dict[str, Any]) -> tuple[int | flo
 
 
 def run_tasks(model: Any, tokenizer: Any, spec: "TrialSpec", device: str,
-              max_batch_size: int | None = None) -> tuple[list[dict[str, Any]], "pa.Table | None"]:
+              max_batch_size: int | None = None) -> tuple[list[dict[str, Any]], "pa.Table | None", dict[str, Any]]:
     """Run all of ``spec.tasks`` in one lm-eval evaluation on ``model`` (already loaded) and return
-    (metric rows for the store, per-item samples table). ``([], None)`` when the trial has no tasks.
+    (metric rows for the store, per-item samples table, trial row values: ``task_groups``, see :func:`task_groups`).
+    ``([], None, {})`` when the trial has no tasks.
     """
     if not spec.tasks:
-        return [], None
+        return [], None, {}
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -304,10 +305,10 @@ def run_tasks(model: Any, tokenizer: Any, spec: "TrialSpec", device: str,
         numpy_random_seed=spec.seed, torch_random_seed=spec.seed, fewshot_random_seed=spec.seed,
     )
     if results is None:  # non-zero rank of a distributed run: nothing to report
-        return [], None
+        return [], None, {}
     rows = metric_rows(results, spec.trial_id)
     table = samples_table(results, spec.trial_id, {n: t.OUTPUT_TYPE for n, t in leaves.items()})
-    return rows, table
+    return rows, table, {"task_groups": task_groups(results)}
 
 
 # ---------------------------------------------------------------------------------------------------------- results
@@ -333,6 +334,13 @@ def _leaf_counts(results: dict[str, Any]) -> dict[str, int]:
 
     return {name: c for name in set(counts) | set(groups) | set(results.get("results", {}))
             if (c := count(name)) is not None}
+
+
+def task_groups(results: dict[str, Any]) -> dict[str, list[str]]:
+    """lm-eval's own group structure of this evaluation: group -> the tasks and groups it holds (its
+    ``group_subtasks``; ``{}`` when no group ran). Stored in the trial row so the analysis groups tasks as lm-eval did
+    (``sweeper.results.task_tops``) instead of guessing from names (``gsm8k_cot`` is not part of ``gsm8k``)."""
+    return {str(g): [str(c) for c in children] for g, children in (results.get("group_subtasks") or {}).items()}
 
 
 def metric_rows(results: dict[str, Any], trial_id: str) -> list[dict[str, Any]]:
@@ -384,7 +392,8 @@ def samples_table(results: dict[str, Any], trial_id: str, output_types: dict[str
 
     ``value`` is lm-eval's per-item metric value (acc 0/1, exact_match 0/1); for metrics lm-eval reports per item as
     (log-likelihood, count) pairs (word/byte perplexity, bits per byte) ``value`` is the log-likelihood and ``weight``
-    the count of words or bytes. ``correct`` is set for 0/1 accuracy-type metrics; ``gold_loglik`` is the
+    the count of words or bytes; for those kept as (gold, prediction) pairs (mcc, glue's f1) ``value`` is the gold
+    label and ``weight`` the prediction (``sweeper.analysis.metric_kind`` says how each is scored). ``correct`` is set for 0/1 accuracy-type metrics; ``gold_loglik`` is the
     log-likelihood of the gold continuation (multiple choice: the gold choice; rolling: the whole document).
     ``prompt_hash`` lets paired statistics check that two trials saw the same prompt for a doc_id.
     """
