@@ -235,14 +235,16 @@ def report(dirs, output, fmt, title):
 @main.command("precisions")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
-def precisions_cmd(fmt):
+@click.option("--long", "long_", is_flag=True, help="Every column: group size, options, hardware, CUDA-graph decode.")
+def precisions_cmd(fmt, long_):
     """List the precisions a study can name."""
     import polars as pl
 
-    from .precisions import table_rows
-    from .query import format_frame
+    from .precisions import short_table_rows, table_rows
+    from .query import format_frame, terminal_width
 
-    click.echo(format_frame(pl.DataFrame(table_rows()), fmt), nl=False)
+    rows = table_rows() if long_ else short_table_rows()
+    click.echo(format_frame(pl.DataFrame(rows), fmt, width=terminal_width(), keys=("name",)), nl=False)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,27 @@ VIEWS = ("summary", "trials", "metrics", "samples", "compare", "significance", "
 _VALUE_COLUMNS = ("value", "stderr", "n", "min", "max", "unit")
 _METRIC_CONTEXT = ("study", "model", "precision", "compute_dtype")
 
+# What `sweep results` shows without --columns (``--columns all``: everything). The memory columns are named in this
+# one list so that a rename of the memory metrics changes one line.
+MEMORY_COLUMNS = ["footprint_gb", "peak_gb"]
+DEFAULT_COLUMNS = ["study", "model", "precision", "compute_dtype", "status", "load_s", *MEMORY_COLUMNS,
+                   "decode_tok_s", "batch_tok_s", "perplexity", "kl_mean"]
+# --vs-baseline: the seeds' comparison (speed, memory, quality against the baseline, and a verdict)
+DEFAULT_VS_BASELINE = ["study", "model", "precision", "compute_dtype", "status", "decode_tok_s", "speedup_decode",
+                       MEMORY_COLUMNS[0], "memory_reduction", "retention_mean", "perplexity", "ppl_delta_pct",
+                       "kl_mean", "verdict"]
+# columns of the summary / compare views that are not a task's main metric
+_NOT_TASKS = {"trial_id", "study", "model", "model_id", "precision", "compute_dtype", "is_baseline", "baseline_id",
+              "status", "device", "device_name", "gpu_share", "error_stage", "error_type", "error", "batch_size",
+              "batch_tok_s", "verdict", *[c for c, *_ in analysis.METRIC_COLUMNS], *analysis.DERIVED_COLUMNS}
+# shorter headers, used only when a table is wider than the terminal
+SHORT_HEADERS = {"compute_dtype": "compute", "load_s": "load s", "footprint_gb": "mem GB",
+                 "peak_gb": "peak GB", "decode_tok_s": "dec tok/s", "batch_tok_s": "bat tok/s", "perplexity": "ppl",
+                 "kl_mean": "KL", "speedup_decode": "speedup", "memory_reduction": "mem red", "retention_mean": "retain",
+                 "ppl_delta_pct": "ppl +%", "precision": "prec", "trial_id": "trial"}
+# repeated at the left of every block when a table is split to fit the terminal
+KEY_COLUMNS = ("model", "precision", "compute_dtype")
+
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
@@ -167,11 +188,87 @@ def query_frame(dirs: str | Sequence[str], where: str | None = None, sql: str | 
         df = _pivot(df, pivot)
     if sort:
         df = _sort(df, _split(sort))
-    if columns:
-        df = _select_columns(df, _split(columns))
+    picked = _split(columns)
+    if picked == ["all"]:
+        pass
+    elif picked:
+        df = _select_columns(df, picked)
+    elif sql is None and pivot is None and (view or "summary") == "summary":
+        df = default_columns(df, vs_baseline)
     if limit is not None:
         df = df.head(limit)
     return df
+
+
+def default_columns(df: pl.DataFrame, vs_baseline: bool = False) -> pl.DataFrame:
+    """The columns that matter (DEFAULT_COLUMNS, or DEFAULT_VS_BASELINE with a verdict), then each task's main metric;
+    columns empty in every row are left out, and so is ``study`` when every row has the same."""
+    if vs_baseline:
+        df = analysis.verdicts(df).collect()
+        if {"model", "is_baseline", "precision"} <= set(df.columns):  # each model's baseline first, as in the summary
+            from .precisions import REGISTRY
+
+            order = {name: i for i, name in enumerate(REGISTRY)}
+            df = df.sort([pl.col("model"), pl.col("is_baseline").not_(),
+                          pl.col("precision").replace_strict(order, default=len(order), return_dtype=pl.Int64)],
+                         nulls_last=True, maintain_order=True)
+    names = DEFAULT_VS_BASELINE if vs_baseline else DEFAULT_COLUMNS
+    tasks = [c for c in df.columns if c not in _NOT_TASKS and not c.startswith("retention_")]
+    keep = [c for c in [*names, *tasks] if c in df.columns and df.get_column(c).null_count() < df.height]
+    if "study" in keep and df.get_column("study").n_unique() < 2:
+        keep.remove("study")
+    return df.select(keep)
+
+
+def terminal_width() -> int | None:
+    """Characters a table may use: $COLUMNS, else the terminal's width; None (no limit) when output is not a terminal."""
+    import os
+    import shutil
+    import sys
+
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _render(df: pl.DataFrame, markdown: bool = False) -> str:
+    opts = dict(tbl_rows=-1, tbl_cols=-1, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                tbl_width_chars=65_000, fmt_str_lengths=1_000,
+                tbl_formatting="MARKDOWN" if markdown else "UTF8_FULL_CONDENSED")
+    with pl.Config(**opts):
+        return str(df) + "\n"
+
+
+def _widest(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+def fit_table(shown: pl.DataFrame, width: int | None, keys: Sequence[str] = KEY_COLUMNS) -> str:
+    """``shown`` (strings) as a table of at most ``width`` characters a line: as it is if it fits; else with short
+    headers (SHORT_HEADERS); else in blocks, one under the other, each repeating the ``keys`` columns present (model,
+    precision, compute dtype) at its left; cells still too long are cut with '…'."""
+    text = _render(shown)
+    if width is None or _widest(text) <= width:
+        return text
+    shown = shown.rename({c: SHORT_HEADERS[c] for c in shown.columns
+                          if c in SHORT_HEADERS and SHORT_HEADERS[c] not in shown.columns})
+    text = _render(shown)
+    if _widest(text) <= width:
+        return text
+    short = {SHORT_HEADERS.get(k, k) for k in keys}
+    keys = [c for c in shown.columns if c in short] if len(shown.columns) > len(short) else []
+    rest = [c for c in shown.columns if c not in keys]
+    # a cell longer than what a block of the keys and that one column leaves is cut
+    room = max(8, width - _widest(_render(shown.select(keys))) - 3 if keys else width - 4)
+    shown = shown.with_columns([pl.when(pl.col(c).str.len_chars() > room)
+                                .then(pl.col(c).str.slice(0, room - 1) + "…").otherwise(pl.col(c)).alias(c)
+                                for c in rest])
+    blocks: list[list[str]] = [[]]
+    for c in rest:
+        if blocks[-1] and _widest(_render(shown.select(keys + blocks[-1] + [c]))) > width:
+            blocks.append([])
+        blocks[-1].append(c)
+    return "\n".join(_render(shown.select(keys + b)) for b in blocks)
 
 
 def _display(df: pl.DataFrame) -> pl.DataFrame:
@@ -194,9 +291,10 @@ def _display(df: pl.DataFrame) -> pl.DataFrame:
     return df.select(out)
 
 
-def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None = None) -> str | bytes:
+def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None = None,
+                 width: int | None = None, keys: Sequence[str] = KEY_COLUMNS) -> str | bytes:
     """Render ``df`` as ``fmt``. Text formats return the text (also written to ``output`` when given); parquet needs
-    ``output`` and returns the file's bytes."""
+    ``output`` and returns the file's bytes. A ``table`` fits in ``width`` characters (:func:`fit_table`)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "parquet":
@@ -213,14 +311,7 @@ def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None
         text = df.write_json()
     else:
         shown = _display(df)
-        opts = dict(tbl_rows=-1, tbl_cols=-1, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
-                    tbl_width_chars=65_000, fmt_str_lengths=1_000)
-        if fmt == "markdown":
-            opts["tbl_formatting"] = "MARKDOWN"
-        else:
-            opts["tbl_formatting"] = "UTF8_FULL_CONDENSED"
-        with pl.Config(**opts):
-            text = str(shown) + "\n"
+        text = _render(shown, markdown=True) if fmt == "markdown" else fit_table(shown, width, keys)
         if df.height == 0:
             text += "(no rows)\n"
     if output is not None:
@@ -253,7 +344,8 @@ def run_query(dirs: str | Sequence[str], where: str | None = None, sql: str | No
         raise UserError("--format parquet writes a binary file: give an output path with -o/--output FILE")
     df = query_frame(dirs, where=where, sql=sql, columns=columns, sort=sort, pivot=pivot, vs_baseline=vs_baseline,
                      view=view, limit=limit)
-    return format_frame(df, fmt=fmt, output=output)
+    return format_frame(df, fmt=fmt, output=output, width=terminal_width() if output is None else None)
 
 
-__all__ = ["run_query", "query_frame", "format_frame", "view_builders", "FORMATS", "VIEWS"]
+__all__ = ["run_query", "query_frame", "format_frame", "fit_table", "terminal_width", "default_columns",
+           "view_builders", "FORMATS", "VIEWS"]
