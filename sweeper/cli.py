@@ -77,6 +77,10 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
+    if not p.pending and not fresh:  # said before Ray starts (seconds)
+        click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}; "
+                   f"read them: sweep results {p.store.root}")
+        return
     with LaunchLock(p.store.root):
         # warm workers start first: their imports then overlap Ray's start and the task check
         pool = (L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, address, fresh,
@@ -125,7 +129,9 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
             try:
                 scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
                                      retries=retries, baselines_first=p.study.kl is not None,
-                                     warm=pool.descriptor if pool is not None else None)
+                                     warm=pool.descriptor if pool is not None else None,
+                                     slots=L.concurrent_slots(pending, cluster.cpus, cluster.gpus,
+                                                              p.study.resources.max_concurrent))
             except KeyboardInterrupt:
                 click.echo(f"interrupted: finished results are saved in {p.store.root}; run `sweep launch {study_file}` "
                            "again to resume", err=True)
@@ -144,6 +150,8 @@ def _launch_summary(p, study_file: str) -> int:
     ids = [t.trial_id for t in p.trials]
     done = sum(status.get(i) == "done" for i in ids)
     failed = [i for i in ids if status.get(i) == "failed"]
+    if done:
+        _print_comparison(p.store.root)
     click.echo(f"summary: {done}/{len(ids)} done, {len(failed)} failed, {len(ids) - done - len(failed)} pending; "
                f"results in {p.store.root}")
     if len(ids) - done - len(failed) > 0:
@@ -154,6 +162,16 @@ def _launch_summary(p, study_file: str) -> int:
         click.echo(f"{len(failed)} trial(s) failed: see `sweep status {p.store.root}`; a relaunch retries them", err=True)
         return EXIT_TRIALS_FAILED
     return 0
+
+
+def _print_comparison(root) -> None:
+    """The seed-style table (`sweep results DIR --vs-baseline`) of the results, fitted to the terminal."""
+    from .query import format_frame, query_frame, terminal_width
+
+    try:
+        click.echo(format_frame(query_frame(str(root), vs_baseline=True), width=terminal_width() or 100), nl=False)
+    except UserError as e:  # the launch's own outcome still stands; say why there is no table
+        click.echo(f"(no comparison table: {e})", err=True)
 
 
 def _finish(code: int, ray_stopped: bool) -> None:

@@ -201,8 +201,9 @@ def query_frame(dirs: str | Sequence[str], where: str | None = None, sql: str | 
 
 
 def default_columns(df: pl.DataFrame, vs_baseline: bool = False) -> pl.DataFrame:
-    """The columns that matter (DEFAULT_COLUMNS, or DEFAULT_VS_BASELINE with a verdict), then each task's main metric;
-    columns empty in every row are left out, and so is ``study`` when every row has the same."""
+    """The columns that matter: DEFAULT_COLUMNS and each task's main metric, or (``vs_baseline``) DEFAULT_VS_BASELINE
+    with :func:`sweeper.analysis.verdicts`, each model's baseline first; columns empty in every row are left out, and
+    so is ``study`` when every row has the same."""
     if vs_baseline:
         df = analysis.verdicts(df).collect()
         if {"model", "is_baseline", "precision"} <= set(df.columns):  # each model's baseline first, as in the summary
@@ -213,7 +214,8 @@ def default_columns(df: pl.DataFrame, vs_baseline: bool = False) -> pl.DataFrame
                           pl.col("precision").replace_strict(order, default=len(order), return_dtype=pl.Int64)],
                          nulls_last=True, maintain_order=True)
     names = DEFAULT_VS_BASELINE if vs_baseline else DEFAULT_COLUMNS
-    tasks = [c for c in df.columns if c not in _NOT_TASKS and not c.startswith("retention_")]
+    # task main metrics (the summary's one column per task); --vs-baseline has their retention instead
+    tasks = [] if vs_baseline else [c for c in df.columns if c not in _NOT_TASKS and not c.startswith("retention_")]
     keep = [c for c in [*names, *tasks] if c in df.columns and df.get_column(c).null_count() < df.height]
     if "study" in keep and df.get_column("study").n_unique() < 2:
         keep.remove("study")
