@@ -237,7 +237,8 @@ class Progress:
         now = time.time() if now is None else now
         mean = sum(self.durations) / len(self.durations)
         work = self.pending * mean + sum(max(0.0, mean - (now - self.began.get(t, now))) for t in self.running)
-        return work / max(self.slots, len(self.running), 1)
+        # no more slots work at once than there are trials left to run
+        return work / max(1, min(max(self.slots, len(self.running)), self.pending + len(self.running)))
 
     def line(self, event: str = "") -> str:
         counts = (f"[{_minutes(time.time() - self.started)}] done {len(self.done)}/{self.total}, running "
