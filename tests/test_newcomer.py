@@ -89,7 +89,7 @@ def blocks(markdown: str, lang: str) -> list[str]:
 
 
 def sweep_lines(block: str) -> list[str]:
-    return [line.strip() for line in block.splitlines() if line.strip().startswith("sweep ")]
+    return [line.split(" #")[0].strip() for line in block.splitlines() if line.strip().startswith("sweep ")]
 
 
 def test_readme_commands_run_from_a_bare_clone(clone):
