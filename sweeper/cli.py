@@ -68,7 +68,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     if dry_run:
         p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)
         _print_plan(p, notes, render)
-        click.echo("(dry run: GPU shares shown as on a CPU-only cluster; `auto` shares are computed at launch "
+        click.echo("(dry run: GPU shares shown as on a CPU-only cluster;\n `auto` shares are computed at launch "
                    "from each GPU's memory)" if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
         return
     from . import scheduler
@@ -195,7 +195,9 @@ def _print_plan(p, notes, render) -> None:
     for d in p.dropped:
         click.echo(f"dropped {d.model} {d.precision} x compute {d.compute_dtype}: {d.reason}")
     click.echo(f"study {p.study.name}: {len(p.trials)} trial(s), results in {p.store.root}")
-    click.echo(render(pl.DataFrame(trial_table(p))), nl=False)
+    from .query import terminal_width
+
+    click.echo(render(pl.DataFrame(trial_table(p)), width=terminal_width()), nl=False)
 
 
 @main.command()
