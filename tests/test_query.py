@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from helpers import sweep
 from sweeper.errors import UserError
 from sweeper.query import query_frame, run_query
-from helpers import sweep
 from sweeper.store import ResultsStore
 from test_analysis import _metric_rows, _trial_row, build_results
 

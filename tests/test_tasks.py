@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from conftest import FULL
-
 from sweeper.errors import UserError
 from sweeper.study import Study, Task
 from sweeper.taskdata import data_fingerprint, family_for, prepare_dataset, wikitext_pages
