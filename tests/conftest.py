@@ -24,7 +24,7 @@ REAL_MODEL = SHARED_DATA / "models" / "llama-4m"
 
 
 def build_tiny_llama(path: Path, seed: int = 0, hidden: int = 128, layers: int = 2) -> Path:
-    """A random-weight Llama with the byte-level BPE tokenizer of ../shared/data's llama-4m (tokenizer files only)."""
+    """A random-weight Llama with the byte-level BPE tokenizer of llama-4m (tokenizer files only)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,11 +59,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
-
-
-def full_data_file(relative: str) -> Path:
-    """A file of the full ../shared/data that the shipped slices do not replace; skips, naming it, where it is missing."""
-    path = _FULL_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"needs the full {path} (demo/data ships only a slice)")
-    return path
