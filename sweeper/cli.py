@@ -263,7 +263,7 @@ def precisions_cmd(fmt, long_):
     from .precisions import short_table_rows, table_rows
     from .query import format_frame, terminal_width
 
-    rows = table_rows() if long_ else short_table_rows()
+    rows = table_rows() if long_ or fmt in ("csv", "json") else short_table_rows()  # exports keep every column
     click.echo(format_frame(pl.DataFrame(rows), fmt, width=terminal_width(), keys=("name",)), nl=False)
 
 

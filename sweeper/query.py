@@ -344,6 +344,8 @@ def run_query(dirs: str | Sequence[str], where: str | None = None, sql: str | No
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "parquet" and output is None:
         raise UserError("--format parquet writes a binary file: give an output path with -o/--output FILE")
+    if columns is None and fmt in ("csv", "json", "parquet"):
+        columns = "all"  # an export keeps every column (trial_id to join on); the default columns are for reading
     df = query_frame(dirs, where=where, sql=sql, columns=columns, sort=sort, pivot=pivot, vs_baseline=vs_baseline,
                      view=view, limit=limit)
     return format_frame(df, fmt=fmt, output=output, width=terminal_width() if output is None else None)

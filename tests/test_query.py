@@ -37,6 +37,8 @@ def test_default_columns_are_the_ones_that_matter(rdir, tmp_path):
     assert df.columns == ["model", "precision", "compute_dtype", "status", "load_s", "footprint_gb", "peak_gb",
                           "decode_tok_s", "batch_tok_s", "perplexity", "kl_mean", "arc_easy", "hellaswag", "wikitext"]
     assert df.height == 6
+    # the default is for reading: an export keeps every column
+    assert run_query([rdir], fmt="csv").splitlines()[0].split(",") == query_frame([rdir], columns="all").columns
     # a column empty in every row is dropped: results without KL or tasks show neither
     store = ResultsStore(tmp_path / "nokl")
     store.write_trial(_trial_row("B"), [m for m in _metric_rows("B") if m["stage"] not in ("kl", "tasks")])
