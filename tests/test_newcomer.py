@@ -205,3 +205,19 @@ def _check(title: str, cmd: str, nth: int, out: str, clone: Path) -> None:
         assert "nothing to do: all 5 trials are done in results/mine" in out
     elif cmd.startswith("sweep results results/mine"):
         assert "nf4" in out and "llama-4m" in out
+
+
+def test_demo_environment_variables_point_it_elsewhere(tmp_path, tiny_model):
+    demo = str(REPO / "studies" / "demo.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWEEPER_")}
+    shipped = subprocess.run([sys.executable, "-m", "sweeper.cli", "launch", demo, "--dry-run"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert shipped.returncode == 0 and "llama-4m" in shipped.stdout, shipped.stdout + shipped.stderr
+    other = subprocess.run([sys.executable, "-m", "sweeper.cli", "launch", demo, "--dry-run"], cwd=tmp_path,
+                           env={**env, "SWEEPER_DEMO_MODEL": str(tiny_model)}, capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode == 0 and "tiny-llama" in other.stdout and "llama-4m" not in other.stdout, other.stdout
+    empty = subprocess.run([sys.executable, "-m", "sweeper.cli", "launch", demo, "--dry-run"], cwd=tmp_path,
+                           env={**env, "SWEEPER_DEMO_DATA": str(tmp_path)}, capture_output=True, text=True,
+                           timeout=120)
+    assert empty.returncode == 2 and str(tmp_path / "models" / "llama-4m") in empty.stderr, empty.stderr
