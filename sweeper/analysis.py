@@ -586,4 +586,33 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
 
 
 __all__: Sequence[str] = ["compare", "with_axes", "pareto", "recommend", "significance", "Bootstrap", "metric_kind",
-                          "task_main_metrics", "task_tops", "SCENARIOS", "METRIC_COLUMNS", "DERIVED_COLUMNS"]
+                          "task_main_metrics", "task_tops", "verdicts", "SCENARIOS", "METRIC_COLUMNS", "DERIVED_COLUMNS"]
+
+
+# ----------------------------------------------------------------------------------------------------------- verdict
+# a trial within this fraction of its baseline's speed or memory counts as the same (CPU timings move by a few %)
+SAME_WITHIN = 0.05
+
+
+def verdicts(cmp: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """``cmp`` with a ``verdict`` column in the seed reports' words: memory (smaller / larger), decode speed (faster /
+    slower; within ``SAME_WITHIN`` of the baseline: neither said) and quality from ``quality_retention``
+    (:func:`with_axes`): ``quality kept`` (>= 99%), else ``quality -N%``; ``same`` where none of these is said. A
+    baseline says ``baseline``, a failed trial ``failed``, a trial without its baseline ``no baseline``."""
+    lf = with_axes(cmp)
+
+    def word(x: pl.Expr, up: str, down: str) -> pl.Expr:
+        return pl.when(x > 1 + SAME_WITHIN).then(pl.lit(up)).when(x < 1 - SAME_WITHIN).then(pl.lit(down))
+
+    q = pl.col("quality_retention")
+    quality = (pl.when(q >= 0.99).then(pl.lit("quality kept"))
+               .when(q.is_not_null()).then(pl.format("quality -{}%", ((1 - q) * 100).round(1))))
+    parts = pl.concat_str([word(1 / (1 - pl.col("memory_reduction")), "smaller", "larger"),
+                           word(pl.col("speedup_decode"), "faster", "slower"), quality], separator=", ",
+                          ignore_nulls=True)
+    v = (pl.when(pl.col("status") != "done").then(pl.lit("failed"))
+         .when(pl.col("baseline_status") == "self").then(pl.lit("baseline"))
+         .when(pl.col("baseline_status") != "ok").then(pl.lit("no baseline"))
+         .when(parts == "").then(pl.lit("same"))
+         .otherwise(parts))
+    return lf.with_columns(v.alias("verdict")).drop("quality_retention", "throughput_tok_s")

@@ -332,3 +332,15 @@ def trial_table(p: Plan) -> list[dict[str, Any]]:
     return [{"trial_id": t.trial_id, "model": t.model.name, "precision": t.precision,
              "compute_dtype": t.compute_dtype, "baseline": "yes" if t.is_baseline else "",
              "gpu_share": t.gpu_share, "status": p.status.get(t.trial_id, "pending")} for t in p.trials]
+
+
+def concurrent_slots(trials: list[TrialSpec], cluster_cpus: float, cluster_gpus: float,
+                     max_concurrent: int | None = None) -> int:
+    """How many of ``trials`` the cluster runs at once, for the progress line's estimate: by the largest GPU share and
+    by ``cpus``; at most ``max_concurrent`` and the number of trials; at least 1."""
+    if not trials:
+        return 1
+    gpu = [t.gpu_share for t in trials if t.gpu_share]
+    by_gpu = int(cluster_gpus // max(gpu)) if gpu else len(trials)
+    by_cpu = int(cluster_cpus // max(max(t.cpus for t in trials), 1e-9)) if cluster_cpus else 1
+    return max(1, min(by_gpu, by_cpu, max_concurrent or len(trials), len(trials)))

@@ -303,3 +303,13 @@ def table_rows() -> list[dict[str, Any]]:
         }
         for p in REGISTRY.values()
     ]
+
+
+def short_table_rows() -> list[dict[str, Any]]:
+    """:func:`table_rows` cut to what fits in 100 columns (``sweep precisions``; ``--long`` shows every column)."""
+    return [{"name": r["name"], "method": r["method"],
+             "library": r["library"].replace(" (not installed)", " (missing)"),
+             "weight bits": r["weight_bits"],
+             "act bits": "compute" if r["activation_bits"] == "compute dtype" else r["activation_bits"],
+             "compute": "per study" if r["compute_dtype"] == "study's compute_dtypes" else r["compute_dtype"]}
+            for r in table_rows()]
