@@ -118,7 +118,7 @@ def test_every_stage_runs_on_ort_and_a_relaunch_reuses_the_export(tmp_path, real
     for p, row in rows.items():
         assert row["status"] == "done", (p, row["error"], row["error_traceback"])
     assert onnx_export.EXPORTS[0] == exports + 1, "ort-int8 quantizes ort-fp32's export, it does not export again"
-    assert rows["fp32"]["runtime_provider"] is None
+    assert rows["fp32"].get("runtime_provider") is None
     assert rows["ort-fp32"]["runtime_provider"] == rows["ort-int8"]["runtime_provider"] == "CPUExecutionProvider"
     m = _store_metrics(store.root)
     by = {p: {(r["stage"], r["metric"], r["batch_size"], r["task"]): r["value"]
