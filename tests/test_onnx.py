@@ -217,3 +217,54 @@ print('ROW', row['status'], row['error_stage'], '|', row['error'])
     assert r.returncode == 0, r.stderr
     assert "ROW failed load | UserError: precision 'ort-int8' needs onnxruntime: pip install 'quant-sweeper[onnx]'" \
         in r.stdout
+
+
+def _launch_study(path: Path, name: str, model: Path, data: Path, new_tokens: int) -> Path:
+    return write_study(path, f"""
+        study = Study(
+            name={name!r},
+            models=[{str(model)!r}],
+            precisions=["fp32", "ort-int8"],
+            compute_dtypes=["fp32"],
+            benchmark=Benchmark(prompt_tokens=16, new_tokens={new_tokens}, batch_sizes=(1,), repeats=2, warmup=0,
+                                kv_cache=(True, False)),
+            perplexity=Perplexity({str(data / "wikitext-2" / "test.txt")!r}, context=64, max_tokens=256),
+            kl={fast_kl()},
+        )
+    """)
+
+
+def test_sweep_launch_runs_ort_and_a_second_study_reuses_the_cached_models(tmp_path, real_model, shared_data):
+    """Through `sweep launch` (Ray workers): the export and its int8 model are made once; a second study (other
+    trial ids, other results dir) sharing the cache folder finds both (counted: no new folder, files untouched)."""
+    res_a, res_b = tmp_path / "res-a", tmp_path / "res-b"
+    first = sweep("launch", str(_launch_study(tmp_path / "a.py", "ort-a", real_model, shared_data, 4)),
+                  "--results", str(res_a))
+    assert first.returncode == 0, first.stdout + first.stderr
+    t = read_trials(res_a)
+    assert t.height == 2 and set(t["status"]) == {"done"}, t["error"].to_list()
+    assert t.filter(pl.col("precision") == "ort-int8")["runtime_provider"].to_list() == ["CPUExecutionProvider"]
+    cache = res_a / "quantized"
+    made = sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(made) == 2, made  # the fp32 export and its int8 quantization
+    stamps = {f: f.stat().st_mtime_ns for p in made for f in p.iterdir()}
+
+    second = sweep("launch", str(_launch_study(tmp_path / "b.py", "ort-b", real_model, shared_data, 5)),
+                   "--results", str(res_b), env={"SWEEPER_QUANTIZED_CACHE": str(cache)})
+    assert second.returncode == 0, second.stdout + second.stderr
+    tb = read_trials(res_b)
+    assert set(tb["status"]) == {"done"} and not set(tb["trial_id"]) & set(t["trial_id"])
+    m = pl.read_parquet(str(res_b / "metrics" / "*.parquet"))
+    tid = tb.filter(pl.col("precision") == "ort-int8")["trial_id"][0]
+    load = dict(zip(*m.filter((pl.col("trial_id") == tid) & (pl.col("stage") == "load"))[["metric", "value"]]))
+    assert load["export_cache_hit"] == 1 and load["quantize_cache_hit"] == 1 and load["export_s"] == 0
+    assert sorted(p for p in cache.iterdir() if not p.name.startswith(".")) == made
+    assert {f: f.stat().st_mtime_ns for p in made for f in p.iterdir()} == stamps
+    assert not (res_b / "quantized").exists()
+
+    # --vs-baseline shows both cache settings against the PyTorch baseline
+    out = sweep("results", str(res_a), "--vs-baseline", "--format", "csv", "--columns",
+                "precision,decode_tok_s,decode_tok_s_no_kv,speedup_decode_no_kv,kv_cache_speedup")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split(",")[0]: line.split(",") for line in out.stdout.splitlines()[1:]}
+    assert set(rows) == {"fp32", "ort-int8"} and all(v != "" for r in rows.values() for v in r[1:]), out.stdout
