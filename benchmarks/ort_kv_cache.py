@@ -5,7 +5,7 @@ Benchmark(kv_cache=(True, False))), in rotating rounds so a slow minute of this 
 Models are loaded by the load stage (the ONNX export and its int8 quantization come from a cache folder, made on the
 first run). Threads: torch and ONNX Runtime both use --threads intra-op threads.
 
-    python3 benchmarks/ort_kv_cache.py --rounds 3 --threads 1 > benchmarks/logs/ort_kv_cache_cpu.txt
+    python3 benchmarks/ort_kv_cache.py --rounds 5 --threads 1 > benchmarks/logs/ort_kv_cache_cpu_run2.txt
 """
 import argparse
 import os

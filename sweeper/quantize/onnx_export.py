@@ -20,12 +20,11 @@ import gc
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .calibrated import _locked, cache_root, key_of
+from .calibrated import cache_root, ensure_folder, key_of
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +145,12 @@ def quantize_int8(source: Path, out_dir: Path, source_meta: dict[str, Any], iden
 
 
 def _ensure(root: Path, ident: dict[str, Any], make) -> tuple[Path, dict[str, Any], bool]:
-    """The cached folder for ``ident``, made by ``make(tmp_dir) -> meta`` under a lock if absent; (path, meta, hit)."""
-    final = root / key_of(ident)
-    with _locked(root / f".{final.name}.lock"):
-        if not (final / "meta.json").is_file():
-            tmp = root / f".{final.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            meta = make(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last: a present meta.json means a whole model
-            os.replace(tmp, final)
-            return final, meta, False
-    return final, json.loads((final / "meta.json").read_text()), True
+    """The cached folder for ``ident``, made by ``make(tmp_dir) -> meta`` if absent; (path, meta, cache hit)."""
+    def make_with_meta(tmp: Path) -> None:
+        (tmp / "meta.json").write_text(json.dumps(make(tmp), indent=2))  # last: its presence means a whole model
+
+    final, hit = ensure_folder(root, key_of(ident), make_with_meta)
+    return final, json.loads((final / "meta.json").read_text()), hit
 
 
 def ensure_model(spec: Any, int8: bool, store_root: str | os.PathLike | None) -> tuple[Path, dict[str, Any], list[dict]]:
