@@ -91,14 +91,14 @@ class OrtCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones(batch, past + seq, dtype=torch.long)
         if position_ids is None:  # as the transformers models do without position ids: the cache positions
             position_ids = torch.arange(past, past + seq).expand(batch, seq)
-        feed = {"input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
-                "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False),
-                "position_ids": position_ids.cpu().numpy().astype(np.int64, copy=False)}
+        feed = {name: np.ascontiguousarray(t.cpu().numpy(), dtype=np.int64) for name, t in
+                (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids))}
         for i, (heads, dim) in enumerate(zip(self.kv_heads, self.head_dims)):
             if past:
                 layer = past_key_values.layers[i]
-                feed[f"past.{i}.key"] = layer.keys.numpy()
-                feed[f"past.{i}.value"] = layer.values.numpy()
+                # no copy for the session's own outputs; a reordered cache (beam search) may need one
+                feed[f"past.{i}.key"] = np.ascontiguousarray(layer.keys.numpy())
+                feed[f"past.{i}.value"] = np.ascontiguousarray(layer.values.numpy())
             else:
                 feed[f"past.{i}.key"] = feed[f"past.{i}.value"] = np.zeros((batch, heads, 0, dim), np.float32)
         out = self.session.run(self._outputs, feed)
