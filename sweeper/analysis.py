@@ -65,7 +65,7 @@ METRIC_COLUMNS: list[tuple[str, str, str, float]] = [
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity", "perplexity"}
 
 CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "compute_dtype", "is_baseline", "baseline_id",
-                  "status", "device", "device_name", "gpu_share", "error_stage", "error_type", "error"]
+                  "status", "device", "device_name", "runtime_provider", "gpu_share", "error_stage", "error_type", "error"]
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
 DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_no_kv", "kv_cache_speedup", "speedup_throughput", "speedup_prefill", "speedup_sequence",
