@@ -13,7 +13,9 @@ Definitions (docs/analysis.md repeats them):
 
 - ``speedup_decode`` = trial decode tok/s / baseline decode tok/s (eager ``generate``, batch 1);
   ``speedup_decode_graph`` = the same for the kernel-level decode (``decode_graph_tok_s``: the decode step replayed as
-  a CUDA graph; null where a trial has none, its ``graph_decode_error`` says why); ``speedup_throughput`` = trial batch
+  a CUDA graph; null where a trial has none, its ``graph_decode_error`` says why); ``speedup_decode_no_kv`` the same
+  without the KV cache (``Benchmark(kv_cache=(True, False))``); ``kv_cache_speedup`` = the trial's decode tok/s with
+  the cache / without it (needs no baseline); ``speedup_throughput`` = trial batch
   tok/s / baseline batch tok/s at the same batch size (the trial's largest); ``speedup_prefill``,
   ``speedup_sequence``, ``speedup_load`` = baseline time / trial time. > 1 means faster.
 - A trial's memory is ``weights_gb``: the bytes its loaded weights really occupy (``weights_bytes`` of the load stage,
@@ -58,6 +60,8 @@ METRIC_COLUMNS: list[tuple[str, str, str, float]] = [
     ("decode_graph_tok_s", "benchmark", "decode_graph_tok_s", 1.0),
     ("decode_ms_per_token", "benchmark", "decode_ms_per_token", 1.0),
     ("sequence_ms", "benchmark", "sequence_ms", 1.0),
+    ("decode_tok_s_no_kv", "benchmark", "decode_tok_s_no_kv", 1.0),  # without the KV cache (Benchmark.kv_cache)
+    ("sequence_ms_no_kv", "benchmark", "sequence_ms_no_kv", 1.0),
     ("perplexity", "perplexity", "token_perplexity", 1.0),
     ("kl_mean", "kl", "kl_mean", 1.0),
     ("kl_median", "kl", "kl_median", 1.0),
@@ -68,12 +72,13 @@ METRIC_COLUMNS: list[tuple[str, str, str, float]] = [
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity", "perplexity"}
 
 CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "compute_dtype", "is_baseline", "baseline_id",
-                  "status", "device", "device_name", "gpu_share", "error_stage", "error_type", "error"]
+                  "status", "device", "device_name", "runtime_provider", "gpu_share", "error_stage", "error_type", "error"]
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
-DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_throughput", "speedup_prefill",
-                   "speedup_sequence", "load_cold", "speedup_load", "memory_reduction", "memory_reduction_peak",
-                   "compression_ratio", "gb_saved", "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
+DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_decode_no_kv",
+                   "kv_cache_speedup", "speedup_throughput", "speedup_prefill", "speedup_sequence", "load_cold", "speedup_load",
+                   "memory_reduction", "memory_reduction_peak", "compression_ratio", "gb_saved", "retention_mean",
+                   "ppl_delta_pct", "ppl_delta_per_gb_saved"]
 
 # Recommendation scenarios of the seed reports: (key, description).
 SCENARIOS: list[tuple[str, str]] = [
@@ -172,6 +177,10 @@ def compare(res: Results) -> pl.LazyFrame:
     w = w.with_columns(
         ratio(pl.col("decode_tok_s"), pl.col("decode_tok_s_b")).alias("speedup_decode"),
         ratio(pl.col("decode_graph_tok_s"), pl.col("decode_graph_tok_s_b")).alias("speedup_decode_graph"),
+        ratio(pl.col("decode_tok_s_no_kv"), pl.col("decode_tok_s_no_kv_b")).alias("speedup_decode_no_kv"),
+        # within the trial, no baseline needed: what the KV cache buys
+        pl.when(pl.col("decode_tok_s_no_kv") > 0).then(pl.col("decode_tok_s") / pl.col("decode_tok_s_no_kv"))
+        .otherwise(None).alias("kv_cache_speedup"),
         ratio(pl.col("batch_tok_s"), pl.col("_base_batch_tok_s")).alias("speedup_throughput"),
         ratio(pl.col("prefill_ms_b"), pl.col("prefill_ms")).alias("speedup_prefill"),
         ratio(pl.col("sequence_ms_b"), pl.col("sequence_ms")).alias("speedup_sequence"),

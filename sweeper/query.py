@@ -44,19 +44,22 @@ MEMORY_COLUMNS = ["weights_gb", "peak_gb"]  # weights_gb: the true bytes of the 
 # speed in two kinds: eager generate and kernel-level (CUDA-graph decode; dropped where no trial has it, and with it the
 # column saying why a trial has none)
 DEFAULT_COLUMNS = ["results_dir", "study", "model", "precision", "compute_dtype", "status", "load_s", *MEMORY_COLUMNS,
-                   "decode_tok_s", "decode_graph_tok_s", "graph_decode_error", "batch_tok_s", "perplexity", "kl_mean"]
+                   "decode_tok_s", "decode_graph_tok_s", "graph_decode_error", "decode_tok_s_no_kv", "batch_tok_s",
+                   "perplexity", "kl_mean"]
 # --vs-baseline: the seeds' comparison (speed, memory, quality against the baseline, and a verdict)
 DEFAULT_VS_BASELINE = ["results_dir", "study", "model", "precision", "compute_dtype", "status", "decode_tok_s",
                        "speedup_decode", "decode_graph_tok_s", "speedup_decode_graph", "graph_decode_error",
+                       "decode_tok_s_no_kv", "speedup_decode_no_kv", "kv_cache_speedup",
                        MEMORY_COLUMNS[0], "memory_reduction", "retention_mean", "perplexity", "ppl_delta_pct",
                        "kl_mean", "verdict"]
 # columns of the summary / compare views that are not a task's main metric
-_NOT_TASKS = {"trial_id", "study", "model", "model_id", "precision", "compute_dtype", "is_baseline", "baseline_id",
-              "status", "device", "device_name", "gpu_share", "error_stage", "error_type", "error", "batch_size",
-              "batch_tok_s", "verdict", "results_dir", "graph_decode_error", *[c for c, *_ in analysis.METRIC_COLUMNS], *analysis.DERIVED_COLUMNS}
+_NOT_TASKS = {"batch_size", "batch_tok_s", "verdict", "results_dir", "graph_decode_error", *analysis.CONFIG_COLUMNS,
+              *[c for c, *_ in analysis.METRIC_COLUMNS], *analysis.DERIVED_COLUMNS}
 # shorter headers, used only when a table is wider than the terminal
-SHORT_HEADERS = {"compute_dtype": "compute", "load_s": "load s", "weights_gb": "mem GB", "decode_graph_tok_s": "kernel tok/s",
-                 "speedup_decode_graph": "kernel speedup", "graph_decode_error": "no kernel: why",
+SHORT_HEADERS = {"compute_dtype": "compute", "load_s": "load s", "weights_gb": "mem GB",
+                 "decode_graph_tok_s": "kernel tok/s", "speedup_decode_graph": "kernel speedup",
+                 "graph_decode_error": "no kernel: why", "decode_tok_s_no_kv": "no-KV tok/s",
+                 "speedup_decode_no_kv": "no-KV speedup", "kv_cache_speedup": "KV gain",
                  "peak_gb": "peak GB", "decode_tok_s": "dec tok/s", "batch_tok_s": "bat tok/s", "perplexity": "ppl",
                  "kl_mean": "KL", "speedup_decode": "speedup", "memory_reduction": "mem red", "retention_mean": "retain",
                  "ppl_delta_pct": "ppl +%", "precision": "prec", "trial_id": "trial"}
