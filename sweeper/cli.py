@@ -77,7 +77,17 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
-    with LaunchLock(p.store.root):
+    with LaunchLock(p.store.root) as lock:
+        if not fresh and not p.pending:  # nothing to do: say so without starting Ray or warm workers
+            L.validate_study_tasks(p.study)
+            for line in L.prepare_store(p.store, lock.token):
+                click.echo(line, err=True)
+            p = L.for_cluster(p)
+            if not p.pending:
+                _print_plan(p, notes, render)
+                L.record_launch(p, sys.argv, address)
+                click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}")
+                return
         # warm workers start first: their imports then overlap Ray's start and the task check
         pool = (L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, address, fresh,
                                      emit=lambda m: click.echo(m, err=True)) if warm_workers else None)
@@ -106,9 +116,8 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                 moved = L.move_aside(p.store)
                 if moved:
                     click.echo(f"--fresh: moved old results to {moved}")
-            p.store.remove_stale_temp_files()
-            for path, dest, why in p.store.quarantine_damaged():
-                click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
+            for line in L.prepare_store(p.store, lock.token):
+                click.echo(line, err=True)
             share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpu_memory_bytes else None
             p = L.for_cluster(p, share_for, cluster.gpus)
             _print_plan(p, notes, render)

@@ -35,4 +35,7 @@ def fast_kl() -> str:
 
 
 def read_trials(results: Path) -> pl.DataFrame:
-    return pl.read_parquet(str(results / "trials" / "*.parquet"))
+    """The committed trial rows of a results folder (docs/store.md)."""
+    from sweeper.results import open_results
+
+    return open_results(str(results)).trials.collect()
