@@ -137,6 +137,16 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _conform(table: pa.Table, schema: pa.Schema, kind: str) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in order (absent ones null), or ValueError for unknown ones."""
+    unknown = set(table.column_names) - set(schema.names)
+    if unknown:
+        raise ValueError(f"{kind} rows have columns the store does not know: {sorted(unknown)}")
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
 KINDS = ("trials", "metrics", "samples")
 SCHEMAS = {"trials": TRIALS_SCHEMA, "metrics": METRICS_SCHEMA, "samples": SAMPLES_SCHEMA}
 
@@ -441,7 +451,7 @@ class ResultsStore:
                 raise ValueError(f"{kind} rows of trial {tid} name other trials: {sorted(ids - {tid})[:3]}")
         files = {}
         for kind, table in tables.items():
-            files[kind] = self._write_data(kind, _parquet_bytes(table.cast(SCHEMAS[kind])))
+            files[kind] = self._write_data(kind, _parquet_bytes(_conform(table, SCHEMAS[kind], kind)))
         row = {**row, "stage_write_s": time.perf_counter() - t0}
         files["trials"] = self._write_data("trials", _parquet_bytes(trial_table(row)))
         self.loc.sync_dir("data")  # the files' names are durable before a commit names them

@@ -21,7 +21,7 @@ from sweeper.errors import UserError
 from sweeper.lock import LaunchLock
 from sweeper.results import open_results
 from sweeper.store import ResultsStore, metrics_table, trial_table
-from tests.helpers import sweep
+from helpers import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
