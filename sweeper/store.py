@@ -464,6 +464,31 @@ class ResultsStore:
                 record["ref"] = {"path": f"refs/{ref_id}.parquet", "size": st.st_size}
         self._commit({"kind": "trials", "token": self.token, "trials": [record]})
 
+    def import_trials(self, trials: pa.Table, metrics: pa.Table, samples: pa.Table | None = None) -> None:
+        """Commit many trials at once as segments (one file per kind), as compaction would have left them: tools
+        and benchmarks that bring whole result sets (benchmarks/store_scale.py)."""
+        ids = trials.column("trial_id").to_pylist()
+        if len(set(ids)) != len(ids):
+            raise ValueError("import_trials: a trial id appears twice")
+        tables = {"trials": trials, "metrics": metrics, **({"samples": samples} if samples is not None else {})}
+        files = {}
+        for kind, table in tables.items():
+            table = _conform(table, SCHEMAS[kind], kind)
+            have = set(pc.unique(table.column("trial_id")).to_pylist())
+            if have - set(ids):
+                raise ValueError(f"import_trials: {kind} rows of trials not imported: {sorted(have - set(ids))[:3]}")
+            holders = len(have)
+            files[kind] = self._write_data(kind, _parquet_bytes(table), segment=True, n=holders)
+            files[kind]["ids"] = have
+        self.loc.sync_dir("data")
+        status = trials.column("status").to_pylist()
+        attempt = trials.column("attempt").to_pylist()
+        records = []
+        for tid, st, at in zip(ids, status, attempt):
+            own = {k: {"path": f["path"], "size": f["size"], "n": f["n"]} for k, f in files.items() if tid in f["ids"]}
+            records.append({"trial_id": tid, "status": st, "attempt": int(at or 1), "files": own})
+        self._commit({"kind": "trials", "token": self.token, "trials": records})
+
     def _write_data(self, kind: str, data: bytes, segment: bool = False, n: int = 1) -> dict[str, Any]:
         rel = f"data/{'seg-' if segment else ''}{uuid.uuid4().hex}.{kind}.parquet"
         self.loc.write_new(rel, data, sync_dir=False)
@@ -507,6 +532,16 @@ class ResultsStore:
         with self.loc.open_regular(live.files["trials"]) as fh:
             t = pq.read_table(fh, filters=[("trial_id", "=", trial_id)])
         return t.to_pylist()[0] if t.num_rows else None
+
+    def read_trial_rows(self, trial_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """trial_id -> committed row for several trials, in one read of the files holding them."""
+        import polars as pl
+
+        ids = [t for t in trial_ids if self.committed(t) is not None]
+        lf = self.scan("trials")
+        if not ids or lf is None:
+            return {}
+        return {r["trial_id"]: r for r in lf.filter(pl.col("trial_id").is_in(ids)).collect().to_dicts()}
 
     def scan(self, kind: str):
         """The live rows of ``kind`` (trials / metrics / samples) as a Polars LazyFrame with the store's columns, or
