@@ -169,7 +169,7 @@ def open_results(dirs: list[str] | str, check: bool = True) -> Results:
     size, its schema, its trial id), so a damaged file is reported by name (UserError) instead of failing somewhere
     inside a query, hanging, or being mistaken for "no results".
     """
-    from .store import _damaged_error
+    from .store import damaged_error
 
     paths = expand_dirs([dirs] if isinstance(dirs, str) else list(dirs))
     res = Results(paths)
@@ -177,5 +177,5 @@ def open_results(dirs: list[str] | str, check: bool = True) -> Results:
         for store in res.stores:
             damaged = store.damaged_files()
             if damaged:
-                raise _damaged_error(damaged)
+                raise damaged_error(damaged)
     return res

@@ -206,11 +206,6 @@ class State:
     legacy: bool = False
     legacy_bad: list[tuple[str, str, set[str]]] = field(default_factory=list)  # old layout: damaged files
 
-    def copy(self) -> "State":
-        return State(self.seq, self.owner, {k: Live(v.status, v.attempt, v.seq, dict(v.files), v.ref)
-                                            for k, v in self.trials.items()},
-                     dict(self.sizes), list(self.bad), list(self.fenced), self.legacy)
-
 
 def _kind(path: str) -> str:
     if path.startswith("refs/"):
@@ -521,7 +516,7 @@ class ResultsStore:
         st = self.state()
         damaged = self._damaged(st)
         if damaged and not skip_damaged:
-            raise _damaged_error([(self.root / f, why) for f, why, _ in damaged])
+            raise damaged_error([(self.root / f, why) for f, why, _ in damaged])
         hit = {t for _, _, ids in damaged for t in ids}
         return {tid: live.status for tid, live in st.trials.items() if tid not in hit}
 
@@ -711,7 +706,7 @@ class ResultsStore:
             self._state = None
         return moved
 
-    def remove_stale_temp_files(self, older_than_s: float = 600.0) -> int:
+    def remove_stale_temp_files(self, older_than_s: float = 0.0) -> int:
         """(launch, owning the location) Delete what killed writers left: temporary files, and data files no commit
         references, once older than the reader grace period."""
         n = 0
@@ -826,7 +821,7 @@ class ResultsStore:
         return moved
 
 
-def _damaged_error(damaged: list[tuple[Path, str]]) -> UserError:
+def damaged_error(damaged: list[tuple[Path, str]]) -> UserError:
     f, why = damaged[0]
     more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
     return UserError(f"damaged result file {f}{more}: {why}; `sweep launch` on its study quarantines it and reruns "
