@@ -462,6 +462,7 @@ class ResultsStore:
     def import_trials(self, trials: pa.Table, metrics: pa.Table, samples: pa.Table | None = None) -> None:
         """Commit many trials at once as segments (one file per kind), as compaction would have left them: tools
         and benchmarks that bring whole result sets (benchmarks/store_scale.py)."""
+        trials = _conform(trials, TRIALS_SCHEMA, "trials")
         ids = trials.column("trial_id").to_pylist()
         if len(set(ids)) != len(ids):
             raise ValueError("import_trials: a trial id appears twice")
