@@ -127,6 +127,7 @@ def main() -> None:
         "sweep status": [*sweep, "status", str(out)],
         "sweep launch (nothing to do)": [*sweep, "launch", str(study), "--results", str(out)],
     }
+    print(f"load average before: {os.getloadavg()[0]:.1f} (2-core machine shared with other work: wall > CPU)")
     print(f"{'command':32s} {'wall s':>8s} {'cpu s':>8s} {'peak MB':>8s}")
     for name, cmd in commands.items():
         for _ in range(a.repeats):
