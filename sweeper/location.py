@@ -102,12 +102,17 @@ class Local:
     def sync_dir(self, rel: str) -> None:
         self._fsync_dir(self.root / rel)
 
-    def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create ``rel`` with ``data``, whole or not at all; False if it exists already (another commit won)."""
+    def _temp(self, rel: str, data: bytes) -> tuple[Path, Path]:
+        """(final path, a fsynced temporary file beside it holding ``data``)."""
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         self._write_fd(tmp, data, os.O_CREAT | os.O_EXCL)
+        return path, tmp
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` with ``data``, whole or not at all; False if it exists already (another commit won)."""
+        path, tmp = self._temp(rel, data)
         try:
             os.link(tmp, path)  # atomic, and fails if the name exists: the commit point
         except FileExistsError:
@@ -119,10 +124,7 @@ class Local:
 
     def replace(self, rel: str, data: bytes) -> None:
         """Write ``rel`` atomically (temporary name, fsync, rename, fsync of the folder)."""
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        self._write_fd(tmp, data, os.O_CREAT | os.O_EXCL)
+        path, tmp = self._temp(rel, data)
         try:
             os.replace(tmp, path)
         except BaseException:

@@ -165,6 +165,17 @@ def test_an_ended_owner_cannot_commit(tmp_path):
 # ---------------------------------------------------------------------------------------------------------- commits
 
 
+def _crashing(real, crash_at: int, calls: list[int]):
+    """``real``, except that its ``crash_at``-th call (counted in ``calls``) is a kill of the process."""
+    def crashing(*a, **kw):
+        calls[0] += 1
+        if calls[0] == crash_at:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    return crashing
+
+
 def test_crash_during_quarantine_never_leaves_a_done_trial_without_metrics(tmp_path, monkeypatch):
     """Defect 4: quarantine moved the metrics before the row; a crash between left the trial done without data."""
     for crash_at in (1, 2, 3):
@@ -172,16 +183,8 @@ def test_crash_during_quarantine_never_leaves_a_done_trial_without_metrics(tmp_p
         store = _store(root)
         path = store.metrics_path("T1")
         path.write_bytes(path.read_bytes()[:40])  # truncated
-        calls = [0]
         real = os.replace
-
-        def crashing(*a, **kw):
-            calls[0] += 1
-            if calls[0] == crash_at:
-                raise KeyboardInterrupt("killed mid-quarantine")
-            return real(*a, **kw)
-
-        monkeypatch.setattr(os, "replace", crashing)
+        monkeypatch.setattr(os, "replace", _crashing(real, crash_at, [0]))
         try:
             ResultsStore(root).quarantine_damaged()
         except KeyboardInterrupt:
@@ -222,14 +225,7 @@ def test_uncommitted_metrics_are_invisible_and_a_retry_keeps_its_own(tmp_path, m
         store.write_study({"name": "s"})
         store.write_trial(_row("T1", status="failed", attempt=1), _metrics("T1", 10.0))
         calls = [0]
-
-        def crashing(*a, **kw):
-            calls[0] += 1
-            if calls[0] == crash_at:
-                raise KeyboardInterrupt("killed mid-write")
-            return real(*a, **kw)
-
-        monkeypatch.setattr(pq, "write_table", crashing)
+        monkeypatch.setattr(pq, "write_table", _crashing(real, crash_at, calls))
         with pytest.raises(KeyboardInterrupt):
             store.write_trial(_row("T1", attempt=2), _metrics("T1", 20.0))
         calls[0] = 0
