@@ -485,6 +485,7 @@ class ResultsStore:
             own = {k: {"path": f["path"], "size": f["size"], "n": f["n"]} for k, f in files.items() if tid in f["ids"]}
             records.append({"trial_id": tid, "status": st, "attempt": int(at or 1), "files": own})
         self._commit({"kind": "trials", "token": self.token, "trials": records})
+        self.checkpoint()  # readers then start from it instead of parsing this (large) commit
 
     def _write_data(self, kind: str, data: bytes, segment: bool = False, n: int = 1) -> dict[str, Any]:
         rel = f"data/{'seg-' if segment else ''}{uuid.uuid4().hex}.{kind}.parquet"
@@ -830,6 +831,7 @@ class ResultsStore:
         self.loc.create_exclusive(f"_log/{1:020d}.json", json.dumps(
             {"kind": "owner", "token": owner, "at": time.time(), "migrated": True}).encode())
         self._commit({"kind": "trials", "token": owner, "trials": records, "migrated_from": "per-trial layout"})
+        self.checkpoint()
         return moved
 
 

@@ -176,14 +176,16 @@ def study_identity(study: Study) -> dict[str, Any]:
 
 
 def trial_identity(study: Study, model: Model, precision: str, compute_dtype: str,
-                   fingerprint: str | None, shared: dict[str, Any], calibration: tuple | None = None) -> dict[str, Any]:
+                   fingerprint: str | None, shared: dict[str, Any], calibration: tuple | None = None,
+                   model_ident: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything that decides a trial's numbers; ``fingerprint`` is the model's, ``shared`` is study_identity();
-    ``calibration``: (options, calibration text identity) of ``precision`` when the caller has them already."""
+    ``calibration``: (options, calibration text identity) of ``precision``, ``model_ident``: model_identity(), when
+    the caller has them already."""
     if calibration is None:
         options = _precisions.get(precision).resolve_options(study.precision_options.get(precision))
         calibration = (options, _calibration_identity(options))
     return {
-        **model_identity(model, fingerprint),
+        **(model_ident if model_ident is not None else model_identity(model, fingerprint)),
         "precision": precision,
         "options": calibration[0],
         "calibration_text": calibration[1],
@@ -235,7 +237,8 @@ def expand(study: Study) -> tuple[list[TrialSpec], list[Dropped]]:
         if (base_precision, base_cd) not in cells:  # only reachable through an explicit compute dtype mismatch
             raise AssertionError(f"baseline {base_precision}/{base_cd} missing from grid")
         fp = model_fingerprint(model)
-        ids = {c: _sha(trial_identity(study, model, *c, fp, shared, calibration[c[0]])) for c in cells}
+        mid = model_identity(model, fp)
+        ids = {c: _sha(trial_identity(study, model, *c, fp, shared, calibration[c[0]], mid)) for c in cells}
         base_id = ids[(base_precision, base_cd)]
         cells.sort(key=lambda c: c != (base_precision, base_cd))  # baseline first
         for pname, cd in cells:

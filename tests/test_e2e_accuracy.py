@@ -9,6 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from sweeper.results import open_results
+
 from helpers import (committed_rows, fast_benchmark, fast_kl, read_metrics, read_trials, sweep, sweep_popen,
                      write_study)
 
@@ -57,7 +59,7 @@ def test_tasks_and_kl_in_the_same_trial(tmp_path, tiny_model, shared_data):
         assert {"acc", "acc_norm"} <= set(rows["metric"]), task
         assert rows["stderr"].is_not_null().all() and set(rows["n"]) == {n}
     # per-item records: one per item per metric and trial, enough to pair trials by doc_id
-    s = pl.read_parquet(str(results / "samples" / "*.parquet"))
+    s = open_results(str(results)).samples.collect()
     for tid in t["trial_id"]:
         mine = s.filter((pl.col("trial_id") == tid) & (pl.col("metric") == "acc"))
         assert mine.filter(pl.col("task") == "piqa").height == 8
