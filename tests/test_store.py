@@ -391,3 +391,33 @@ def test_compaction_keeps_exactly_the_live_rows(tmp_path):
     m = res.metrics.filter(pl.col("stage") == "load").collect()
     assert dict(zip(m["trial_id"], m["value"])) == {t: v for t, (_, v) in expected.items()}
     assert len(os.listdir(root / "_log")) < 3 * S.COMPACT_TAIL
+
+
+def test_damaged_checkpoint_and_commit_are_named_and_repaired(tmp_path):
+    """The log itself: a damaged newest checkpoint falls back on the previous one and the commits after it; a commit
+    that does not parse is named, and launch replaces it with a void one (its trial runs again)."""
+    from sweeper import store as S
+
+    root = tmp_path / "res"
+    store = ResultsStore(root)
+    store.take_over("L")
+    for i in range(2 * S.COMPACT_TAIL):
+        store.write_trial(_row(f"T{i}"), _metrics(f"T{i}", float(i)))
+        store.compact()
+    store.write_trial(_row("X"), _metrics("X", 1.0))
+    log = sorted((root / "_log").iterdir())
+    checkpoints = [p for p in log if p.name.endswith(".checkpoint.parquet")]
+    assert len(checkpoints) == 2
+    checkpoints[-1].write_bytes(b"not parquet")
+    last = [p for p in log if p.name.endswith(".json")][-1]  # X's commit
+    last.write_text("{truncated")
+    with pytest.raises(UserError, match="checkpoint.parquet"):
+        open_results(str(root))
+    fresh = ResultsStore(root, token="L")
+    assert set(fresh.trial_status(skip_damaged=True)) == {f"T{i}" for i in range(2 * S.COMPACT_TAIL)}
+    moved = fresh.quarantine_damaged()
+    assert {p.name for p, _, _ in moved} == {checkpoints[-1].name, last.name}
+    assert json.loads(last.read_text())["kind"] == "void"
+    after = ResultsStore(root)
+    assert after.damaged_files() == [] and "X" not in after.trial_status()
+    assert _metric_values(root, "T5") == [0.5, 5.0]
