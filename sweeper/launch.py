@@ -209,9 +209,9 @@ def prepare_store(store: ResultsStore, token: str) -> list[str]:
     """Under the launch lock, before any trial runs: make this launch the owner of the results location (from now on
     commits of any earlier launch's leftover processes count for nothing), migrate a folder of the old layout, quarantine
     damaged files (their trials run again), delete what killed writers left, and compact. Returns the lines to print."""
-    store._state = None  # read afresh: --fresh may have moved the folder since the plan read it
+    store.forget()  # --fresh may have moved the folder since the plan read it
     lines = []
-    if store._is_legacy():
+    if store.is_legacy():
         store.token = token
         for path, dest, why in store.migrate_legacy():
             lines.append(f"damaged result file {path} ({why}): moved to {dest}")

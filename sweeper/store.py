@@ -352,12 +352,18 @@ class ResultsStore:
         return self.root / "refs" / f"{ref_id}.parquet"
 
     # ------------------------------------------------------------------------------------------------ the log
-    def _is_legacy(self) -> bool:
+    def is_legacy(self) -> bool:
+        """A folder in the per-trial layout of an older sweeper (read as it is; `sweep launch` migrates it)."""
         return not self.loc.list("_log") and self.loc.is_real_dir("trials")
+
+    def forget(self) -> None:
+        """Read the location afresh on the next call (it was moved or repaired behind this object's back)."""
+        self._state = None
+        self._checked = {}
 
     def state(self) -> State:
         """The live state: the newest checkpoint plus every commit after it (re-read as the log grows)."""
-        if self._is_legacy():
+        if self.is_legacy():
             if self._state is None or not self._state.legacy:
                 self._state = _legacy_state(self)
             return self._state
@@ -414,7 +420,7 @@ class ResultsStore:
     def _commit(self, entry: dict) -> int:
         """Append ``entry`` to the log; the exclusive create is the commit point. Refused (OwnershipLost) once
         another launch owns the location; a lost race for the next number is retried after reading it."""
-        if self._is_legacy():
+        if self.is_legacy():
             raise UserError(f"{self.root} is in the layout of an older sweeper; `sweep launch` migrates it first")
         data = json.dumps(entry, separators=(",", ":")).encode()
         while True:
@@ -693,7 +699,7 @@ class ResultsStore:
         held: a crash at any moment leaves those trials pending, never "done" without their data. A damaged KL
         reference retracts the baseline that made it, so the baseline runs again. Also migrates an old folder."""
         moved = []
-        if self._is_legacy():
+        if self.is_legacy():
             moved += self.migrate_legacy()
         st = self.state()
         bad = self._damaged(st, full=True)
@@ -716,7 +722,7 @@ class ResultsStore:
             note = why if not ids else f"{why}; {len(ids)} trial(s) run again"
             moved.append((self.root / f, dest, note))
         if bad:
-            self._state = None
+            self.forget()
         return moved
 
     def remove_stale_temp_files(self, older_than_s: float = 0.0) -> int:
