@@ -41,7 +41,7 @@ class Local:
     def lstat(self, rel: str) -> os.stat_result | None:
         try:
             return os.lstat(self.root / rel)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where a folder of the path should be
             return None
 
     def is_real_dir(self, rel: str) -> bool:
