@@ -4,9 +4,8 @@
     python benchmarks/analysis_bench.py --out /tmp/bench_results            # write the set (once) and time
     python benchmarks/analysis_bench.py --out /tmp/bench_results --reuse    # time an existing set again
 
-Layout: the directories and file schemas ``sweeper.store`` writes (study.json, trials/, metrics/, samples/), but each
-folder holds a few large Parquet files (``part-NNN.parquet``, ``--parts`` of them) instead of one file per trial: the
-readers glob ``*.parquet`` and accept both. Reading 100k one-row files is a file-system benchmark, not an analysis one.
+Layout: the store's (docs/store.md): one commit of every trial, one segment file per kind, as compaction leaves a
+large study (``--parts`` is kept for old command lines and ignored).
 
 Shape (defaults): 1000 models x 100 cells (1 baseline + 99 quantized cells) = 100,000 trials, 2% of them failed;
 50 metric rows per done trial (load 5, benchmark 9 incl. 4 batch sizes, perplexity 1, kl 4, tasks 5 x 2, prompts 21);
@@ -35,16 +34,6 @@ CATEGORIES = ["code", "math", "summarization", "question_answering", "creative_w
               "domain_knowledge"]
 BATCH_SIZES = [1, 4, 8, 16]
 PRECISIONS = ["fp32", "bf16", "int8", "nf4", "fp4", "w8a16", "w8a8", "w4a16", "awq", "gptq", "fp8"]
-
-
-def _write_parts(df: pl.DataFrame, folder: Path, parts: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    n = df.height
-    step = -(-n // parts) if n else 1
-    for i in range(parts):
-        chunk = df.slice(i * step, step)
-        if chunk.height:
-            chunk.write_parquet(folder / f"part-{i:03d}.parquet", compression="zstd")
 
 
 def make_results(out: Path, models: int = 1000, cells: int = 100, parts: int = 10, sample_models: int = 20,
@@ -146,9 +135,9 @@ def make_results(out: Path, models: int = 1000, cells: int = 100, parts: int = 1
     out.mkdir(parents=True)
     (out / "study.json").write_text(json.dumps({"name": "bench", "synthetic": True, "models": models,
                                                 "cells": cells}) + "\n")
-    _write_parts(trials, out / "trials", parts)
-    _write_parts(metrics, out / "metrics", parts)
-    _write_parts(samples, out / "samples", parts)
+    from sweeper.store import ResultsStore  # committed as segments, the layout compaction leaves (docs/store.md)
+
+    ResultsStore(out).import_trials(trials.to_arrow(), metrics.to_arrow(), samples.to_arrow())
     return {"trials": trials.height, "done": int(done.sum()), "metric_rows": metrics.height,
             "sample_rows": samples.height, "sample_trials": int(sel.sum())}
 

@@ -100,12 +100,17 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
-    if not p.pending and not fresh:  # said before Ray starts (seconds)
-        click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}; "
-                   f"read them: sweep results {p.store.root}")
-        return 0, True
     pool = None
-    with LaunchLock(p.store.root):
+    with LaunchLock(p.store.root) as lock:
+        if not fresh and not p.pending:  # nothing to do: said without starting Ray or warm workers (about a second)
+            for line in L.prepare_store(p.store, lock.token):  # a quarantined file makes its trial pending again
+                click.echo(line, err=True)
+            p = L.for_cluster(p)
+            if not p.pending:
+                L.record_launch(p, sys.argv, address)
+                click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}; "
+                           f"read them: sweep results {p.store.root}")
+                return 0, True
         # warm workers start first: their imports then overlap Ray's start and the task check
         pool = (L.start_warm_workers(p, num_cpus, scheduler.WORKER_ENV, address, fresh,
                                      emit=lambda m: click.echo(m, err=True)) if warm_workers else None)
@@ -135,9 +140,8 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                 moved = L.move_aside(p.store)
                 if moved:
                     click.echo(f"--fresh: moved old results to {moved}")
-            p.store.remove_stale_temp_files()
-            for path, dest, why in p.store.quarantine_damaged():
-                click.echo(f"damaged result file {path} ({why}): moved to {dest}; its trial runs again", err=True)
+            for line in L.prepare_store(p.store, lock.token):
+                click.echo(line, err=True)
             share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpu_memory_bytes else None
             p = L.for_cluster(p, share_for, cluster.gpus)
             _print_plan(p, notes, render)

@@ -296,6 +296,28 @@ def warm_logs_dir(store: ResultsStore, pool) -> Path | None:
     return store.root / "_warm" / _dt.datetime.fromtimestamp(pool.started_at).strftime("%Y%m%d-%H%M%S")
 
 
+def prepare_store(store: ResultsStore, token: str) -> list[str]:
+    """Under the launch lock, before any trial runs: make this launch the owner of the results location (from now on
+    commits of any earlier launch's leftover processes count for nothing), migrate a folder of the old layout, quarantine
+    damaged files (their trials run again), delete what killed writers left, and compact. Returns the lines to print."""
+    store.forget()  # --fresh may have moved the folder since the plan read it
+    lines = []
+    if store.is_legacy():
+        store.token = token
+        for path, dest, why in store.migrate_legacy():
+            lines.append(f"damaged result file {path} ({why}): moved to {dest}")
+        lines.append(f"{store.root}: migrated to the commit-log layout (docs/store.md)")
+    else:
+        store.take_over(token, host=socket.gethostname(), pid=os.getpid())
+    for path, dest, why in store.quarantine_damaged():
+        lines.append(f"damaged result file {path} ({why})" + (f": moved to {dest}" if dest else "")
+                     + "; its trial runs again")
+    store.remove_stale_temp_files()
+    while store.compact():
+        pass
+    return lines
+
+
 def move_aside(store: ResultsStore) -> Path | None:
     """--fresh: move existing results to <dir>.old-<timestamp> (never deleted)."""
     if not store.root.exists():

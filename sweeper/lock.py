@@ -1,100 +1,87 @@
-"""One `sweep launch` per results dir: an exclusive lock file, with stale-lock take-over.
+"""One `sweep launch` per results location: an exclusive lock held by the kernel, and a fencing token.
 
-The lock holds the launcher's host, pid and process start time, and is refreshed every few seconds. It is stale when
-its process is gone (same host) or its heartbeat is older than STALE_AFTER_S (another host); a stale lock is taken over
-with a warning.
+The lock is an ``flock`` on ``<real parent>/.<real name>.launch.lock``: the path is resolved first, so a symlink or a
+relative path to the same folder is the same lock. The kernel holds it exactly as long as the launching process
+lives (or until it releases it) and drops it when the process dies: there is no heartbeat and no clock, so a clock
+skewed or paused owner never loses a live lock, and a dead owner's lock is never "stale", only free. Taking a free
+lock is atomic in the kernel, so two launches can never both win.
+
+The file also records who holds it (host, pid, since) for the message of the launch that is refused. Each
+acquisition gets a new random ``token``; the store's commit log makes it the owner (``ResultsStore.take_over``), and
+from then on commits under any earlier token count for nothing (docs/store.md): whatever a killed launch's leftover
+processes still write is fenced off.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
-import threading
 import time
+import uuid
 from pathlib import Path
-
-import psutil
 
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 5.0
-STALE_AFTER_S = 60.0
 
 
-def _me() -> dict:
-    p = psutil.Process()
-    return {"host": socket.gethostname(), "pid": p.pid, "create_time": p.create_time(), "since": time.time()}
-
-
-def _alive(info: dict) -> bool:
-    if info.get("host") != socket.gethostname():
-        return time.time() - float(info.get("heartbeat", 0)) < STALE_AFTER_S
-    try:
-        p = psutil.Process(int(info["pid"]))
-        return abs(p.create_time() - float(info["create_time"])) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, KeyError, ValueError, TypeError):
-        return False
+def lock_path(root: str | os.PathLike) -> Path:
+    """The lock file of results location ``root``: beside the resolved folder, not inside it (--fresh moves the
+    folder while the lock is held)."""
+    real = Path(os.path.realpath(Path(root).expanduser()))
+    return real.parent / f".{real.name}.launch.lock"
 
 
 class LaunchLock:
     def __init__(self, root: Path):
-        root = Path(root)
-        # beside the results dir, not inside it: --fresh moves the dir while the lock is held
-        self.path = root.parent / f".{root.name}.launch.lock"
-        self.root = root
-        self.info = _me()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _write(self, exclusive: bool) -> None:
-        data = json.dumps({**self.info, "heartbeat": time.time()}).encode()
-        if exclusive:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-        else:
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path)
+        self.root = Path(root)
+        self.path = lock_path(root)
+        self.token = uuid.uuid4().hex
+        self._fd: int | None = None
 
     def acquire(self) -> "LaunchLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._write(exclusive=True)
-        except FileExistsError:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
-                other = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError):
-                other = {}
-            if other and _alive(other):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = _read_info(fd)
+                os.close(fd)
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("since", 0)))
-                raise UserError(f"results dir {self.root} is in use by another `sweep launch` (pid {other.get('pid')} "
-                                f"on {other.get('host')}, since {since}); wait for it to finish or stop it") from None
-            log.warning("taking over a stale lock of %s left by pid %s on %s", self.root, other.get("pid"),
-                        other.get("host"))
-            self._write(exclusive=False)
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
+                raise UserError(f"results dir {self.root} is in use by another `sweep launch` (pid "
+                                f"{other.get('pid')} on {other.get('host')}, since {since}); wait for it to finish "
+                                "or stop it") from None
+            try:  # a releasing launch unlinks the file: a lock on that old inode would guard nothing
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        previous = _read_info(fd)
+        if previous:  # written by a launch that ended without releasing (killed): the kernel freed its lock
+            log.warning("taking over a stale lock of %s left by pid %s on %s (that launch is gone)", self.root,
+                        previous.get("pid"), previous.get("host"))
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+                           "token": self.token}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        self._fd = fd
         return self
 
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._write(exclusive=False)
-            except OSError:
-                pass
-
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()  # a heartbeat in flight must not re-create the file after it is removed
+        if self._fd is None:
+            return
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.info["pid"]:
-                self.path.unlink()
-        except (OSError, json.JSONDecodeError):
+            os.ftruncate(self._fd, 0)  # empty: the next launch knows this one ended cleanly
+            os.unlink(self.path)  # while still locked: nobody can be holding this inode's lock
+        except OSError:
             pass
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self.acquire()
@@ -103,14 +90,30 @@ class LaunchLock:
         self.release()
 
 
-def lock_holder(root: Path) -> dict | None:
-    """The live launch holding ``root``'s lock, or None (no lock, or a stale one)."""
-    path = Path(root).parent / f".{Path(root).name}.launch.lock"
+def _read_info(fd: int) -> dict:
     try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = os.pread(fd, 4096, 0)
+        return json.loads(data) if data else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def lock_holder(root: Path) -> dict | None:
+    """The live launch holding ``root``'s lock, or None."""
+    path = lock_path(root)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return None
-    return info if _alive(info) else None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_info(fd) or {"pid": None, "host": None}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class TrialClaim:

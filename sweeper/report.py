@@ -212,7 +212,7 @@ def _several_folders(res: Results, title: str | None, significance_kwargs: dict 
     parts = []
     for f in res.folders():
         d = f.dirs[0]
-        one = _OneFolder(f.dirs, f.borrowed, label=f"{_study_name(d)} @ {d}")
+        one = _OneFolder(f.dirs, borrowed=f.borrowed, label=f"{_study_name(d)} @ {d}")
         parts.append((str(d), build_report(one, significance_kwargs=significance_kwargs)))
 
     def stack(frames: list[pl.DataFrame]) -> pl.DataFrame:

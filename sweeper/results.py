@@ -100,7 +100,7 @@ def expand_dirs(dirs: list[str]) -> list[Path]:
         matches = sorted(glob.glob(os.path.expanduser(d))) if any(c in d for c in "*?[") else [d]
         for m in matches:
             p = Path(m)
-            if not (p / "trials").is_dir() and not (p / "study.json").is_file():
+            if not (p / "trials").is_dir() and not (p / "study.json").is_file() and not (p / "_log").is_dir():
                 raise UserError(f"{m} is not a sweeper results directory (no study.json or trials/); "
                                 "give the directory `sweep launch` wrote, e.g. results/<study>")
             if not any(p.resolve() == q.resolve() for q in out):
@@ -123,16 +123,12 @@ def stack_folders(folders: list["Folder"], build: Callable[["Folder"], pl.LazyFr
     return pl.concat(frames, how="diagonal_relaxed").select("results_dir", pl.all().exclude("results_dir"))
 
 
-def _scan(paths: list[Path], sub: str) -> pl.LazyFrame | None:
-    files = [str(f) for p in paths for f in sorted((p / sub).glob("*.parquet"))]
-    if not files:
+def _scan(stores: list, sub: str) -> pl.LazyFrame | None:
+    """The committed rows of kind ``sub`` of every store (a few files each: docs/store.md), or None if none has any."""
+    frames = [lf for lf in (s.scan(sub) for s in stores) if lf is not None]
+    if not frames:
         return None
-    if sub == "trials":  # every trial file follows TRIALS_SCHEMA, so one scan reads them all
-        from .store import TRIALS_SCHEMA
-
-        schema = pl.from_arrow(TRIALS_SCHEMA.empty_table()).schema
-        return pl.scan_parquet(files, schema=schema, missing_columns="insert", extra_columns="ignore")
-    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
 
 
 def _empty(schema) -> pl.LazyFrame:
@@ -168,26 +164,36 @@ class Results:
     """The trials, metrics and samples of one or more results directories. Each is a LazyFrame with the store's
     columns even when the directories hold no file of that kind yet, so a query never fails on an empty sweep."""
     dirs: list[Path]
+    _stores: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def stores(self) -> list:
+        """The ResultsStore of each directory (its commit log read once, then re-read only as it grows)."""
+        if len(self._stores) != len(self.dirs):
+            from .store import ResultsStore
+
+            self._stores[:] = [ResultsStore(d) for d in self.dirs]
+        return self._stores
 
     @property
     def trials(self) -> pl.LazyFrame:
         from .store import TRIALS_SCHEMA
 
-        lf = _scan(self.dirs, "trials")
+        lf = _scan(self.stores, "trials")
         return lf if lf is not None else _empty(TRIALS_SCHEMA)
 
     @property
     def metrics(self) -> pl.LazyFrame:
         from .store import METRICS_SCHEMA
 
-        lf = _scan(self.dirs, "metrics")
+        lf = _scan(self.stores, "metrics")
         return lf if lf is not None else _empty(METRICS_SCHEMA)
 
     @property
     def samples(self) -> pl.LazyFrame:
         from .store import SAMPLES_SCHEMA
 
-        lf = _scan(self.dirs, "samples")
+        lf = _scan(self.stores, "samples")
         return lf if lf is not None else _empty(SAMPLES_SCHEMA)
 
     def summary(self) -> pl.LazyFrame:
@@ -226,7 +232,6 @@ class Results:
         return (out.sort(["study", "model", "is_baseline", "_p", "compute_dtype"],
                          descending=[False, False, True, False, False], nulls_last=True)
                 .drop("_p", "is_baseline"))
-
 
     def folders(self) -> list["Folder"]:
         """Each dir on its own (:class:`Folder`), with the done baselines it lacks borrowed from the first other dir
@@ -275,18 +280,17 @@ class Folder(Results):
 def open_results(dirs: list[str] | str, check: bool = True) -> Results:
     """Results of one or more directories (globs allowed) as Polars LazyFrames.
 
-    With ``check``, every file's Parquet footer is read first, so a damaged file is reported by name (UserError)
-    instead of failing somewhere inside a query or being mistaken for "no results".
+    With ``check``, every file a query would read is checked first (docs/store.md: a regular file of its committed
+    size, its schema, its trial id), so a damaged file is reported by name (UserError) instead of failing somewhere
+    inside a query, hanging, or being mistaken for "no results".
     """
-    from .store import ResultsStore
+    from .store import damaged_error
 
     paths = expand_dirs([dirs] if isinstance(dirs, str) else list(dirs))
+    res = Results(paths)
     if check:
-        for p in paths:
-            damaged = ResultsStore(p).damaged_files()
+        for store in res.stores:
+            damaged = store.damaged_files()
             if damaged:
-                f, why = damaged[0]
-                more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-                raise UserError(f"damaged result file {f}{more}: {why}; `sweep launch` on its study quarantines it "
-                                "and reruns the trial")
-    return Results(paths)
+                raise damaged_error(damaged)
+    return res

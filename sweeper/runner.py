@@ -143,7 +143,8 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
 
 
 def run_request(request: dict[str, Any]) -> dict[str, Any]:
-    """Run the trial of ``request`` (``spec`` as a dict, ``store`` root, ``attempt``, ``extra`` row values) in this
+    """Run the trial of ``request`` (``spec`` as a dict, ``store`` root, ``attempt``, ``extra`` row values, ``token``:
+    the owning launch's, under which the trial is committed) in this
     process; returns what its Tune trial reports: status, error, error_type, duration_s. How a Ray worker and a warm
     worker (sweeper/warm_worker.py) run a trial."""
     from .import_guard import for_precision
@@ -153,7 +154,8 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(max(1, spec.cpus))
-    row = run_trial(spec, ResultsStore(request["store"]), attempt=request["attempt"], extra=request["extra"])
+    row = run_trial(spec, ResultsStore(request["store"], token=request.get("token")), attempt=request["attempt"],
+                    extra=request["extra"])
     return {"status": row["status"], "error": row["error"] or "", "error_type": row["error_type"] or "",
             "duration_s": row["duration_s"]}
 
@@ -176,6 +178,7 @@ def _perplexity(spec, loaded, store, lease):
 
 def _kl(spec, loaded, store, lease):
     """KL to the baseline: the baseline computes and stores the reference (once per identity), every trial compares."""
+    from .errors import UserError
     from .stages import kl
     from .store import atomic_write_bytes
 
@@ -183,17 +186,25 @@ def _kl(spec, loaded, store, lease):
     path = store.ref_path(ref_id)
     if not path.exists():
         # the same baseline cell in another study (a sibling results dir) already made this reference
-        other = next(iter(sorted(store.root.parent.glob(f"*/refs/{ref_id}.parquet"))), None)
+        other = next(iter(sorted(p for p in store.root.parent.glob(f"*/refs/{ref_id}.parquet")
+                                  if p.is_file() and not p.is_symlink())), None)  # never a FIFO or a link
         if other is not None:
             atomic_write_bytes(path, other.read_bytes())
-    if not path.exists():
+    ref = None
+    if path.exists():
+        try:
+            ref = kl.read_reference(path)
+        except UserError as e:
+            if not spec.is_baseline:  # a relaunch quarantines it and reruns the baseline (ResultsStore)
+                raise StageError(f"the baseline's KL reference {ref_id} is damaged: {e}", "BaselineMissing") from None
+    if ref is None:
         if not spec.is_baseline:
             # failing (not "done without KL") makes a relaunch redo the trial once the baseline has succeeded
             raise StageError(f"the baseline's KL reference {ref_id} does not exist: the baseline trial "
                              f"({spec.baseline_precision}/{spec.baseline_compute_dtype}) failed or has not run",
                              "BaselineMissing")
         kl.write_reference(path, kl.compute_reference(loaded.model, loaded.tokenizer, spec, settings=spec.kl))
-    ref = kl.read_reference(path)
+        ref = kl.read_reference(path)
     return kl.kl_metrics(loaded.model, loaded.tokenizer, ref, spec), {"kl_reference_id": ref_id}, None
 
 

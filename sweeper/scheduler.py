@@ -183,19 +183,19 @@ def _trainable(config: dict) -> None:
 
     case = config["case"]
     spec = TrialSpec.from_dict(case["spec"])
-    store = ResultsStore(config["store"])
+    store = ResultsStore(config["store"], token=config.get("token"))
     with TrialClaim(store.root, spec.trial_id):
-        previous = store.read_trial_row(spec.trial_id)
-        if previous is not None and previous["status"] == "done":
+        previous = store.committed(spec.trial_id)
+        if previous is not None and previous.status == "done":
             tune.report({"status": "skipped"})
             return
-        attempt = (previous or {}).get("attempt", 0) + 1
+        attempt = (previous.attempt if previous is not None else 0) + 1
         extra = {"ray_node_id": ray.get_runtime_context().get_node_id(), "trainable_started_at": entered,
                  "ray_worker_started_at": process_started_at()}
         worker = _warm_worker(config.get("warm"), spec)
         if worker is not None:
             try:
-                outcome = worker.run(spec, str(store.root), attempt, extra)
+                outcome = worker.run(spec, str(store.root), attempt, extra, token=store.token)
             except BaseException:  # it died (WarmWorkerDied) or this trial was stopped: let it go either way
                 worker.close()
                 _WARM.clear()
@@ -204,7 +204,7 @@ def _trainable(config: dict) -> None:
             from .runner import run_request
 
             outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
-                                   "extra": {**extra, "warm_worker": False}})
+                                   "extra": {**extra, "warm_worker": False}, "token": store.token})
     tune.report({"status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
                  "trial_seconds": outcome["duration_s"]})
 
@@ -259,7 +259,8 @@ def _record_event(events_path: Path, event: dict) -> None:
         fh.write(json.dumps({**event, "at": time.time()}) + "\n")
 
 
-def _progress_callback(progress: Progress, emit: Callable[[str], None], events_path: Path):
+def _progress_callback(progress: Progress, emit: Callable[[str], None], events_path: Path,
+                       store: ResultsStore | None = None):
     from ray.tune import Callback
 
     tid = _trial_name
@@ -276,6 +277,8 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
             emit(progress.line(f"started {progress.labels[tid(trial)]}"))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if store is not None:
+                store.compact()  # every COMPACT_TAIL trials: later reads open a few files, not one per trial
             t = tid(trial)
             progress.running.discard(t)
             status = result.get("status")
@@ -323,7 +326,8 @@ def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries,
     while True:
         again = []
         for t in trials:
-            row = store.read_trial_row(t.trial_id)
+            live = store.committed(t.trial_id)
+            row = store.read_trial_row(t.trial_id) if live is not None and live.status == "failed" else None
             share = shares[t.trial_id]
             if row and row["status"] == "failed" and row["error_type"] == "OutOfMemory" and 0 < share < 1:
                 shares[t.trial_id] = min(1.0, round(share * 2, 2))
@@ -354,7 +358,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
 
     specs = [t.to_dict() for t in trials]
     param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve()),
-                   "warm": warm}
+                   "warm": warm, "token": store.token}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
@@ -364,7 +368,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=f"{stamp}-{name}", storage_path=str((store.root / "_tune").resolve()), verbose=0,
-            callbacks=[_progress_callback(progress, emit, store.root / "_tune" / "events.jsonl")],
+            callbacks=[_progress_callback(progress, emit, store.root / "_tune" / "events.jsonl", store)],
             failure_config=tune.FailureConfig(max_failures=retries),
         ),
     )
@@ -380,9 +384,9 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
         if result.error is None:
             continue
         tid = result.config["case"]["spec"]["trial_id"]
-        previous = store.read_trial_row(tid)
-        if previous is None or previous["status"] != "done":  # this launch's failure replaces an older one
+        previous = store.committed(tid)
+        if previous is None or previous.status != "done":  # this launch's failure replaces an older one
             row = {**config_row(by_id[tid]), "status": "failed", "error_stage": "worker", "error_type": "WorkerDied",
                    "error": f"{type(result.error).__name__}: {str(result.error).splitlines()[0][:500]}",
-                   "attempt": (previous or {}).get("attempt", 0) + 1}
+                   "attempt": (previous.attempt if previous is not None else 0) + 1}
             store.write_trial(row, [])

@@ -55,8 +55,9 @@ def status_report(study_or_dir: str, results_dir: str | None = None, only: tuple
     lines = [f"{store.root}: {len(ids)} trials: {len(done)} done, {len(failed)} failed, "
              f"{len(ids) - len(done) - len(failed)} pending ({what})"
              + (" (a launch holds the lock: running)" if lock else "")]
+    rows = store.read_trial_rows(t["trial_id"] for t in failed)
     for t in failed:
-        row = store.read_trial_row(t["trial_id"]) or {}
+        row = rows.get(t["trial_id"], {})
         lines.append(f"  FAILED {t['trial_id']} {t['model']} {t['precision']}/{t['compute_dtype']}: "
                      f"stage {row.get('error_stage')}, {row.get('error_type')}: {row.get('error')}")
     others = [s for i, s in status.items() if i not in set(ids)]

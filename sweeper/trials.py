@@ -185,14 +185,19 @@ def study_identity(study: Study) -> dict[str, Any]:
 
 
 def trial_identity(study: Study, model: Model, precision: str, compute_dtype: str,
-                   fingerprint: str | None, shared: dict[str, Any]) -> dict[str, Any]:
-    """Everything that decides a trial's numbers; ``fingerprint`` is the model's, ``shared`` is study_identity()."""
-    options = _precisions.get(precision).resolve_options(study.precision_options.get(precision))
+                   fingerprint: str | None, shared: dict[str, Any], calibration: tuple | None = None,
+                   model_ident: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that decides a trial's numbers; ``fingerprint`` is the model's, ``shared`` is study_identity();
+    ``calibration``: (options, calibration text identity) of ``precision``, ``model_ident``: model_identity(), when
+    the caller has them already."""
+    if calibration is None:
+        options = _precisions.get(precision).resolve_options(study.precision_options.get(precision))
+        calibration = (options, _calibration_identity(options))
     return {
-        **model_identity(model, fingerprint),
+        **(model_ident if model_ident is not None else model_identity(model, fingerprint)),
         "precision": precision,
-        "options": options,
-        "calibration_text": _calibration_identity(options),
+        "options": calibration[0],
+        "calibration_text": calibration[1],
         "compute_dtype": compute_dtype,
         **shared,
     }
@@ -217,13 +222,17 @@ def expand(study: Study) -> tuple[list[TrialSpec], list[Dropped]]:
     """
     base_precision, base_cd = study.baseline_cell()
     shared = study_identity(study)
+    # looked up once (each lookup checks the precision's libraries are importable: 100k trials made 400k checks)
+    prec = {name: _precisions.get(name) for name in {*study.precisions, base_precision}}
+    options = {name: p.resolve_options(study.precision_options.get(name)) for name, p in prec.items()}
+    calibration = {name: (o, _calibration_identity(o)) for name, o in options.items()}
     trials: list[TrialSpec] = []
     dropped: list[Dropped] = []
     for model in study.models:
         seen: dict[tuple[str, str], str] = {}  # (precision, effective dtype) -> the compute dtype that made it
         cells: list[tuple[str, str]] = []
         for pname in study.precisions:
-            p = _precisions.get(pname)
+            p = prec[pname]
             # a plain dtype keeps the cell whose compute dtype is its own, and drops the others
             for cd in sorted(study.compute_dtypes, key=lambda c: c != p.effective_compute_dtype(c)):
                 eff = p.effective_compute_dtype(cd)
@@ -237,18 +246,19 @@ def expand(study: Study) -> tuple[list[TrialSpec], list[Dropped]]:
         if (base_precision, base_cd) not in cells:  # only reachable through an explicit compute dtype mismatch
             raise AssertionError(f"baseline {base_precision}/{base_cd} missing from grid")
         fp = model_fingerprint(model)
-        ids = {c: _sha(trial_identity(study, model, *c, fp, shared)) for c in cells}
+        mid = model_identity(model, fp)
+        ids = {c: _sha(trial_identity(study, model, *c, fp, shared, calibration[c[0]], mid)) for c in cells}
         base_id = ids[(base_precision, base_cd)]
         cells.sort(key=lambda c: c != (base_precision, base_cd))  # baseline first
         for pname, cd in cells:
             trials.append(TrialSpec(
                 trial_id=ids[(pname, cd)], study=study.name, model=model, model_fingerprint=fp, precision=pname,
-                precision_options=_precisions.get(pname).resolve_options(study.precision_options.get(pname)),
+                precision_options=dict(options[pname]),
                 compute_dtype=cd, tasks=study.tasks, num_fewshot=study.num_fewshot, limit=study.limit,
                 eval_batch_size=study.eval_batch_size, benchmark=study.benchmark, perplexity=study.perplexity,
                 seed=study.seed, is_baseline=(pname, cd) == (base_precision, base_cd), baseline_id=base_id,
                 baseline_precision=base_precision, baseline_compute_dtype=base_cd,
-                baseline_options=_precisions.get(base_precision).resolve_options(study.precision_options.get(base_precision)),
+                baseline_options=dict(options[base_precision]),
                 kl=study.kl, gpu_share=0.0, cpus=study.resources.cpus_per_trial,
             ))
     return trials, dropped

@@ -212,10 +212,11 @@ class WarmWorker:
         self.pid = int(ready["pid"])
         self.ready = ready
 
-    def run(self, spec: TrialSpec, store_root: str, attempt: int, extra: dict[str, Any]) -> dict[str, Any]:
-        """Run ``spec`` there; returns its status, error, error_type and duration_s. :class:`WarmWorkerDied` if the
-        worker is gone before it answers (the trial's row was then not written)."""
-        request = {"spec": spec.to_dict(), "store": store_root, "attempt": attempt, "extra": extra}
+    def run(self, spec: TrialSpec, store_root: str, attempt: int, extra: dict[str, Any],
+            token: str | None = None) -> dict[str, Any]:
+        """Run ``spec`` there, committing under the launch's ``token``; returns its status, error, error_type and
+        duration_s. :class:`WarmWorkerDied` if the worker is gone before it answers (nothing was then committed)."""
+        request = {"spec": spec.to_dict(), "store": store_root, "attempt": attempt, "extra": extra, "token": token}
         sys.stdout.flush()
         sys.stderr.flush()
         try:

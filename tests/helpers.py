@@ -35,4 +35,25 @@ def fast_kl() -> str:
 
 
 def read_trials(results: Path) -> pl.DataFrame:
-    return pl.read_parquet(str(results / "trials" / "*.parquet"))
+    """The committed trial rows of a results folder (docs/store.md)."""
+    from sweeper.results import open_results
+
+    return open_results(str(results)).trials.collect()
+
+
+def read_metrics(results: Path) -> pl.DataFrame:
+    """The committed metric rows of a results folder."""
+    from sweeper.results import open_results
+
+    return open_results(str(results)).metrics.collect()
+
+
+def committed_rows(results: Path) -> dict[str, bytes]:
+    """trial_id -> the bytes of its committed row file (per-trial until compaction merges it), for the trials a
+    results folder holds now; {} while it has none. Safe to call while a launch writes (commits are whole)."""
+    from sweeper.store import ResultsStore
+
+    if not Path(results).is_dir():
+        return {}
+    store = ResultsStore(results)
+    return {tid: (Path(results) / live.files["trials"]).read_bytes() for tid, live in store.state().trials.items()}

@@ -9,7 +9,7 @@ import json
 import polars as pl
 import pytest
 
-from helpers import read_trials, sweep, write_study
+from helpers import read_metrics, read_trials, sweep, write_study
 
 pytest.importorskip("torchao")
 
@@ -34,7 +34,7 @@ def _study(path, name, model, data, new_tokens: int, compute_dtypes=("fp32",)):
 
 def _awq_load_metrics(results) -> list[dict]:
     trials = read_trials(results).filter(pl.col("precision") == "awq4")
-    m = pl.read_parquet(str(results / "metrics" / "*.parquet")).filter(pl.col("stage") == "load")
+    m = read_metrics(results).filter(pl.col("stage") == "load")
     rows = []
     for tid, status in zip(trials["trial_id"], trials["status"]):
         assert status == "done", read_trials(results).filter(pl.col("trial_id") == tid)["error"].to_list()

@@ -58,7 +58,8 @@ def test_launch_stops_when_the_worker_node_cannot_see_the_model_or_text(two_node
     assert f"Ray node {WORKER_IP} (node id {c.worker_node_id[:12]}) cannot see" in line, line
     assert f"model folder {hidden_model}" in line and f"perplexity text {text}" in line, line
     assert f"{real_model}," not in line and not line.endswith(str(real_model)), "the shared model is visible"
-    assert not (results / "trials").exists() and not (results / "study.json").exists(), "nothing ran, nothing written"
+    assert not (results / "_log").exists() and not (results / "data").exists() and not (results / "study.json").exists(), \
+        "nothing ran, nothing written"
 
 
 def test_inputs_every_node_sees_pass_the_check(two_node_cluster, real_model, shared_data):

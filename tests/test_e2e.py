@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import fast_benchmark, fast_kl, read_trials, sweep, sweep_popen, write_study
+from helpers import committed_rows, fast_benchmark, fast_kl, read_metrics, read_trials, sweep, sweep_popen, write_study
 
 PRECISIONS = ["fp32", "bf16", "int8", "nf4", "fp4"]
 
@@ -39,9 +39,9 @@ def test_launch_runs_every_cell_and_results_prints_them(study_file, tmp_path):
     trials = read_trials(results)
     assert sorted(trials["precision"].to_list()) == sorted(PRECISIONS)
     assert set(trials["status"]) == {"done"}
-    assert len(list((results / "trials").glob("*.parquet"))) == 5
-    # metrics: long form, readable with polars.scan_parquet and a glob
-    m = pl.scan_parquet(str(results / "metrics" / "*.parquet")).collect()
+    assert len(committed_rows(results)) == 5
+    # metrics: long form
+    m = read_metrics(results)
     assert {"trial_id", "stage", "task", "metric", "value", "stderr", "n"} <= set(m.columns)
     wide = (m.filter(pl.col("stage") == "load").pivot(on="metric", index="trial_id", values="value")
             .join(trials.select("trial_id", "precision"), on="trial_id"))
@@ -111,9 +111,9 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
     results = tmp_path / "res"
     proc = sweep_popen("launch", str(study_file), "--results", str(results), "--max-concurrent", "1")
     deadline = time.time() + 300
-    first: list[Path] = []
+    first: dict[str, bytes] = {}
     while time.time() < deadline and not first:
-        first = list((results / "trials").glob("*.parquet")) if (results / "trials").is_dir() else []
+        first = committed_rows(results)
         time.sleep(0.2)
     assert first, "no trial finished in time"
     warm = _warm_worker_pids(parent=proc.pid)
@@ -125,15 +125,16 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
     while time.time() < deadline and set(warm) & set(_warm_worker_pids()):
         time.sleep(0.2)
     assert not set(warm) & set(_warm_worker_pids())
-    snapshot = {f.name: f.read_bytes() for f in (results / "trials").glob("*.parquet")}
+    snapshot = committed_rows(results)
     assert 1 <= len(snapshot) < 5
     r = sweep("launch", str(study_file), "--results", str(results))
     assert r.returncode == 0, r.stdout + r.stderr
     trials = read_trials(results)
     assert trials.height == 5 and set(trials["status"]) == {"done"}
     assert trials["trial_id"].n_unique() == 5
-    for name, data in snapshot.items():  # what was finished before the kill was not run again
-        assert (results / "trials" / name).read_bytes() == data
+    after = committed_rows(results)
+    for tid, data in snapshot.items():  # what was finished before the kill was not run again
+        assert after[tid] == data
     assert f"({len(snapshot)} already done, skipped)" in r.stdout
     st = sweep("status", str(study_file), "--results", str(results))
     assert st.returncode == 0 and "5 trials: 5 done, 0 failed, 0 pending" in st.stdout, st.stdout + st.stderr

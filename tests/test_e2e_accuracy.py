@@ -9,7 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import fast_benchmark, fast_kl, read_trials, sweep, sweep_popen, write_study
+from sweeper.results import open_results
+
+from helpers import (committed_rows, fast_benchmark, fast_kl, read_metrics, read_trials, sweep, sweep_popen,
+                     write_study)
 
 TASKS_DATA = Path(__file__).parent / "data" / "tasks"
 
@@ -38,7 +41,7 @@ def test_tasks_and_kl_in_the_same_trial(tmp_path, tiny_model, shared_data):
     # kill the driver as soon as the baseline has finished: the rest must still get KL against the stored reference
     proc = sweep_popen("launch", str(study), "--results", str(results), "--max-concurrent", "1")
     end = time.time() + 600
-    while time.time() < end and not list((results / "trials").glob("*.parquet") if (results / "trials").is_dir() else []):
+    while time.time() < end and not committed_rows(results):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -48,7 +51,7 @@ def test_tasks_and_kl_in_the_same_trial(tmp_path, tiny_model, shared_data):
     assert r.returncode == 0, r.stdout + r.stderr
     t = read_trials(results)
     assert t.height == 2 and set(t["status"]) == {"done"}
-    m = pl.read_parquet(str(results / "metrics" / "*.parquet"))
+    m = read_metrics(results)
     # tasks: metric rows per task with lm-eval's names and stderr, n = limit
     tm = m.filter(pl.col("stage") == "tasks")
     for task, n in (("piqa", 8), ("arc_easy", 4)):
@@ -56,7 +59,7 @@ def test_tasks_and_kl_in_the_same_trial(tmp_path, tiny_model, shared_data):
         assert {"acc", "acc_norm"} <= set(rows["metric"]), task
         assert rows["stderr"].is_not_null().all() and set(rows["n"]) == {n}
     # per-item records: one per item per metric and trial, enough to pair trials by doc_id
-    s = pl.read_parquet(str(results / "samples" / "*.parquet"))
+    s = open_results(str(results)).samples.collect()
     for tid in t["trial_id"]:
         mine = s.filter((pl.col("trial_id") == tid) & (pl.col("metric") == "acc"))
         assert mine.filter(pl.col("task") == "piqa").height == 8

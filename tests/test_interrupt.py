@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import fast_kl, write_study
+from helpers import fast_kl, read_trials, write_study
 
 # trials of a few seconds each on 2 cores: a signal can land mid-trial
 SLOW_BENCHMARK = "Benchmark(prompt_tokens=64, new_tokens=32, batch_sizes=(1, 4), repeats=6, warmup=1)"
@@ -64,8 +64,7 @@ class Launch:
 
 
 def _rows(results: Path) -> pl.DataFrame:
-    files = sorted((results / "trials").glob("*.parquet")) if (results / "trials").is_dir() else []
-    return pl.read_parquet(files) if files else pl.DataFrame()
+    return read_trials(results) if (results / "_log").is_dir() else pl.DataFrame()  # committed rows only
 
 
 def _scheduled_at(results: Path) -> list[float]:

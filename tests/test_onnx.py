@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import fast_kl, read_trials, sweep, write_study
+from helpers import fast_kl, read_metrics, read_trials, sweep, write_study
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -90,7 +90,7 @@ def test_ort_fp32_equals_pytorch_fp32_and_cache_does_not_change_greedy_tokens(wh
 
 
 def _store_metrics(store_root: Path) -> pl.DataFrame:
-    return pl.read_parquet(str(store_root / "metrics" / "*.parquet"))
+    return read_metrics(store_root)
 
 
 def test_every_stage_runs_on_ort_and_a_relaunch_reuses_the_export(tmp_path, real_model, shared_data):
@@ -254,7 +254,7 @@ def test_sweep_launch_runs_ort_and_a_second_study_reuses_the_cached_models(tmp_p
     assert second.returncode == 0, second.stdout + second.stderr
     tb = read_trials(res_b)
     assert set(tb["status"]) == {"done"} and not set(tb["trial_id"]) & set(t["trial_id"])
-    m = pl.read_parquet(str(res_b / "metrics" / "*.parquet"))
+    m = read_metrics(res_b)
     tid = tb.filter(pl.col("precision") == "ort-int8")["trial_id"][0]
     load = dict(zip(*m.filter((pl.col("trial_id") == tid) & (pl.col("stage") == "load"))[["metric", "value"]]))
     assert load["export_cache_hit"] == 1 and load["quantize_cache_hit"] == 1 and load["export_s"] == 0

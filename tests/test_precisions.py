@@ -10,7 +10,7 @@ import sys
 import polars as pl
 import pytest
 
-from helpers import fast_benchmark, read_trials, sweep, write_study
+from helpers import fast_benchmark, read_metrics, read_trials, sweep, write_study
 
 pytest.importorskip("torchao")
 pytest.importorskip("hqq")
@@ -143,7 +143,7 @@ def test_every_cpu_precision_runs_end_to_end(launched):
     trials = read_trials(results)
     status = dict(zip(trials["precision"], trials["status"]))
     assert {p for p, s in status.items() if s == "done"} == {"fp32", "w8a16", "w8a8", "w4a16", "hqq4", "hqq8"}
-    m = pl.read_parquet(str(results / "metrics" / "*.parquet"))
+    m = read_metrics(results)
     wide = (m.filter(pl.col("stage") == "load").pivot(on="metric", index="trial_id", values="value")
             .join(trials.select("trial_id", "precision"), on="trial_id"))
     stored = dict(zip(wide["precision"], wide["weights_bytes"]))

@@ -13,7 +13,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import fast_benchmark, read_trials, sweep, sweep_popen, write_study
+from sweeper.results import open_results
+
+from helpers import committed_rows, fast_benchmark, read_trials, sweep, sweep_popen, write_study
 
 SECRET = "hf_sweeper_test_secret_value_123"
 
@@ -41,9 +43,9 @@ def _wait_for(pred, timeout=300.0, every=0.1):
     return False
 
 
-def _rows(results: Path) -> list[Path]:
-    d = results / "trials"
-    return sorted(d.glob("*.parquet")) if d.is_dir() else []
+def _rows(results: Path) -> dict[str, bytes]:
+    """trial_id -> its committed row file's bytes (docs/store.md)."""
+    return committed_rows(results)
 
 
 def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
@@ -71,13 +73,12 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
         else:  # it finished every trial before the kill came
             assert proc.returncode == 0, proc.communicate()[0]
         proc.communicate()
-        for f in _rows(results):
-            data = f.read_bytes()
-            assert finished.setdefault(f.name, data) == data, f"{f.name} changed after it was finished"
-        # readers never see partial files: only whole Parquet files under their final names
-        for sub in ("trials", "metrics"):
-            for f in (results / sub).glob("*.parquet") if (results / sub).is_dir() else []:
-                pl.read_parquet(f)
+        for tid, data in _rows(results).items():
+            assert finished.setdefault(tid, data) == data, f"{tid}'s row changed after it was finished"
+        # readers never see partial files: every committed file is whole (checked, then read)
+        if results.is_dir():
+            res = open_results(str(results))
+            res.trials.collect(), res.metrics.collect()
         if len(finished) == 5:
             break
     assert kills >= 1, "every launch finished before its kill: the test killed nothing"
@@ -86,8 +87,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_model):
     assert r.returncode == 0, r.stdout + r.stderr
     trials = read_trials(results)
     assert trials.height == 5 and trials["trial_id"].n_unique() == 5 and set(trials["status"]) == {"done"}
-    for name, data in finished.items():
-        assert (results / "trials" / name).read_bytes() == data
+    after = _rows(results)
+    for tid, data in finished.items():
+        assert after[tid] == data
     assert not [p for p in results.rglob("*.tmp") if "_tune" not in p.parts]
 
 
@@ -155,13 +157,14 @@ def test_failures_are_isolated_recorded_and_listed(tmp_path, tiny_model):
     assert "2 done, 4 failed, 0 pending" in s.stdout
     assert s.stdout.count("FAILED") == 4 and "NaNLogits" in s.stdout
     # a relaunch retries failed trials (attempt 2) and leaves done ones alone
-    before = {f.name: f.read_bytes() for f in _rows(results)}
+    before = _rows(results)
     r2 = sweep("launch", str(study), "--results", str(results))
     assert r2.returncode == 1
     t2 = read_trials(results)
     assert set(t2.filter(pl.col("status") == "failed")["attempt"]) == {2}
+    after = _rows(results)
     for tid in good["trial_id"]:
-        assert (results / "trials" / f"{tid}.parquet").read_bytes() == before[f"{tid}.parquet"]
+        assert after[tid] == before[tid]
 
 
 def test_second_launch_is_refused_and_stale_lock_taken_over(tmp_path, tiny_model):
@@ -190,14 +193,16 @@ def test_damaged_parquet_is_reported_quarantined_and_rerun(tmp_path, tiny_model)
     study = _study(tmp_path / "s.py", tiny_model, ["fp32", "nf4"])
     results = tmp_path / "res"
     assert sweep("launch", str(study), "--results", str(results)).returncode == 0
-    victim = _rows(results)[0]
+    from sweeper.store import ResultsStore
+
+    victim = ResultsStore(results).trial_path(sorted(_rows(results))[0])
     victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # truncated
     r = sweep("results", str(results))
     assert r.returncode == 2 and str(victim) in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = sweep("launch", str(study), "--results", str(results))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"damaged result file {victim}" in r.stderr
-    assert list((results / "quarantine" / "trials").iterdir())
+    assert list((results / "quarantine").rglob(victim.name + ".*"))
     t = read_trials(results)
     assert t.height == 2 and set(t["status"]) == {"done"}
 
@@ -273,8 +278,7 @@ def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker_node(tmp_pat
     proc = sweep_popen("launch", str(study), "--results", str(results), "--address", two_node_cluster)
 
     def nodes_seen() -> set[str]:
-        rows = _rows(results)
-        return set(pl.read_parquet(rows)["ray_node_id"]) if rows else set()
+        return set(read_trials(results)["ray_node_id"]) if _rows(results) else set()
 
     # both nodes run trials; then the worker node dies mid-sweep
     assert _wait_for(lambda: len(nodes_seen()) == 2 or len(_rows(results)) >= 3, timeout=300)

@@ -92,15 +92,18 @@ def test_standalone_tasks_are_not_folded_by_name(gsm_res):
 def test_results_without_group_record_still_read(tmp_path):
     """A folder written before trials recorded task_groups (no such column in the trial files): every task is its own
     top level, nothing is folded by name."""
-    store = ResultsStore(tmp_path / "old")
+    from sweeper.store import metrics_table, trial_table
+
+    root = tmp_path / "old"  # the layout of that time: one file per trial and kind (read as it is, docs/store.md)
+    for sub in ("trials", "metrics", "samples"):
+        (root / sub).mkdir(parents=True)
     for tid, cot in (("B", 100), ("T1", 60)):
         out = _gsm_results(cot)
-        store.write_trial(_trial_row(tid), metric_rows(out, tid), samples_table(out, tid))
-        f = store.root / "trials" / f"{tid}.parquet"
-        t = pq.read_table(f)
-        pq.write_table(t.drop(["task_groups"]), f)
-    res = open_results([str(store.root)])
-    assert "task_groups" not in pq.read_schema(store.root / "trials" / "B.parquet").names
+        pq.write_table(trial_table(_trial_row(tid)).drop(["task_groups"]), root / "trials" / f"{tid}.parquet")
+        pq.write_table(metrics_table(metric_rows(out, tid)), root / "metrics" / f"{tid}.parquet")
+        pq.write_table(samples_table(out, tid), root / "samples" / f"{tid}.parquet")
+    res = open_results([str(root)])
+    assert "task_groups" not in pq.read_schema(root / "trials" / "B.parquet").names
     cmp = analysis.compare(res).collect()
     assert {"gsm8k", "gsm8k_cot", "mmlu_pro", "mmlu", "mmlu_stem", "mmlu_anatomy"} <= set(cmp.columns)
     sig = _sig(res)

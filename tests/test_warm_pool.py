@@ -194,7 +194,7 @@ def test_a_client_that_goes_away_mid_trial_takes_the_trial_with_it(tmp_path, tin
         log = pool.folder / "worker-0.log"
         assert _wait(lambda: f"warm worker {worker.pid} ended: exit code 75" in log.read_text(), timeout=10)
         assert isinstance(errors[0], WarmWorkerDied)
-    assert not (store.root / "trials").exists() or not list((store.root / "trials").glob("*.parquet"))
+    assert not store.root.exists() or not store.state().trials
 
 
 def _parent_pid(pid: int) -> int:
@@ -250,7 +250,7 @@ def test_trial_output_goes_to_the_clients_stdout(tmp_path, tiny_model, shared_da
     assert out["status"] == "failed" and out["error_type"] == "ModelNotFound", out
     captured = capfd.readouterr()
     assert "failed in load" in captured.err, captured  # the runner's warning, written by the worker process
-    assert pl.read_parquet(str(tmp_path / "res" / "trials" / "*.parquet"))["warm_worker"].to_list() == [True]
+    assert read_trials(tmp_path / "res")["warm_worker"].to_list() == [True]
 
 
 def test_a_worker_whose_launch_is_already_gone_does_not_start(tmp_path):
