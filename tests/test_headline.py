@@ -133,7 +133,8 @@ def test_summary_has_true_memory_and_both_speed_kinds(study):
 
 def _recompute(results: Path) -> pl.DataFrame:
     """Every derived column of compare, from the raw files, by docs/analysis.md's definitions (no sweeper code)."""
-    trials = read_trials(results).select("trial_id", "precision", "baseline_id")
+    trials = read_trials(results).select("trial_id", "precision", "baseline_id", "worker_trial_index")
+    cold = {r["trial_id"]: r["worker_trial_index"] == 0 for r in trials.to_dicts()}  # a worker's first trial
     m = read_metrics(results)  # the committed metric rows, as stored
 
     def metric(stage: str, name: str, batch_size: int | None = None) -> dict[str, float]:
@@ -161,7 +162,8 @@ def _recompute(results: Path) -> pl.DataFrame:
         ppl_delta = 100 * (ppl[tid] / ppl[b] - 1)
         out.append({
             "trial_id": tid, "precision": t["precision"],
-            "speedup_load": load[b] / load[tid],
+            # only between two cold or two warm loads (docs/analysis.md)
+            "speedup_load": load[b] / load[tid] if cold[tid] == cold[b] else None,
             "speedup_decode": dec[tid] / dec[b],
             "speedup_prefill": pre[b] / pre[tid],
             "speedup_sequence": seq[b] / seq[tid],
