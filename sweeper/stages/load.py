@@ -117,7 +117,7 @@ def device_map(spec: TrialSpec, precision, gpu_memory_bytes: list[int]) -> dict[
     (accelerate spills to "disk") is refused: a trial never offloads."""
     import torch
     from accelerate import infer_auto_device_map, init_empty_weights
-    from accelerate.utils import CustomDtype
+    from accelerate.utils import CustomDtype, get_balanced_memory
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..resources import gpu_max_memory, model_shape
@@ -136,8 +136,11 @@ def device_map(spec: TrialSpec, precision, gpu_memory_bytes: list[int]) -> dict[
               and not name.endswith(".lm_head")}
     kept = {name: compute for name, _ in model.named_parameters() if name.rsplit(".", 1)[0] not in linear}
     max_memory = gpu_max_memory(spec, model_shape(spec.model), gpu_memory_bytes)
-    dmap = infer_auto_device_map(model, max_memory=max_memory, dtype=quantized, special_dtypes=kept,
-                                 no_split_module_classes=model._no_split_modules)
+    split = dict(dtype=quantized, special_dtypes=kept, no_split_module_classes=model._no_split_modules)
+    # balanced over the GPUs, as transformers' device_map="auto" does: a pinned trial that would fit fewer GPUs
+    # still spreads over all of its own (and each holds a share of the KV cache)
+    balanced = get_balanced_memory(model, max_memory=max_memory, **split)
+    dmap = infer_auto_device_map(model, max_memory={d: min(balanced[d], m) for d, m in max_memory.items()}, **split)
     off = sorted({str(d) for d in dmap.values() if d not in max_memory})
     if off:
         raise StageError(f"{spec.cell} does not fit {len(max_memory)} GPUs of {min(gpu_memory_bytes) / 1e9:.0f} GB "

@@ -1,0 +1,147 @@
+"""Trials bigger than one GPU, without GPUs: a Llama-3-70B-shaped config (transformers' config only, the model built
+on the meta device) on a described node of 4 x 80 GB GPUs (1 GB = 1e9 bytes here).
+
+With the default study settings (no tasks) the estimate is 143.0 GB for fp16 (141.1 GB of weights + 1.9 GB KV cache,
+logits and context): 2 GPUs; int8 74.6 GB: 0.95 of one GPU; nf4 44.6 GB: 0.6 of one."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from helpers import sweep, write_study
+from sweeper import Model, Resources, Study, precisions
+from sweeper.errors import StageError, UserError
+from sweeper.resources import gpu_max_memory, model_shape, share_function, spread_shares
+
+GB = 1e9
+
+
+@pytest.fixture(scope="module")
+def llama70b(tmp_path_factory):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                               num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                               max_position_embeddings=8192, rope_theta=500000.0)
+    d = tmp_path_factory.mktemp("llama70b")
+    cfg.save_pretrained(d)
+    return str(d)
+
+
+def _plan(tmp_path, model, resources=""):
+    from sweeper import launch as L
+
+    f = write_study(tmp_path / "s.py", f"study = Study(name='big', models=[{model!r}], "
+                                       f"precisions=['fp16', 'int8', 'nf4'], kl=False{resources})\n")
+    p, _ = L.plan(str(f), str(tmp_path / "res"))
+    return L, p
+
+
+def test_a_trial_bigger_than_one_gpu_gets_whole_gpus_of_one_node(tmp_path, llama70b):
+    L, p = _plan(tmp_path, llama70b)
+    shape = model_shape(Model(llama70b))
+    assert 70.5e9 < shape.linear_params + shape.unquantized_params < 70.6e9  # Llama-3-70B: 70.55B parameters
+    share_for = share_function(80 * GB, 4)
+    estimated = {t.precision: share_for(p.study, t.model, t.precision, t.compute_dtype) for t in p.trials}
+    # fp16 (143.0 GB) needs 2 whole GPUs; int8 (74.6 GB) and nf4 (44.6 GB) fit one, as fractions < 1
+    assert estimated == {"fp16": 2.0, "int8": 0.95, "nf4": 0.6}
+    sized = L.size_for_node(p, 4, 80 * GB)
+    # the three trials run at once on the node: the fractions are spread to a GPU each, fp16 keeps its two
+    assert {t.precision: t.gpu_share for t in sized.trials} == {"fp16": 2.0, "int8": 1.0, "nf4": 1.0}
+    est = {t.precision: sized.estimates[t.trial_id] for t in sized.trials}
+    assert 140 * GB < est["fp16"] < 150 * GB and 70 * GB < est["int8"] < 80 * GB and 40 * GB < est["nf4"] < 50 * GB
+    # spreading fractional shares over the node's GPUs never lowers a whole-GPU count
+    assert spread_shares([2.0] + [0.05] * 7, gpus=2) == [2.0] + [0.25] * 7
+
+
+def test_pinned_whole_gpus_and_what_ray_is_asked_for(tmp_path, llama70b):
+    from sweeper.scheduler import trial_resources
+
+    L, p = _plan(tmp_path, llama70b, ", resources=Resources(gpus_per_trial=2)")
+    sized = L.for_cluster(p, share_function(80 * GB, 4), cluster_gpus=8, node_gpus=4)
+    assert {t.gpu_share for t in sized.trials} == {2.0}
+    two = trial_resources({"case": {"spec": sized.trials[0].to_dict()}})
+    # one bundle (a bundle is never split over nodes), STRICT_PACK, a whole number of GPUs
+    assert two.bundles == [{"CPU": 1, "GPU": 2}] and two.strategy == "STRICT_PACK"
+    frac = trial_resources({"case": {"spec": {**sized.trials[0].to_dict(), "gpu_share": 0.25}}})
+    assert frac.bundles == [{"CPU": 1, "GPU": 0.25}]
+    cpu = trial_resources({"case": {"spec": {**sized.trials[0].to_dict(), "gpu_share": 0.0}}})
+    assert cpu.bundles == [{"CPU": 1}]
+    # pinned to more GPUs than any node has: refused before the sweep
+    L, p = _plan(tmp_path, llama70b, ", resources=Resources(gpus_per_trial=8)")
+    with pytest.raises(UserError, match=r"gpus_per_trial=8: the largest node of the cluster has 4 GPU"):
+        L.for_cluster(p, share_function(80 * GB, 4), cluster_gpus=8, node_gpus=4)
+
+
+def test_a_trial_that_fits_no_node_is_refused_with_the_numbers(tmp_path, llama70b):
+    L, p = _plan(tmp_path, llama70b)
+    with pytest.raises(UserError) as e:
+        L.size_for_node(p, 2, 24 * GB)
+    msg = str(e.value)
+    assert "fp16/fp16: estimated peak 143.0 GB needs 7 GPUs of 24 GB on one node" in msg, msg
+    assert "the largest node has 2 x 24 GB" in msg
+
+
+def _spec(tmp_path, llama70b, precision, gpus):
+    from sweeper.trials import expand
+
+    study = Study(name="big", models=[llama70b], precisions=["fp16", "int8", "nf4"], kl=False)
+    spec = next(t for t in expand(study)[0] if t.precision == precision)
+    return dataclasses.replace(spec, gpu_share=float(gpus))
+
+
+def _device_sizes(spec, dmap):
+    """Bytes each GPU of ``dmap`` holds, with accelerate's sizes of the meta model at the map's dtypes."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec.model.id), dtype=torch.float16)
+    sizes = compute_module_sizes(model)
+    out: dict[int, int] = {}
+    for name, dev in dmap.items():
+        out[dev] = out.get(dev, 0) + sizes[name]
+    return out
+
+
+def test_the_device_map_uses_exactly_the_trials_gpus_within_max_memory(tmp_path, llama70b):
+    from sweeper.stages.load import device_map
+
+    spec = _spec(tmp_path, llama70b, "fp16", 2)
+    node = [80 * GB] * 2  # the two GPUs Ray gave the trial, visible as 0 and 1
+    dmap = device_map(spec, precisions.get("fp16"), node)
+    assert set(dmap.values()) == {0, 1}
+    assert dmap["model.embed_tokens"] == 0 and dmap["lm_head"] == 1
+    max_memory = gpu_max_memory(spec, model_shape(spec.model), node)
+    held = _device_sizes(spec, dmap)
+    assert sum(held.values()) > 140 * GB  # every weight of the 70B model is on one of the two
+    for dev, size in held.items():
+        assert size <= max_memory[dev] < 80 * GB, (dev, size, max_memory)
+    # int8 pinned to 2 GPUs (it would fit one): balanced over both, nothing beyond them
+    dmap8 = device_map(_spec(tmp_path, llama70b, "int8", 2), precisions.get("int8"), node)
+    assert set(dmap8.values()) == {0, 1}
+    layers = [d for name, d in dmap8.items() if name.startswith("model.layers.")]
+    assert 30 <= layers.count(0) <= 50, layers
+    # too little memory for the trial's GPUs: refused, never spilled to CPU or disk
+    with pytest.raises(StageError, match=r"does not fit 2 GPUs of 60 GB"):
+        device_map(spec, precisions.get("fp16"), [60 * GB] * 2)
+
+
+def test_dry_run_shows_each_trials_gpus_and_refuses_a_node_too_small(tmp_path, llama70b):
+    f = write_study(tmp_path / "s.py", f"study = Study(name='big', models=[{llama70b!r}], "
+                                       "precisions=['fp16', 'int8', 'nf4'], kl=False)\n")
+    r = sweep("launch", str(f), "--results", str(tmp_path / "res"), "--dry-run", "--node-gpus", "4x80GB")
+    assert r.returncode == 0, r.stderr
+    rows = {p: next(line for line in r.stdout.splitlines() if f"┆ {p} " in line) for p in ("fp16", "int8", "nf4")}
+    assert "2 whole" in rows["fp16"] and " 143 " in rows["fp16"], r.stdout
+    assert "1 whole" in rows["int8"] and "74.6" in rows["int8"] and "44.6" in rows["nf4"], r.stdout
+    assert "(dry run: GPUs sized for one node of 4x80GB)" in r.stdout
+    r = sweep("launch", str(f), "--results", str(tmp_path / "res"), "--dry-run", "--node-gpus", "2x24GB")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stdout + r.stderr
+    assert "estimated peak 143.0 GB needs 7 GPUs of 24 GB" in err[0] and "largest node has 2 x 24 GB" in err[0]
+    r = sweep("launch", str(f), "--dry-run", "--node-gpus", "four")
+    assert r.returncode == 2 and "--node-gpus 'four': give GPUs x memory per GPU in GB, e.g. 4x80GB" in r.stderr
