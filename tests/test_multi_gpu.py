@@ -12,7 +12,7 @@ import pytest
 from helpers import sweep, write_study
 from sweeper import Model, Resources, Study, precisions
 from sweeper.errors import StageError, UserError
-from sweeper.resources import gpu_max_memory, model_shape, share_function, spread_shares
+from sweeper.resources import model_shape, share_function, spread_shares
 
 GB = 1e9
 
@@ -108,6 +108,7 @@ def _device_sizes(spec, dmap):
 
 
 def test_the_device_map_uses_exactly_the_trials_gpus_within_max_memory(tmp_path, llama70b):
+    from sweeper.resources import gpu_max_memory
     from sweeper.stages.load import device_map
 
     spec = _spec(tmp_path, llama70b, "fp16", 2)
@@ -145,3 +146,24 @@ def test_dry_run_shows_each_trials_gpus_and_refuses_a_node_too_small(tmp_path, l
     assert "estimated peak 143.0 GB needs 7 GPUs of 24 GB" in err[0] and "largest node has 2 x 24 GB" in err[0]
     r = sweep("launch", str(f), "--dry-run", "--node-gpus", "four")
     assert r.returncode == 2 and "--node-gpus 'four': give GPUs x memory per GPU in GB, e.g. 4x80GB" in r.stderr
+
+
+def test_rows_record_every_gpu_the_trial_holds(monkeypatch):
+    """A trial of two whole GPUs (faked: torch's view of the two devices Ray made visible) records both."""
+    import types
+
+    import torch
+
+    from sweeper.environment import device_environment
+    from sweeper.store import TRIALS_SCHEMA
+
+    gpus = [types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", uuid=f"GPU-{i}aaa", total_memory=85_000_000_000,
+                                  major=9, minor=0) for i in range(2)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    env = device_environment("cuda")
+    assert env["gpu_count"] == 2
+    assert env["gpu_devices"] == "NVIDIA H100 80GB HBM3 GPU-0aaa,NVIDIA H100 80GB HBM3 GPU-1aaa"
+    assert device_environment("cpu")["gpu_count"] == 0
+    assert {"gpu_count", "gpu_devices"} <= set(TRIALS_SCHEMA.names)  # the row keeps them
