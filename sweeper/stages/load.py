@@ -96,6 +96,13 @@ def load_tokenizer(spec: TrialSpec):
     return tok
 
 
+def _cuda_allocated() -> int:
+    """CUDA memory allocated on every GPU the trial sees (one, or the whole GPUs of a trial bigger than one)."""
+    import torch
+
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
 def trial_gpus_device_map(spec: TrialSpec, precision) -> dict[str, int]:
     """A trial of several whole GPUs: its layers spread over exactly the GPUs Ray gave it (visible as 0..n-1)."""
     import torch
@@ -191,7 +198,7 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
+        before = _cuda_allocated()
     else:
         before = rss_bytes()
     t0 = time.perf_counter()
@@ -206,7 +213,7 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     model.eval()
     synchronize(device)
     load_s = time.perf_counter() - t0
-    allocated = (torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()) - before
+    allocated = (_cuda_allocated() if device == "cuda" else rss_bytes()) - before
     n_params = sum(p.numel() for p in model.parameters())
     unit = "bytes (cuda allocated)" if device == "cuda" else "bytes (rss delta)"
     metrics = [
