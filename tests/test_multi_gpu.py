@@ -167,3 +167,27 @@ def test_rows_record_every_gpu_the_trial_holds(monkeypatch):
     assert env["gpu_devices"] == "NVIDIA H100 80GB HBM3 GPU-0aaa,NVIDIA H100 80GB HBM3 GPU-1aaa"
     assert device_environment("cpu")["gpu_count"] == 0
     assert {"gpu_count", "gpu_devices"} <= set(TRIALS_SCHEMA.names)  # the row keeps them
+
+
+def test_memory_and_timing_cover_every_gpu_of_a_split_model(monkeypatch):
+    """Faked two-GPU view: the peak is the sum of both GPUs' peaks, and each latency mark waits for both GPUs (an
+    event on GPU 0's stream would miss the layers on GPU 1)."""
+    import torch
+
+    from sweeper.measure import LatencyRecorder, PeakMemory
+
+    synced, reset = [], []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: synced.append(i))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i=None: reset.append(i))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=None: {0: 70 * 10**9, 1: 60 * 10**9}[i])
+    peak = PeakMemory("cuda")
+    with peak.track():
+        pass
+    assert peak.peak_bytes == 130 * 10**9 and sorted(reset) == [0, 1]
+    synced.clear()
+    rec = LatencyRecorder("cuda")
+    rec.mark()
+    rec.mark()
+    assert synced == [0, 1, 0, 1]
+    assert len(rec.elapsed_ms()) == 1 and rec.elapsed_ms()[0] >= 0
