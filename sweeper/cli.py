@@ -84,6 +84,9 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
                        "from each GPU's memory; --node-gpus NxGB sizes them for a node)"
                        if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
         return
+    if node_gpus:
+        raise UserError(f"--node-gpus {node_gpus}: only with --dry-run (a launch sizes trials for the cluster Ray "
+                        "reports)")
     resume = L.resume_command(study_file, results_dir, only, limit)
     with L.StopOnSigint():
         try:

@@ -146,6 +146,8 @@ def test_dry_run_shows_each_trials_gpus_and_refuses_a_node_too_small(tmp_path, l
     assert "estimated peak 143.0 GB needs 7 GPUs of 24 GB" in err[0] and "largest node has 2 x 24 GB" in err[0]
     r = sweep("launch", str(f), "--dry-run", "--node-gpus", "four")
     assert r.returncode == 2 and "--node-gpus 'four': give GPUs x memory per GPU in GB, e.g. 4x80GB" in r.stderr
+    r = sweep("launch", str(f), "--node-gpus", "4x80GB")
+    assert r.returncode == 2 and "--node-gpus 4x80GB: only with --dry-run" in r.stderr, r.stderr
 
 
 def test_rows_record_every_gpu_the_trial_holds(monkeypatch):
