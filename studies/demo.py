@@ -1,15 +1,16 @@
 """Demo study: runs offline on a CPU-only machine in a few minutes, with no hub access.
 
-The model is a small *real* model (llama-4m: a 4.2M-parameter Llama trained on WikiText-2, see ../shared/data/README.md)
-loaded from a local folder; set SWEEPER_DEMO_MODEL to use another local causal LM folder, and SWEEPER_DEMO_DATA for
-another copy of the data folder. Numbers are CPU numbers (the trial rows say device=cpu).
+The model is a small *real* model (llama-4m: a 4.2M-parameter Llama trained on WikiText-2) shipped with the project
+in demo/data/ in fp16, with a WikiText-2 slice (licence and source: demo/README.md). Set SWEEPER_DEMO_MODEL to use
+another local causal LM folder, and SWEEPER_DEMO_DATA for another data folder of the same layout (wikitext-2/test.txt).
+Numbers are CPU numbers (the trial rows say device=cpu).
 """
 import os
 from pathlib import Path
 
 from sweeper import Benchmark, KLSettings, Perplexity, Study
 
-DATA = Path(os.environ.get("SWEEPER_DEMO_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+DATA = Path(os.environ.get("SWEEPER_DEMO_DATA", Path(__file__).resolve().parents[1] / "demo" / "data"))
 MODEL = os.environ.get("SWEEPER_DEMO_MODEL", str(DATA / "models" / "llama-4m"))
 
 study = Study(

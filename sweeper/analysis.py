@@ -13,7 +13,9 @@ Definitions (docs/analysis.md repeats them):
 
 - ``speedup_decode`` = trial decode tok/s / baseline decode tok/s (eager ``generate``, batch 1);
   ``speedup_decode_graph`` = the same for the kernel-level decode (``decode_graph_tok_s``: the decode step replayed as
-  a CUDA graph; null where a trial has none, its ``graph_decode_error`` says why); ``speedup_throughput`` = trial batch
+  a CUDA graph; null where a trial has none, its ``graph_decode_error`` says why); ``speedup_decode_no_kv`` the same
+  without the KV cache (``Benchmark(kv_cache=(True, False))``); ``kv_cache_speedup`` = the trial's decode tok/s with
+  the cache / without it (needs no baseline); ``speedup_throughput`` = trial batch
   tok/s / baseline batch tok/s at the same batch size (the trial's largest); ``speedup_prefill``,
   ``speedup_sequence``, ``speedup_load`` = baseline time / trial time. > 1 means faster.
 - A trial's memory is ``weights_gb``: the bytes its loaded weights really occupy (``weights_bytes`` of the load stage,
@@ -58,6 +60,8 @@ METRIC_COLUMNS: list[tuple[str, str, str, float]] = [
     ("decode_graph_tok_s", "benchmark", "decode_graph_tok_s", 1.0),
     ("decode_ms_per_token", "benchmark", "decode_ms_per_token", 1.0),
     ("sequence_ms", "benchmark", "sequence_ms", 1.0),
+    ("decode_tok_s_no_kv", "benchmark", "decode_tok_s_no_kv", 1.0),  # without the KV cache (Benchmark.kv_cache)
+    ("sequence_ms_no_kv", "benchmark", "sequence_ms_no_kv", 1.0),
     ("perplexity", "perplexity", "token_perplexity", 1.0),
     ("kl_mean", "kl", "kl_mean", 1.0),
     ("kl_median", "kl", "kl_median", 1.0),
@@ -68,12 +72,13 @@ METRIC_COLUMNS: list[tuple[str, str, str, float]] = [
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity", "perplexity"}
 
 CONFIG_COLUMNS = ["trial_id", "study", "model", "model_id", "precision", "compute_dtype", "is_baseline", "baseline_id",
-                  "status", "device", "device_name", "gpu_share", "error_stage", "error_type", "error"]
+                  "status", "device", "device_name", "runtime_provider", "gpu_share", "error_stage", "error_type", "error"]
 
 # Derived columns in display order; retention_<task> columns are inserted before retention_mean.
-DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_throughput", "speedup_prefill",
-                   "speedup_sequence", "load_cold", "speedup_load", "memory_reduction", "memory_reduction_peak",
-                   "compression_ratio", "gb_saved", "retention_mean", "ppl_delta_pct", "ppl_delta_per_gb_saved"]
+DERIVED_COLUMNS = ["baseline_status", "speedup_decode", "speedup_decode_graph", "speedup_decode_no_kv",
+                   "kv_cache_speedup", "speedup_throughput", "speedup_prefill", "speedup_sequence", "load_cold", "speedup_load",
+                   "memory_reduction", "memory_reduction_peak", "compression_ratio", "gb_saved", "retention_mean",
+                   "ppl_delta_pct", "ppl_delta_per_gb_saved"]
 
 # Recommendation scenarios of the seed reports: (key, description).
 SCENARIOS: list[tuple[str, str]] = [
@@ -172,6 +177,10 @@ def compare(res: Results) -> pl.LazyFrame:
     w = w.with_columns(
         ratio(pl.col("decode_tok_s"), pl.col("decode_tok_s_b")).alias("speedup_decode"),
         ratio(pl.col("decode_graph_tok_s"), pl.col("decode_graph_tok_s_b")).alias("speedup_decode_graph"),
+        ratio(pl.col("decode_tok_s_no_kv"), pl.col("decode_tok_s_no_kv_b")).alias("speedup_decode_no_kv"),
+        # within the trial, no baseline needed: what the KV cache buys
+        pl.when(pl.col("decode_tok_s_no_kv") > 0).then(pl.col("decode_tok_s") / pl.col("decode_tok_s_no_kv"))
+        .otherwise(None).alias("kv_cache_speedup"),
         ratio(pl.col("batch_tok_s"), pl.col("_base_batch_tok_s")).alias("speedup_throughput"),
         ratio(pl.col("prefill_ms_b"), pl.col("prefill_ms")).alias("speedup_prefill"),
         ratio(pl.col("sequence_ms_b"), pl.col("sequence_ms")).alias("speedup_sequence"),
@@ -586,4 +595,33 @@ def significance(res: Results, n_boot: int = 2000, seed: int = 0, confidence: fl
 
 
 __all__: Sequence[str] = ["compare", "with_axes", "pareto", "recommend", "significance", "Bootstrap", "metric_kind",
-                          "task_main_metrics", "task_tops", "SCENARIOS", "METRIC_COLUMNS", "DERIVED_COLUMNS"]
+                          "task_main_metrics", "task_tops", "verdicts", "SCENARIOS", "METRIC_COLUMNS", "DERIVED_COLUMNS"]
+
+
+# ----------------------------------------------------------------------------------------------------------- verdict
+# a trial within this fraction of its baseline's speed or memory counts as the same (CPU timings move by a few %)
+SAME_WITHIN = 0.05
+
+
+def verdicts(cmp: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """``cmp`` with a ``verdict`` column in the seed reports' words: memory (smaller / larger), decode speed (faster /
+    slower; within ``SAME_WITHIN`` of the baseline: neither said) and quality from ``quality_retention``
+    (:func:`with_axes`): ``quality kept`` (>= 99%), else ``quality -N%``; ``same`` where none of these is said. A
+    baseline says ``baseline``, a failed trial ``failed``, a trial without its baseline ``no baseline``."""
+    lf = with_axes(cmp)
+
+    def word(x: pl.Expr, up: str, down: str) -> pl.Expr:
+        return pl.when(x > 1 + SAME_WITHIN).then(pl.lit(up)).when(x < 1 - SAME_WITHIN).then(pl.lit(down))
+
+    q = pl.col("quality_retention")
+    quality = (pl.when(q >= 0.99).then(pl.lit("quality kept"))
+               .when(q.is_not_null()).then(pl.format("quality -{}%", ((1 - q) * 100).round(1))))
+    parts = pl.concat_str([word(1 / (1 - pl.col("memory_reduction")), "smaller", "larger"),
+                           word(pl.col("speedup_decode"), "faster", "slower"), quality], separator=", ",
+                          ignore_nulls=True)
+    v = (pl.when(pl.col("status") != "done").then(pl.lit("failed"))
+         .when(pl.col("baseline_status") == "self").then(pl.lit("baseline"))
+         .when(pl.col("baseline_status") != "ok").then(pl.lit("no baseline"))
+         .when(parts == "").then(pl.lit("same"))
+         .otherwise(parts))
+    return lf.with_columns(v.alias("verdict")).drop("quality_retention", "throughput_tok_s")

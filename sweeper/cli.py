@@ -80,7 +80,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         if node_gpus:
             click.echo(f"(dry run: GPUs sized for one node of {node_gpus})")
         else:
-            click.echo("(dry run: GPU shares shown as on a CPU-only cluster; `auto` shares are computed at launch "
+            click.echo("(dry run: GPU shares shown as on a CPU-only cluster;\n `auto` shares are computed at launch "
                        "from each GPU's memory; --node-gpus NxGB sizes them for a node)"
                        if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
         return
@@ -111,6 +111,10 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
+    if not p.pending and not fresh:  # said before Ray starts (seconds)
+        click.echo(f"nothing to do: all {len(p.trials)} trials are done in {p.store.root}; "
+                   f"read them: sweep results {p.store.root}")
+        return 0, True
     pool = None
     with LaunchLock(p.store.root):
         # warm workers start first: their imports then overlap Ray's start and the task check
@@ -162,7 +166,9 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
             try:
                 scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
                                      retries=retries, baselines_first=p.study.kl is not None,
-                                     warm=pool.descriptor if pool is not None else None)
+                                     warm=pool.descriptor if pool is not None else None,
+                                     slots=L.concurrent_slots(pending, cluster.cpus, cluster.gpus,
+                                                              p.study.resources.max_concurrent))
             except KeyboardInterrupt as e:
                 # the warm workers (and their running trials) and Ray stop side by side: Ctrl-C leaves within seconds,
                 # and a Ray that does not stop in time is left to die with this process
@@ -193,6 +199,8 @@ def _launch_summary(p, resume: str) -> int:
     ids = [t.trial_id for t in p.trials]
     done = sum(status.get(i) == "done" for i in ids)
     failed = [i for i in ids if status.get(i) == "failed"]
+    if done:
+        _print_comparison(p.store.root)
     click.echo(f"summary: {done}/{len(ids)} done, {len(failed)} failed, {len(ids) - done - len(failed)} pending; "
                f"results in {p.store.root}")
     if len(ids) - done - len(failed) > 0:
@@ -203,6 +211,16 @@ def _launch_summary(p, resume: str) -> int:
         click.echo(f"{len(failed)} trial(s) failed: see `sweep status {p.store.root}`; a relaunch retries them", err=True)
         return EXIT_TRIALS_FAILED
     return 0
+
+
+def _print_comparison(root) -> None:
+    """The seed-style table (`sweep results DIR --vs-baseline`) of the results, fitted to the terminal."""
+    from .query import format_frame, query_frame, terminal_width
+
+    try:
+        click.echo(format_frame(query_frame(str(root), vs_baseline=True), width=terminal_width() or 100), nl=False)
+    except UserError as e:  # the launch's own outcome still stands; say why there is no table
+        click.echo(f"(no comparison table: {e})", err=True)
 
 
 def _finish(code: int, ray_stopped: bool) -> None:
@@ -226,7 +244,9 @@ def _print_plan(p, notes, render) -> None:
     for d in p.dropped:
         click.echo(f"dropped {d.model} {d.precision} x compute {d.compute_dtype}: {d.reason}")
     click.echo(f"study {p.study.name}: {len(p.trials)} trial(s), results in {p.store.root}")
-    click.echo(render(pl.DataFrame(trial_table(p))), nl=False)
+    from .query import terminal_width
+
+    click.echo(render(pl.DataFrame(trial_table(p)), width=terminal_width()), nl=False)
 
 
 @main.command()
@@ -294,14 +314,16 @@ def report(dirs, output, fmt, title):
 @main.command("precisions")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
-def precisions_cmd(fmt):
+@click.option("--long", "long_", is_flag=True, help="Every column: group size, options, hardware, CUDA-graph decode.")
+def precisions_cmd(fmt, long_):
     """List the precisions a study can name."""
     import polars as pl
 
-    from .precisions import table_rows
-    from .query import format_frame
+    from .precisions import short_table_rows, table_rows
+    from .query import format_frame, terminal_width
 
-    click.echo(format_frame(pl.DataFrame(table_rows()), fmt), nl=False)
+    rows = table_rows() if long_ or fmt in ("csv", "json") else short_table_rows()  # exports keep every column
+    click.echo(format_frame(pl.DataFrame(rows), fmt, width=terminal_width(), keys=("name",)), nl=False)
 
 
 if __name__ == "__main__":

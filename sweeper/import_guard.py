@@ -43,7 +43,7 @@ def for_precision(name: str) -> None:
 # The modules of each precision's quantization library that its load uses, imported before the load clock starts: a
 # fresh worker's first from_pretrained would otherwise time their import (seconds) as part of that precision's load_s.
 _LIBRARY_MODULES = {"bitsandbytes": ("bitsandbytes",), "torchao": ("torchao",),
-                    "hqq": ("hqq.core.quantize", "hqq.models.hf.base")}
+                    "hqq": ("hqq.core.quantize", "hqq.models.hf.base"), "onnxruntime": ("onnxruntime",)}
 # bitsandbytes versions whose module-level ``torch.compile(fn)`` calls are known to only ever be called (never
 # inspected): 0.48-0.50 wrap fallback kernels for devices without their own (its CUDA backend registers its own).
 # Other versions are imported plainly.

@@ -366,3 +366,15 @@ def parse_node_gpus(text: str) -> tuple[int, float]:
 def size_for_node(p: Plan, node_gpus: int, gpu_memory_bytes: float) -> Plan:
     """``p`` sized for one node of ``node_gpus`` GPUs of ``gpu_memory_bytes`` each (`sweep launch --dry-run`)."""
     return for_cluster(p, share_function(gpu_memory_bytes, node_gpus), node_gpus, node_gpus)
+
+
+def concurrent_slots(trials: list[TrialSpec], cluster_cpus: float, cluster_gpus: float,
+                     max_concurrent: int | None = None) -> int:
+    """How many of ``trials`` the cluster runs at once, for the progress line's estimate: by the largest GPU share and
+    by ``cpus``; at most ``max_concurrent`` and the number of trials; at least 1."""
+    if not trials:
+        return 1
+    gpu = [t.gpu_share for t in trials if t.gpu_share]
+    by_gpu = int(cluster_gpus // max(gpu)) if gpu else len(trials)
+    by_cpu = int(cluster_cpus // max(max(t.cpus for t in trials), 1e-9)) if cluster_cpus else 1
+    return max(1, min(by_gpu, by_cpu, max_concurrent or len(trials), len(trials)))

@@ -9,6 +9,8 @@ Three ways a precision quantizes (all through the same load stage, :mod:`sweeper
 - after load, through ``post_load`` (HQQ: transformers 5 no longer quantizes with ``HqqConfig`` on load);
 - calibrated (``calibrated=True``, AWQ): quantized once per (model, settings, compute dtype, device) on local text,
   cached under the results store, and loaded from that cache by every trial that needs it.
+ONNX Runtime precisions (``runtime="onnxruntime"``) are exported to ONNX in fp32 (and quantized by ORT for int8) once
+per model, cached the same way, and run by an ONNX Runtime session behind the transformers interface.
 """
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ class Precision:
     # why its decode step cannot be captured in a CUDA graph (its kernels synchronise with the host), or None; the
     # benchmark stage records this reason instead of attempting a capture that is known to fail
     no_graph_capture: str | None = None
+    # "torch" (a transformers model) or "onnxruntime" (exported to ONNX, run by an ORT session: sweeper.ort_model)
+    runtime: str = "torch"
+    onnx_int8: bool = False  # onnxruntime: the export quantized by ORT's quantize_dynamic (sweeper.quantize.onnx_export)
+    dtype_rule: str | None = None  # what `sweep precisions` says of its compute dtype, where the field alone is unclear
 
     def effective_compute_dtype(self, requested: str) -> str:
         return self.fixed_dtype if not self.compute_dtype_matters else requested
@@ -186,6 +192,8 @@ def _awq_check(device: str, capability: tuple[int, int] | None, compute_dtype: s
     return _int4_check(device, capability, compute_dtype, opts)
 
 
+_ORT_MODULES = ("onnxruntime", "onnx", "onnxscript")
+
 REGISTRY: dict[str, Precision] = {
     p.name: p
     for p in [
@@ -272,6 +280,26 @@ REGISTRY: dict[str, Precision] = {
             hardware="CUDA GPU or CPU", needs_cuda=False, min_compute_capability=None, options={"group_size": 64},
             check=_hqq_check, post_load=_hqq_post_load(8), requires=("hqq",), extra="hqq",
         ),
+        # ONNX Runtime: the model exported to ONNX in fp32 with past key/values, run by an ORT session; int8 is ORT's
+        # dynamic quantization of that export. The export is fp32 whatever the study's compute dtypes (one trial).
+        Precision(
+            name="ort-fp32", method="ONNX export (fp32)", library="onnxruntime", weight_bits=32, activation_bits=32,
+            group_size=None, bytes_per_param=4.0, compute_dtype_matters=False, fixed_dtype="fp32",
+            hardware="CPU (CPUExecutionProvider); CUDA GPU with onnxruntime-gpu", needs_cuda=False,
+            min_compute_capability=None, requires=_ORT_MODULES, extra="onnx", runtime="onnxruntime",
+            dtype_rule="fp32 (fixed: the export is fp32)",
+            no_graph_capture="an ONNX Runtime session, not a torch module: no torch CUDA graph",
+        ),
+        # int8 weights per output channel (one fp32 scale per row) + dynamic uint8 activations per tensor
+        Precision(
+            name="ort-int8", method="ORT dynamic int8 (per-channel weights)", library="onnxruntime", weight_bits=8,
+            activation_bits=8, group_size=None, bytes_per_param=1.0 + 4 / 4096, compute_dtype_matters=False,
+            fixed_dtype="fp32", hardware="CPU (CPUExecutionProvider); CUDA GPU with onnxruntime-gpu",
+            needs_cuda=False, min_compute_capability=None, requires=_ORT_MODULES, extra="onnx",
+            runtime="onnxruntime", onnx_int8=True,
+            dtype_rule="fixed: int8 matmuls (weights per channel, uint8 activations per tensor), rest fp32",
+            no_graph_capture="an ONNX Runtime session, not a torch module: no torch CUDA graph",
+        ),
     ]
 }
 
@@ -296,10 +324,28 @@ def table_rows() -> list[dict[str, Any]]:
             "library": p.library + (" (not installed)" if p.missing_library() else ""), "weight_bits": p.weight_bits,
             "activation_bits": p.activation_bits if p.activation_bits else "compute dtype",
             "group_size": p.group_size or "-",
-            "compute_dtype": "study's compute_dtypes" if p.compute_dtype_matters else p.fixed_dtype,
+            "compute_dtype": p.dtype_rule or ("study's compute_dtypes" if p.compute_dtype_matters else p.fixed_dtype),
             "options": ", ".join(f"{k}={v}" for k, v in p.options.items()) or "-",
             "hardware": p.hardware,
-            "cuda_graph_decode": "no: host sync" if p.no_graph_capture else "yes",
+            "cuda_graph_decode": ("no: host sync" if p.runtime == "torch" else f"no: {p.library}") if p.no_graph_capture
+            else "yes",
         }
         for p in REGISTRY.values()
     ]
+
+
+def short_table_rows() -> list[dict[str, Any]]:
+    """:func:`table_rows` cut to what fits in 100 columns (``sweep precisions``; ``--long`` shows every column)."""
+    return [{"name": r["name"], "method": r["method"],
+             "library": r["library"].replace(" (not installed)", " (missing)"),
+             "weight bits": r["weight_bits"],
+             "act bits": "compute" if r["activation_bits"] == "compute dtype" else r["activation_bits"],
+             "compute": _short_compute(r["compute_dtype"])}
+            for r in table_rows()]
+
+
+def _short_compute(text: str) -> str:
+    """The compute column of the short table: its first words (the whole rule is in ``--long``)."""
+    if text == "study's compute_dtypes":
+        return "per study"
+    return text if len(text) <= 14 else text.split(" (")[0].split(",")[0][:14] + " (fixed)"

@@ -38,6 +38,34 @@ VIEWS = ("summary", "trials", "metrics", "samples", "compare", "significance", "
 _VALUE_COLUMNS = ("value", "stderr", "n", "min", "max", "unit")
 _METRIC_CONTEXT = ("study", "model", "precision", "compute_dtype")
 
+# What `sweep results` shows without --columns (``--columns all``: everything). The memory columns are named in this
+# one list so that a rename of the memory metrics changes one line.
+MEMORY_COLUMNS = ["weights_gb", "peak_gb"]  # weights_gb: the true bytes of the loaded weights
+# speed in two kinds: eager generate and kernel-level (CUDA-graph decode; dropped where no trial has it, and with it the
+# column saying why a trial has none)
+DEFAULT_COLUMNS = ["results_dir", "study", "model", "precision", "compute_dtype", "status", "load_s", *MEMORY_COLUMNS,
+                   "decode_tok_s", "decode_graph_tok_s", "graph_decode_error", "decode_tok_s_no_kv", "batch_tok_s",
+                   "perplexity", "kl_mean"]
+# --vs-baseline: the seeds' comparison (speed, memory, quality against the baseline, and a verdict)
+DEFAULT_VS_BASELINE = ["results_dir", "study", "model", "precision", "compute_dtype", "status", "decode_tok_s",
+                       "speedup_decode", "decode_graph_tok_s", "speedup_decode_graph", "graph_decode_error",
+                       "decode_tok_s_no_kv", "speedup_decode_no_kv", "kv_cache_speedup",
+                       MEMORY_COLUMNS[0], "memory_reduction", "retention_mean", "perplexity", "ppl_delta_pct",
+                       "kl_mean", "verdict"]
+# columns of the summary / compare views that are not a task's main metric
+_NOT_TASKS = {"batch_size", "batch_tok_s", "verdict", "results_dir", "graph_decode_error", *analysis.CONFIG_COLUMNS,
+              *[c for c, *_ in analysis.METRIC_COLUMNS], *analysis.DERIVED_COLUMNS}
+# shorter headers, used only when a table is wider than the terminal
+SHORT_HEADERS = {"compute_dtype": "compute", "load_s": "load s", "weights_gb": "mem GB",
+                 "decode_graph_tok_s": "kernel tok/s", "speedup_decode_graph": "kernel speedup",
+                 "graph_decode_error": "no kernel: why", "decode_tok_s_no_kv": "no-KV tok/s",
+                 "speedup_decode_no_kv": "no-KV speedup", "kv_cache_speedup": "KV gain",
+                 "peak_gb": "peak GB", "decode_tok_s": "dec tok/s", "batch_tok_s": "bat tok/s", "perplexity": "ppl",
+                 "kl_mean": "KL", "speedup_decode": "speedup", "memory_reduction": "mem red", "retention_mean": "retain",
+                 "ppl_delta_pct": "ppl +%", "precision": "prec", "trial_id": "trial"}
+# repeated at the left of every block when a table is split to fit the terminal
+KEY_COLUMNS = ("model", "precision", "compute_dtype")
+
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
@@ -200,9 +228,14 @@ def query_frame(dirs: str | Sequence[str], where: str | None = None, sql: str | 
         df = _pivot(df, pivot)
     if sort:
         df = _sort(df, _split(sort))
-    if columns:
-        df = _select_columns(df, _split(columns), vs_baseline or view in ("compare", "pareto", "recommendations")
+    picked = _split(columns)
+    if picked == ["all"]:
+        pass
+    elif picked:
+        df = _select_columns(df, picked, vs_baseline or view in ("compare", "pareto", "recommendations")
                              or sql is not None)
+    elif sql is None and pivot is None and (view or "summary") == "summary":
+        df = default_columns(df, vs_baseline)
     if limit is not None:
         df = df.head(limit)
     return df
@@ -223,6 +256,83 @@ def format_number(v: float | None, digits: int = 4) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def default_columns(df: pl.DataFrame, vs_baseline: bool = False) -> pl.DataFrame:
+    """The columns that matter: DEFAULT_COLUMNS and each task's main metric, or (``vs_baseline``) DEFAULT_VS_BASELINE
+    with :func:`sweeper.analysis.verdicts`, each model's baseline first; columns empty in every row are left out, and
+    so are ``results_dir`` / ``study`` when every row has the same."""
+    if vs_baseline:
+        df = analysis.verdicts(df).collect()
+        if {"model", "is_baseline", "precision"} <= set(df.columns):  # each model's baseline first, as in the summary
+            from .precisions import REGISTRY
+
+            order = {name: i for i, name in enumerate(REGISTRY)}
+            by_dir = [pl.col("results_dir")] if "results_dir" in df.columns else []
+            df = df.sort([*by_dir, pl.col("model"), pl.col("is_baseline").not_(),
+                          pl.col("precision").replace_strict(order, default=len(order), return_dtype=pl.Int64)],
+                         nulls_last=True, maintain_order=True)
+    names = DEFAULT_VS_BASELINE if vs_baseline else DEFAULT_COLUMNS
+    # task main metrics (the summary's one column per task); --vs-baseline has their retention instead
+    tasks = [] if vs_baseline else [c for c in df.columns if c not in _NOT_TASKS and not c.startswith("retention_")]
+    keep = [c for c in [*names, *tasks] if c in df.columns and df.get_column(c).null_count() < df.height]
+    for c in ("results_dir", "study"):  # said only where rows differ in it
+        if c in keep and df.get_column(c).n_unique() < 2:
+            keep.remove(c)
+    if "decode_graph_tok_s" not in keep and "graph_decode_error" in keep:
+        keep.remove("graph_decode_error")  # every trial lacks it: the why belongs to --columns all
+    return df.select(keep)
+
+
+def terminal_width() -> int | None:
+    """Characters a table may use: $COLUMNS, else the terminal's width; None (no limit) when output is not a terminal."""
+    import os
+    import shutil
+    import sys
+
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _render(df: pl.DataFrame, markdown: bool = False) -> str:
+    opts = dict(tbl_rows=-1, tbl_cols=-1, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                tbl_width_chars=65_000, fmt_str_lengths=1_000,
+                tbl_formatting="MARKDOWN" if markdown else "UTF8_FULL_CONDENSED")
+    with pl.Config(**opts):
+        return str(df) + "\n"
+
+
+def _widest(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+def fit_table(shown: pl.DataFrame, width: int | None, keys: Sequence[str] = KEY_COLUMNS) -> str:
+    """``shown`` (strings) as a table of at most ``width`` characters a line: as it is if it fits; else with short
+    headers (SHORT_HEADERS); else in blocks, one under the other, each repeating the ``keys`` columns present (model,
+    precision, compute dtype) at its left; cells still too long are cut with '…'."""
+    text = _render(shown)
+    if width is None or _widest(text) <= width:
+        return text
+    shown = shown.rename({c: SHORT_HEADERS[c] for c in shown.columns
+                          if c in SHORT_HEADERS and SHORT_HEADERS[c] not in shown.columns})
+    text = _render(shown)
+    if _widest(text) <= width:
+        return text
+    short = {SHORT_HEADERS.get(k, k) for k in keys}
+    keys = [c for c in shown.columns if c in short] if len(shown.columns) > len(short) else []
+    rest = [c for c in shown.columns if c not in keys]
+    # a cell longer than what a block of the keys and that one column leaves is cut
+    room = max(8, width - _widest(_render(shown.select(keys))) - 3 if keys else width - 4)
+    shown = shown.with_columns([pl.when(pl.col(c).str.len_chars() > room)
+                                .then(pl.col(c).str.slice(0, room - 1) + "…").otherwise(pl.col(c)).alias(c)
+                                for c in rest])
+    blocks: list[list[str]] = [[]]
+    for c in rest:
+        if blocks[-1] and _widest(_render(shown.select(keys + blocks[-1] + [c]))) > width:
+            blocks.append([])
+        blocks[-1].append(c)
+    return "\n".join(_render(shown.select(keys + b)) for b in blocks)
+
+
 def _display(df: pl.DataFrame) -> pl.DataFrame:
     """Floats with 4 significant digits (each value on its own, never rounded to zero) and nulls blank, for reading."""
     out = []
@@ -239,9 +349,10 @@ def _display(df: pl.DataFrame) -> pl.DataFrame:
     return df.select(out)
 
 
-def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None = None) -> str | bytes:
+def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None = None,
+                 width: int | None = None, keys: Sequence[str] = KEY_COLUMNS) -> str | bytes:
     """Render ``df`` as ``fmt``. Text formats return the text (also written to ``output`` when given); parquet needs
-    ``output`` and returns the file's bytes."""
+    ``output`` and returns the file's bytes. A ``table`` fits in ``width`` characters (:func:`fit_table`)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "parquet":
@@ -258,14 +369,7 @@ def format_frame(df: pl.DataFrame, fmt: str = "table", output: str | Path | None
         text = df.write_json()
     else:
         shown = _display(df)
-        opts = dict(tbl_rows=-1, tbl_cols=-1, tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
-                    tbl_width_chars=65_000, fmt_str_lengths=1_000)
-        if fmt == "markdown":
-            opts["tbl_formatting"] = "MARKDOWN"
-        else:
-            opts["tbl_formatting"] = "UTF8_FULL_CONDENSED"
-        with pl.Config(**opts):
-            text = str(shown) + "\n"
+        text = _render(shown, markdown=True) if fmt == "markdown" else fit_table(shown, width, keys)
         if df.height == 0:
             text += "(no rows)\n"
     if output is not None:
@@ -315,10 +419,12 @@ def run_query(dirs: str | Sequence[str], where: str | None = None, sql: str | No
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "parquet" and output is None:
         raise UserError("--format parquet writes a binary file: give an output path with -o/--output FILE")
+    if columns is None and fmt in ("csv", "json", "parquet"):
+        columns = "all"  # an export keeps every column (trial_id to join on); the default columns are for reading
     df = query_frame(dirs, where=where, sql=sql, columns=columns, sort=sort, pivot=pivot, vs_baseline=vs_baseline,
                      view=view, limit=limit)
-    return format_frame(df, fmt=fmt, output=output)
+    return format_frame(df, fmt=fmt, output=output, width=terminal_width() if output is None else None)
 
 
-__all__ = ["run_query", "query_frame", "format_frame", "format_number", "output_format", "view_builders", "FORMATS",
-           "VIEWS"]
+__all__ = ["run_query", "query_frame", "format_frame", "format_number", "output_format", "fit_table", "terminal_width",
+           "default_columns", "view_builders", "FORMATS", "VIEWS"]

@@ -28,6 +28,7 @@ SPEED_COLUMNS = [
     ("prefill_ms", "benchmark", "prefill_ms"),
     ("decode_tok_s", "benchmark", "decode_tok_s"),
     ("decode_graph_tok_s", "benchmark", "decode_graph_tok_s"),
+    ("decode_tok_s_no_kv", "benchmark", "decode_tok_s_no_kv"),  # Benchmark(kv_cache=False / (True, False))
     ("sequence_ms", "benchmark", "sequence_ms"),
     ("perplexity", "perplexity", "token_perplexity"),
     ("kl_mean", "kl", "kl_mean"),

@@ -104,6 +104,7 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
         with (lease.shared() if lease else nullcontext()):
             loaded = load_model(spec, device, store)
         metrics += loaded.metrics
+        row.update(loaded.facts)
         row["stage_load_s"] = time.perf_counter() - t0
         if lease:
             lease.guard_forwards(loaded.model)

@@ -212,9 +212,14 @@ def _trainable(config: dict) -> None:
                  "trial_seconds": outcome["duration_s"]})
 
 
+def _minutes(seconds: float) -> str:
+    s = int(round(seconds))  # m:ss, never "0m10s" (it reads like a terminal colour code)
+    return f"{s // 60:d}:{s % 60:02d}"
+
+
 @dataclass
 class Progress:
-    """Counts shown while a sweep runs: done / running / failed / pending."""
+    """Counts shown while a sweep runs: done / running / failed / pending, and an estimate of the time left."""
 
     total: int
     labels: dict[str, str]
@@ -222,15 +227,31 @@ class Progress:
     failed: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.time)
+    slots: int = 1  # trials the cluster runs at once (launch.concurrent_slots)
+    began: dict[str, float] = field(default_factory=dict)  # running trial -> when the driver saw it start
+    durations: list[float] = field(default_factory=list)  # wall seconds of the trials run to an end (not skipped)
 
     @property
     def pending(self) -> int:
         return self.total - len(self.done) - len(self.failed) - len(self.running)
 
+    def time_left(self, now: float | None = None) -> float | None:
+        """Seconds until the last trial ends, None before one has: the mean of the finished trials' wall times for
+        each pending trial and what a running trial has left of it, divided over the concurrent slots."""
+        if not self.durations:
+            return None
+        now = time.time() if now is None else now
+        mean = sum(self.durations) / len(self.durations)
+        work = self.pending * mean + sum(max(0.0, mean - (now - self.began.get(t, now))) for t in self.running)
+        # no more slots work at once than there are trials left to run
+        return work / max(1, min(max(self.slots, len(self.running)), self.pending + len(self.running)))
+
     def line(self, event: str = "") -> str:
-        el = int(time.time() - self.started)
-        counts = (f"[{el // 60:d}:{el % 60:02d}] done {len(self.done)}/{self.total}, running {len(self.running)}, "
-                  f"failed {len(self.failed)}, pending {self.pending}")
+        counts = (f"[{_minutes(time.time() - self.started)}] done {len(self.done)}/{self.total}, running "
+                  f"{len(self.running)}, failed {len(self.failed)}, pending {self.pending}")
+        left = self.time_left() if self.pending or self.running else None
+        if left is not None:
+            counts += f", ~{_minutes(left)} left"
         return f"{counts}  {event}" if event else counts
 
 
@@ -254,12 +275,15 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
         def on_trial_start(self, iteration, trials, trial, **info):
             record("scheduled", trial)
             progress.running.add(tid(trial))
+            progress.began[tid(trial)] = time.time()
             emit(progress.line(f"started {progress.labels[tid(trial)]}"))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             t = tid(trial)
             progress.running.discard(t)
             status = result.get("status")
+            if status != "skipped" and t in progress.began:
+                progress.durations.append(time.time() - progress.began[t])
             if status == "failed":
                 progress.failed.add(t)
                 emit(progress.line(f"FAILED {progress.labels[t]}: {result.get('error', '')}"))
@@ -279,10 +303,11 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
 
 def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str], None],
                max_concurrent: int | None = None, retries: int = 2, baselines_first: bool = True,
-               warm: dict | None = None) -> Progress:
+               warm: dict | None = None, slots: int = 1) -> Progress:
     """Run ``trials`` (the pending ones) on the connected Ray cluster; results go to ``store``. ``warm``: the
-    launch's warm workers (:attr:`sweeper.warm_pool.WarmPool.descriptor`), or None."""
-    progress = Progress(total=len(trials), labels={t.trial_id: t.cell for t in trials})
+    launch's warm workers (:attr:`sweeper.warm_pool.WarmPool.descriptor`), or None; ``slots``: how many trials the
+    cluster runs at once (for the estimate of the time left)."""
+    progress = Progress(total=len(trials), labels={t.trial_id: t.cell for t in trials}, slots=slots)
     phases = [trials]
     if baselines_first:
         base = [t for t in trials if t.is_baseline]

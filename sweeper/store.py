@@ -66,7 +66,7 @@ TRIALS_SCHEMA = pa.schema([
     ("stage_tasks_s", _F), ("stage_write_s", _F), ("stage_order", _S),
     # measurement facts
     ("peak_memory_kind", _S), ("timing_exclusive", _B), ("timing_wait_s", _F), ("graph_decode_error", _S),
-    ("kl_reference_id", _S), ("notes", _S), ("worker_pid", _I), ("worker_trial_index", _I), ("warm_worker", _B),
+    ("kl_reference_id", _S), ("runtime_provider", _S), ("notes", _S), ("worker_pid", _I), ("worker_trial_index", _I), ("warm_worker", _B),
     ("ray_node_id", _S),
     # environment
     ("host", _S), ("platform", _S), ("python_version", _S), ("device", _S), ("device_name", _S),

@@ -79,9 +79,17 @@ class Benchmark:
     enabled: bool = True
     exclusive_timing: bool = True  # timed sections hold the GPU alone (see sweeper/timing_lease.py)
     graph_decode: bool = True  # on CUDA, also the CUDA-graph decode speed and its roofline
+    # generation with the KV cache (True) and / or recomputing the whole sequence for every new token (False);
+    # the cache-off rows are the same metrics named with "_no_kv" (docs/measurement.md)
+    kv_cache: tuple[bool, ...] = (True,)
 
     def __post_init__(self):
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes) if isinstance(self.batch_sizes, (list, tuple)) else self.batch_sizes)
+        kv = self.kv_cache
+        object.__setattr__(self, "kv_cache", (kv,) if isinstance(kv, bool) else tuple(kv) if isinstance(kv, (list, tuple)) else kv)
+        _check(isinstance(self.kv_cache, tuple) and len(self.kv_cache) > 0
+               and all(isinstance(k, bool) for k in self.kv_cache) and len(set(self.kv_cache)) == len(self.kv_cache),
+               f"Benchmark.kv_cache must be True, False or (True, False), got {kv!r}")
         for f in ("prompt_tokens", "new_tokens", "repeats"):
             v = getattr(self, f)
             _check(_is_int(v) and v >= 1, f"Benchmark.{f} must be an integer >= 1, got {v!r}")
@@ -249,11 +257,13 @@ class Study:
     def baseline_cell(self) -> tuple[str, str]:
         """The (precision, effective compute dtype) every trial of a model is compared with.
 
-        Default: the first plain-dtype precision (fp32/fp16/bf16) in ``precisions``; if none, the first precision
-        with the first compute dtype.
+        Default: the first plain-dtype PyTorch precision (fp32/fp16/bf16) in ``precisions``; if none, the first
+        precision with the first compute dtype. (ONNX Runtime precisions fix their dtype too, but they are compared
+        with the PyTorch baseline, never made it by default.)
         """
         if self.baseline is None:
-            plain = [p for p in self.precisions if not _precisions.get(p).compute_dtype_matters]
+            plain = [p for p in self.precisions if not _precisions.get(p).compute_dtype_matters
+                     and _precisions.get(p).runtime == "torch"]
             name = plain[0] if plain else self.precisions[0]
             return name, _precisions.get(name).effective_compute_dtype(self.compute_dtypes[0])
         _check(isinstance(self.baseline, str), f"study.baseline must be a string like 'fp16' or 'nf4/bf16', got {self.baseline!r}")

@@ -157,6 +157,15 @@ def _calibration_identity(options: dict[str, Any]) -> str | None:
         return None  # reported when the trial loads
 
 
+def _benchmark_identity(benchmark: Benchmark) -> dict[str, Any]:
+    """The benchmark settings; ``kv_cache`` only when not the default (cache on), so trial ids made before the
+    setting existed stay the same."""
+    d = asdict(benchmark)
+    if d["kv_cache"] == (True,):
+        del d["kv_cache"]
+    return d
+
+
 def study_identity(study: Study) -> dict[str, Any]:
     """The parts of every trial's identity that the whole study shares (data files are hashed here, once)."""
     ppl = None
@@ -165,7 +174,7 @@ def study_identity(study: Study) -> dict[str, Any]:
                "file": file_fingerprint(study.perplexity.path) if os.path.isfile(study.perplexity.path) else study.perplexity.path}
     return {
         "tasks": [_task_identity(t, study) for t in study.tasks],
-        "benchmark": asdict(study.benchmark),
+        "benchmark": _benchmark_identity(study.benchmark),
         "perplexity": ppl,
         "kl": asdict(study.kl) if study.kl else None,
         # KL numbers are measured against the baseline cell, so with KL on the baseline is part of the identity

@@ -30,7 +30,9 @@ def test_registry_is_one_table_with_every_column():
     assert rows["w4a16"]["group_size"] == 128 and rows["w4a16"]["weight_bits"] == 4
     assert "8.9" in rows["fp8"]["hardware"]
     # precisions whose decode syncs with the host say so (the benchmark stage reads the same field)
-    assert [n for n, r in rows.items() if r["cuda_graph_decode"] != "yes"] == ["int8", "w8a8"]
+    assert [n for n, r in rows.items() if r["cuda_graph_decode"] == "no: host sync"] == ["int8", "w8a8"]
+    # an ONNX Runtime session is no torch module to capture
+    assert {n for n, r in rows.items() if r["cuda_graph_decode"] == "no: onnxruntime"} == {"ort-fp32", "ort-int8"}
     out = sweep("precisions", "--format", "csv")
     assert out.returncode == 0, out.stderr
     header = out.stdout.splitlines()[0].split(",")

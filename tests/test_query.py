@@ -9,9 +9,11 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from helpers import sweep
 from sweeper.errors import UserError
 from sweeper.query import query_frame, run_query
-from test_analysis import build_results
+from sweeper.store import ResultsStore
+from test_analysis import _metric_rows, _trial_row, build_results
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +22,74 @@ def rdir(tmp_path_factory) -> str:
 
 
 def test_default_view_is_one_row_per_trial(rdir):
-    df = query_frame([rdir])
+    df = query_frame([rdir], columns="all")
     assert sorted(df.get_column("trial_id").to_list()) == ["B", "F", "M", "T1", "T2", "T3"]
-    assert {"model", "precision", "compute_dtype", "status", "decode_tok_s", "arc_easy"} <= set(df.columns)
+    assert {"trial_id", "study", "model", "precision", "compute_dtype", "status", "decode_tok_s", "arc_easy",
+            "error", "prefill_ms", "sequence_ms"} <= set(df.columns)
     assert "speedup_decode" not in df.columns
     text = run_query([rdir])
     assert isinstance(text, str) and "int8" in text and "nf4" in text
 
 
+def test_default_columns_are_the_ones_that_matter(rdir, tmp_path):
+    df = query_frame([rdir])
+    # no trial_id / study (one study) / device / error columns, and none empty in every row
+    # speed in both kinds, eager and kernel-level, with why a trial has no kernel-level number (issue 23)
+    assert df.columns == ["model", "precision", "compute_dtype", "status", "load_s", "weights_gb", "peak_gb",
+                          "decode_tok_s", "decode_graph_tok_s", "graph_decode_error", "batch_tok_s", "perplexity",
+                          "kl_mean", "arc_easy", "hellaswag", "wikitext"]
+    assert df.height == 6
+    # the default is for reading: an export keeps every column
+    assert run_query([rdir], fmt="csv").splitlines()[0].split(",") == query_frame([rdir], columns="all").columns
+    # a column empty in every row is dropped: results without KL or tasks show neither
+    store = ResultsStore(tmp_path / "nokl")
+    store.write_trial(_trial_row("B"), [m for m in _metric_rows("B") if m["stage"] not in ("kl", "tasks")])
+    assert query_frame([str(tmp_path / "nokl")]).columns == [
+        "model", "precision", "compute_dtype", "status", "load_s", "weights_gb", "peak_gb", "decode_tok_s",
+        "decode_graph_tok_s", "batch_tok_s", "perplexity"]  # B has its kernel-level number: no why to show
+    # two studies: the study column comes back
+    other = ResultsStore(tmp_path / "other")
+    other.write_trial({**_trial_row("T2"), "study": "other"}, _metric_rows("T2"))
+    assert query_frame([rdir, str(tmp_path / "other")]).columns[:2] == ["results_dir", "study"]
+
+
+def test_vs_baseline_is_the_seed_comparison_with_a_verdict(rdir):
+    df = query_frame([rdir], vs_baseline=True)
+    assert df.columns == ["model", "precision", "compute_dtype", "status", "decode_tok_s", "speedup_decode",
+                          "decode_graph_tok_s", "speedup_decode_graph", "graph_decode_error", "weights_gb",
+                          "memory_reduction", "retention_mean", "perplexity", "ppl_delta_pct",
+                          "kl_mean", "verdict"]
+    got = {(r["model"], r["precision"], r["compute_dtype"]): r["verdict"] for r in df.to_dicts()}
+    assert got == {("m1", "fp16", "fp16"): "baseline",
+                   ("m1", "int8", "fp16"): "smaller, slower, quality -1.2%",  # retention (0.78/0.80 + 1) / 2
+                   ("m1", "nf4", "fp16"): "smaller, faster, quality -10.0%",
+                   ("m1", "fp4", "fp16"): "smaller, faster, quality -20.0%",
+                   ("m1", "fp4", "fp32"): "failed", ("m2", "nf4", "fp16"): "no baseline"}
+    assert df.get_column("precision").to_list()[0] == "fp16"  # the baseline first
+    assert "trial_id" in query_frame([rdir], vs_baseline=True, columns="all").columns
+
+
+@pytest.mark.parametrize("args", [["results", "{rdir}"], ["results", "{rdir}", "--vs-baseline"],
+                                  ["results", "{rdir}", "--columns", "all"], ["precisions"],
+                                  ["precisions", "--long"]])
+def test_tables_fit_100_columns(rdir, args):
+    args = [a.format(rdir=rdir) for a in args]
+    fitted = sweep(*args, env={"COLUMNS": "100"})
+    assert fitted.returncode == 0, fitted.stderr
+    assert max(len(line) for line in fitted.stdout.splitlines()) <= 100, fitted.stdout
+    wide = sweep(*args, env={"COLUMNS": "1000"})
+    for word in {w for line in wide.stdout.splitlines()[3:] for w in line.split() if w.isalnum() and len(w) > 2}:
+        assert word in fitted.stdout, word  # nothing lost: every value of the wide table is in the fitted one
+    if args[0] == "results":
+        assert "fp4" in fitted.stdout and "failed" in fitted.stdout
+
+
 def test_where_columns_sort_vs_baseline(rdir):
     df = query_frame([rdir], where="precision == 'nf4' and model = 'm1'", vs_baseline=True,
                      columns="precision,speedup_*,memory_reduction")
-    assert df.columns == ["precision", "speedup_decode", "speedup_decode_graph", "speedup_throughput",
-                          "speedup_prefill", "speedup_sequence", "speedup_load", "memory_reduction"]
-    assert df.rows() == [("nf4", 1.5, 1.5, 2.0, 2.0, 2.0, 1.25, 0.75)]
+    assert df.columns == ["precision", "speedup_decode", "speedup_decode_graph", "speedup_decode_no_kv",
+                          "speedup_throughput", "speedup_prefill", "speedup_sequence", "speedup_load", "memory_reduction"]
+    assert df.rows() == [("nf4", 1.5, 1.5, None, 2.0, 2.0, 2.0, 1.25, 0.75)]  # no cache-off benchmark in these trials
     s = query_frame([rdir], where="status = 'done'", sort="-decode_tok_s", columns=["trial_id"])
     assert s.get_column("trial_id").to_list() == ["T3", "T2", "M", "B", "T1"]
 

@@ -270,7 +270,7 @@ def test_load_speedups_only_between_loads_alike(tmp_path):
     store = ResultsStore(a)
     for tid, index in (("B", 0), ("T1", 1), ("T2", 0)):
         store.write_trial(_trial_row(tid, worker_trial_index=index), _metric_rows(tid))
-    cmp = query_frame([str(a)], vs_baseline=True, where="model = 'm1' and status = 'done'")
+    cmp = query_frame([str(a)], vs_baseline=True, where="model = 'm1' and status = 'done'", columns="all")
     by_id = {r["trial_id"]: r for r in cmp.to_dicts()}
     assert by_id["T1"]["load_cold"] is False and by_id["T1"]["speedup_load"] is None  # warm vs the cold baseline
     assert by_id["T2"]["load_cold"] is True and by_id["T2"]["speedup_load"] == pytest.approx(10.0 / 8.0)

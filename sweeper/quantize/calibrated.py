@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..trials import file_fingerprint
 
@@ -37,8 +37,12 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "SWEEPER_QUANTIZED_CACHE"
 CALIB_ENV = "SWEEPER_CALIB_DATA"
-# WikiText-2 validation split (the test split is what perplexity is measured on).
-_DEFAULT_CALIB = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
+# WikiText-2 validation split (the test split is what perplexity is measured on): the workspace's full copy, else the
+# first articles the project ships in demo/data (10,794 llama-4m tokens: more than the default 16 x 512).
+_REPO = Path(__file__).resolve().parents[2]
+_DEFAULT_CALIB = next((p for p in (_REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt",
+                                   _REPO / "demo" / "data" / "wikitext-2" / "valid.txt") if p.is_file()),
+                      _REPO / "demo" / "data" / "wikitext-2" / "valid.txt")
 
 
 def cache_root(store_root: str | os.PathLike | None) -> Path:
@@ -163,23 +167,35 @@ def calibrate(spec: Any, opts: dict[str, Any], device: str, tokenizer: Any, out_
     return seconds
 
 
+def ensure_folder(root: Path, name: str, make: Callable[[Path], Any]) -> tuple[Path, bool]:
+    """``root/name``, made first by ``make(tmp folder)`` under a file lock if absent; (path, cache hit).
+
+    ``make`` writes ``meta.json`` last, and the folder is renamed into place whole: a present ``meta.json`` means a
+    whole folder, and concurrent trials wanting it make it once."""
+    final = root / name
+    with _locked(root / f".{name}.lock"):
+        if (final / "meta.json").is_file():
+            return final, True
+        tmp = root / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            make(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed export or calibration leaves nothing behind
+            raise
+        os.replace(tmp, final)
+        return final, False
+
+
 def ensure_checkpoint(spec: Any, opts: dict[str, Any], device: str, tokenizer: Any,
                       store_root: str | os.PathLike | None) -> tuple[Path, dict[str, Any], bool]:
     """The checkpoint folder for this trial's identity, calibrating it first if no trial has; (path, meta, cache hit)."""
     ident = identity(spec, opts, device)
     root = cache_root(store_root)
-    final = root / key_of(ident)
-    with _locked(root / f".{final.name}.lock"):
-        if not (final / "meta.json").is_file():
-            tmp = root / f".{final.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            log.info("calibrating %s (AWQ) into %s", spec.cell, final)
-            calibrate(spec, opts, device, tokenizer, tmp, ident)
-            os.replace(tmp, final)  # meta.json is written last inside tmp: a present folder is a whole checkpoint
-            return final, json.loads((final / "meta.json").read_text()), False
-    log.info("reusing AWQ checkpoint %s", final)
-    return final, json.loads((final / "meta.json").read_text()), True
+    log.info("AWQ checkpoint of %s under %s", spec.cell, root)
+    final, hit = ensure_folder(root, key_of(ident), lambda tmp: calibrate(spec, opts, device, tokenizer, tmp, ident))
+    return final, json.loads((final / "meta.json").read_text()), hit
 
 
 def load_quantized(spec: Any, opts: dict[str, Any], device: str, checkpoint: Path) -> Any:

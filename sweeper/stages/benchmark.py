@@ -6,6 +6,9 @@ Definitions (docs/measurement.md):
   ``new_tokens`` tokens, measured by a logits processor that marks every step (the prefill step excluded);
 - sequence_ms: the whole batch-1 ``generate`` (prefill + all new tokens);
 - throughput_tok_s at batch b: b * new_tokens / wall time of ``generate`` at batch b;
+- with ``kv_cache`` containing False, the decode, sequence and throughput measurements are repeated with
+  ``use_cache=False`` (every new token recomputes the whole sequence) and stored as the same metrics suffixed
+  ``_no_kv`` (decode_tok_s_no_kv, ...); prefill is one forward either way, measured once;
 - peak_memory_bytes: this process's peak over the stage (CUDA max allocated, or peak RSS on CPU);
 - decode_graph_tok_s (CUDA only): a static-cache decode step replayed as a CUDA graph, with its roofline
   (see decode_graph.py).
@@ -80,29 +83,34 @@ def run_benchmark(model, tokenizer, settings: Benchmark, device: str, seed: int 
     return rows, facts
 
 
-def _generate_kwargs(settings: Benchmark, tokenizer) -> dict:
+def _generate_kwargs(settings: Benchmark, tokenizer, use_cache: bool = True) -> dict:
     return dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=None, use_cache=use_cache)
+
+
+def _suffix(use_cache: bool) -> str:
+    """The metric name suffix of a KV-cache setting: none with the cache (the default), ``_no_kv`` without."""
+    return "" if use_cache else "_no_kv"
 
 
 def _warm_up(model, tokenizer, settings: Benchmark, seed: int) -> None:
-    """``settings.warmup`` untimed generates at batch 1, as the timed ones run."""
+    """``settings.warmup`` untimed generates at batch 1 per KV-cache setting, as the timed ones run."""
     import torch
 
     if not settings.warmup:
         return
     with torch.inference_mode():
         one = _prompts(tokenizer, model, 1, settings.prompt_tokens, seed).to(model.device)
-        for _ in range(settings.warmup):
-            model.generate(input_ids=one, attention_mask=torch.ones_like(one), **_generate_kwargs(settings, tokenizer))
+        for use_cache in settings.kv_cache:
+            for _ in range(settings.warmup):
+                model.generate(input_ids=one, attention_mask=torch.ones_like(one),
+                               **_generate_kwargs(settings, tokenizer, use_cache))
 
 
 def _measure(model, tokenizer, settings: Benchmark, device: str, seed: int) -> tuple[list[dict], str]:
     import torch
-    from transformers import LogitsProcessorList
 
     dev = model.device
-    gen_kwargs = _generate_kwargs(settings, tokenizer)
     rows: list[dict] = []
     peak = PeakMemory(device)
     with peak.track(), torch.inference_mode():
@@ -120,40 +128,57 @@ def _measure(model, tokenizer, settings: Benchmark, device: str, seed: int) -> t
                 raise StageError("the model produced NaN/inf logits on the benchmark prompt", "NaNLogits")
             del out
         rows.append(Summary(prefill).metric("benchmark", "prefill_ms", "ms", 1))
-        # decode at batch 1: per-step marks from a logits processor, plus the whole sequence
-        step_ms, seq_ms = [], []
-        for _ in range(settings.repeats):
-            steps = LatencyRecorder(device)
-            whole = LatencyRecorder(device)
-            whole.mark()
-            model.generate(input_ids=one, attention_mask=mask1, logits_processor=LogitsProcessorList([_step_marker(steps)]),
-                           **gen_kwargs)
-            whole.mark()
-            deltas = steps.elapsed_ms()
-            if deltas:
-                step_ms.append(sum(deltas) / len(deltas))
-            seq_ms.extend(whole.elapsed_ms())
-        if step_ms:
-            rows.append(Summary(step_ms).metric("benchmark", "decode_ms_per_token", "ms", 1))
-            rows.append(Summary(step_ms).metric("benchmark", "decode_tok_s", "tokens/s", 1, transform=lambda ms: 1e3 / ms))
-        rows.append(Summary(seq_ms).metric("benchmark", "sequence_ms", "ms", 1))
-        # throughput per batch size
-        for b in settings.batch_sizes:
-            if b == 1:
-                times = seq_ms
-            else:
-                ids = _prompts(tokenizer, model, b, settings.prompt_tokens, seed + b).to(dev)
-                mask = torch.ones_like(ids)
-                times = []
-                for _ in range(settings.repeats):
-                    rec = LatencyRecorder(device)
-                    rec.mark()
-                    model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
-                    rec.mark()
-                    times.extend(rec.elapsed_ms())
-            rows.append(Summary(times).metric("benchmark", "throughput_tok_s", "tokens/s", b,
-                                              transform=lambda ms, b=b: b * settings.new_tokens / (ms / 1e3)))
+        for use_cache in settings.kv_cache:
+            rows += _generation(model, tokenizer, settings, device, seed, one, use_cache)
         synchronize(device)
     rows.append({"stage": "benchmark", "metric": "peak_memory_bytes", "value": float(peak.peak_bytes),
                  "unit": f"bytes ({peak.kind})"})
     return rows, peak.kind
+
+
+def _generation(model, tokenizer, settings: Benchmark, device: str, seed: int, one, use_cache: bool) -> list[dict]:
+    """Decode at batch 1 (per-step marks and the whole sequence) and throughput per batch size, with or without the
+    KV cache; metric names carry :func:`_suffix`."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    dev = model.device
+    gen_kwargs = _generate_kwargs(settings, tokenizer, use_cache)
+    sfx = _suffix(use_cache)
+    mask1 = torch.ones_like(one)
+    rows: list[dict] = []
+    # decode at batch 1: per-step marks from a logits processor, plus the whole sequence
+    step_ms, seq_ms = [], []
+    for _ in range(settings.repeats):
+        steps = LatencyRecorder(device)
+        whole = LatencyRecorder(device)
+        whole.mark()
+        model.generate(input_ids=one, attention_mask=mask1, logits_processor=LogitsProcessorList([_step_marker(steps)]),
+                       **gen_kwargs)
+        whole.mark()
+        deltas = steps.elapsed_ms()
+        if deltas:
+            step_ms.append(sum(deltas) / len(deltas))
+        seq_ms.extend(whole.elapsed_ms())
+    if step_ms:
+        rows.append(Summary(step_ms).metric("benchmark", f"decode_ms_per_token{sfx}", "ms", 1))
+        rows.append(Summary(step_ms).metric("benchmark", f"decode_tok_s{sfx}", "tokens/s", 1,
+                                            transform=lambda ms: 1e3 / ms))
+    rows.append(Summary(seq_ms).metric("benchmark", f"sequence_ms{sfx}", "ms", 1))
+    # throughput per batch size
+    for b in settings.batch_sizes:
+        if b == 1:
+            times = seq_ms
+        else:
+            ids = _prompts(tokenizer, model, b, settings.prompt_tokens, seed + b).to(dev)
+            mask = torch.ones_like(ids)
+            times = []
+            for _ in range(settings.repeats):
+                rec = LatencyRecorder(device)
+                rec.mark()
+                model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                rec.mark()
+                times.extend(rec.elapsed_ms())
+        rows.append(Summary(times).metric("benchmark", f"throughput_tok_s{sfx}", "tokens/s", b,
+                                          transform=lambda ms, b=b: b * settings.new_tokens / (ms / 1e3)))
+    return rows

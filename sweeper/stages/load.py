@@ -5,7 +5,7 @@ import gc
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .. import precisions
@@ -23,6 +23,7 @@ class LoadedModel:
     tokenizer: Any
     device: str
     metrics: list[dict]
+    facts: dict = field(default_factory=dict)  # trial row values the load decides (runtime_provider)
 
 
 def device_capability(device: str) -> tuple[int, int] | None:
@@ -174,6 +175,8 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     # the quantization library's first import in this process is not part of the load (seconds on a fresh worker);
     # before the kwargs, whose build imports torchao
     library_import_s = import_precision_library(precision.library)
+    if precision.runtime == "onnxruntime":
+        return load_onnx(spec, precision, device, store, library_import_s)
     kwargs = precision.from_pretrained_kwargs(spec.compute_dtype, spec.precision_options, device)
     if device == "cuda" and spec.gpu_share > 1:
         kwargs["device_map"] = trial_gpus_device_map(spec, precision)
@@ -228,3 +231,38 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     ] + metrics
     log.info("loaded %s in %.2fs", spec.cell, load_s)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, metrics=metrics)
+
+
+def load_onnx(spec: TrialSpec, precision: precisions.Precision, device: str, store: Any,
+              library_import_s: float) -> LoadedModel:
+    """An ONNX Runtime precision: the cached export (made first if absent), an ORT session on it.
+
+    Metrics as for PyTorch models, measured on what ORT holds: ``load_s`` is creating the session (graph optimisation
+    included), ``weights_bytes`` and ``footprint_bytes`` the bytes of the ONNX initializers, ``allocated_bytes`` this
+    process's RSS growth; plus the export's (and int8 quantization's) time and cache hit. The session's inputs and
+    outputs are host arrays and ``session.run`` returns only when they are ready, so the stages time it with the host
+    clock and its peak memory is this process's RSS (``device`` "cpu"), even with ``CUDAExecutionProvider``, whose
+    arena is then not in the peak (docs/measurement.md)."""
+    from .. import ort_model
+    from ..quantize import onnx_export
+
+    tokenizer = load_tokenizer(spec)
+    folder, meta, metrics = onnx_export.ensure_model(spec, precision.onnx_int8, getattr(store, "root", None))
+    gc.collect()
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    model = ort_model.load(folder, meta, spec.model.id, spec.model.revision, spec.model.trust_remote_code, device)
+    load_s = time.perf_counter() - t0
+    allocated = rss_bytes() - before
+    weights = float(onnx_export.weight_bytes(folder))
+    metrics = [
+        {"stage": "load", "metric": "load_s", "value": load_s, "n": 1, "unit": "s"},
+        {"stage": "load", "metric": "footprint_bytes", "value": weights, "unit": "bytes (onnx initializers)"},
+        {"stage": "load", "metric": "weights_bytes", "value": weights, "unit": "bytes (onnx initializers)"},
+        {"stage": "load", "metric": "allocated_bytes", "value": float(allocated), "unit": "bytes (rss delta)"},
+        {"stage": "load", "metric": "num_params", "value": float(meta["num_params"]), "unit": "count"},
+        {"stage": "load", "metric": "library_import_s", "value": library_import_s, "n": 1, "unit": "s"},
+    ] + metrics
+    log.info("loaded %s (ONNX Runtime, %s) in %.2fs", spec.cell, model.provider, load_s)
+    return LoadedModel(model=model, tokenizer=tokenizer, device="cpu", metrics=metrics,
+                       facts={"runtime_provider": model.provider})
