@@ -137,6 +137,12 @@ def gpu_max_memory(spec, shape: ModelShape, gpu_memory_bytes: list[int]) -> dict
     return {i: int(m - working) for i, m in enumerate(gpu_memory_bytes)}
 
 
+def spans_gpus(precision: precisions.Precision) -> bool:
+    """Whether a trial of this precision can load across several GPUs: not the ones whose quantizer (HQQ) or cached
+    checkpoint (AWQ) puts the model on one device, nor ONNX Runtime sessions."""
+    return precision.runtime == "torch" and not precision.calibrated and precision.post_load is None
+
+
 def share_function(gpu_memory_bytes: float, node_gpus: int | None = None):
     """A ``gpu_share_for(study, model, precision, compute_dtype)`` for :func:`sweeper.trials.trial_share`.
 
@@ -155,6 +161,11 @@ def share_function(gpu_memory_bytes: float, node_gpus: int | None = None):
         estimate = weight_bytes(shape, precision, compute_dtype) + working
         estimates[(model.name, precision, compute_dtype)] = estimate
         share = gpu_share(estimate, gpu_memory_bytes, working)
+        if share > 1 and not spans_gpus(precisions.get(precision)):
+            raise UserError(
+                f"{model.name} {precision}/{compute_dtype}: estimated peak {estimate / 1e9:.1f} GB exceeds one GPU of "
+                f"{gpu_memory_bytes / 1e9:.0f} GB, and {precision} loads onto one GPU; leave it out for this model or "
+                "use larger GPUs")
         if node_gpus is not None and share > node_gpus:
             raise UserError(
                 f"{model.name} {precision}/{compute_dtype}: estimated peak {estimate / 1e9:.1f} GB needs {share:g} GPUs "

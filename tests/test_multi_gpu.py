@@ -193,3 +193,18 @@ def test_memory_and_timing_cover_every_gpu_of_a_split_model(monkeypatch):
     rec.mark()
     assert synced == [0, 1, 0, 1]
     assert len(rec.elapsed_ms()) == 1 and rec.elapsed_ms()[0] >= 0
+
+
+def test_precisions_that_load_onto_one_gpu_are_refused_beyond_one(tmp_path, llama70b):
+    """HQQ quantizes onto one device and AWQ's checkpoint loads onto one: a trial of them bigger than a GPU is refused
+    before the sweep (auto), or fails its load with PrecisionUnsupported (pinned), never loads half-placed."""
+    from sweeper.stages.load import trial_gpus_device_map
+
+    study = Study(name="big", models=[llama70b], precisions=["fp16", "hqq4"], compute_dtypes=["bf16"], kl=False)
+    share_for = share_function(80 * GB, 4)
+    with pytest.raises(UserError, match=r"hqq4/bf16: estimated peak 143.0 GB exceeds one GPU of 80 GB, and hqq4 "
+                                        r"loads onto one GPU"):
+        share_for(study, Model(llama70b), "hqq4", "bf16")
+    spec = dataclasses.replace(_spec(tmp_path, llama70b, "fp16", 2), precision="hqq4")
+    with pytest.raises(StageError, match="hqq4 loads onto one GPU; this trial holds 2"):
+        trial_gpus_device_map(spec, precisions.get("hqq4"))

@@ -108,12 +108,14 @@ def trial_gpus_device_map(spec: TrialSpec, precision) -> dict[str, int]:
     """A trial of several whole GPUs: its layers spread over exactly the GPUs Ray gave it (visible as 0..n-1)."""
     import torch
 
+    from ..resources import spans_gpus
+
     n = int(spec.gpu_share)
+    if not spans_gpus(precision):
+        raise StageError(f"{spec.precision} loads onto one GPU; this trial holds {n}", "PrecisionUnsupported")
     if torch.cuda.device_count() < n:
         raise StageError(f"the trial holds {n} GPUs but sees {torch.cuda.device_count()} "
                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", "GpuPlacement")
-    if precision.calibrated:  # its checkpoint loads through the calibration library onto one device
-        raise StageError(f"{spec.precision} loads onto one GPU; this trial needs {n}", "PrecisionUnsupported")
     return device_map(spec, precision, [torch.cuda.get_device_properties(i).total_memory for i in range(n)])
 
 
@@ -132,8 +134,6 @@ def device_map(spec: TrialSpec, precision, gpu_memory_bytes: list[int]) -> dict[
 
     compute = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec.compute_dtype]
     bpp = precision.bytes_per_param
-    if precision.post_load is not None:  # HQQ: loaded at the compute dtype, quantized in place afterwards
-        bpp = 4 if compute == torch.float32 else 2
     quantized = torch.float32 if bpp >= 3 else compute if bpp >= 1.5 else torch.int8 if bpp >= 0.75 else CustomDtype.INT4
     cfg = AutoConfig.from_pretrained(spec.model.id, revision=spec.model.revision,
                                      trust_remote_code=spec.model.trust_remote_code)
