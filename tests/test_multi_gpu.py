@@ -208,3 +208,36 @@ def test_precisions_that_load_onto_one_gpu_are_refused_beyond_one(tmp_path, llam
     spec = dataclasses.replace(_spec(tmp_path, llama70b, "fp16", 2), precision="hqq4")
     with pytest.raises(StageError, match="hqq4 loads onto one GPU; this trial holds 2"):
         trial_gpus_device_map(spec, precisions.get("hqq4"))
+
+
+def test_tune_gives_a_trial_its_whole_gpus_and_only_those(tmp_path):
+    """On a real local Ray with 4 logical GPUs (no GPU needed: Ray assigns ids from its resource table and sets
+    CUDA_VISIBLE_DEVICES per trial), the scheduler's request gives a 2-GPU trial two GPUs of one node, visible to it
+    alone, and a fractional trial one."""
+    import ray
+    from ray import tune
+
+    from sweeper.scheduler import trial_resources
+
+    def report_gpus(config):  # defined here: Ray pickles it by value (the workers cannot import this test module)
+        import os
+
+        tune.report({"gpu_ids": ",".join(sorted(str(g) for g in ray.get_gpu_ids())),
+                     "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+
+    shares = [2.0, 2.0, 0.5]
+    ray.init(address="local", num_cpus=3, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(report_gpus, trial_resources),
+            param_space={"case": tune.grid_search([{"spec": {"cpus": 1, "gpu_share": s, "i": i}}
+                                                   for i, s in enumerate(shares)])},
+            run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+        rows = [(r.config["case"]["spec"]["gpu_share"], r.metrics) for r in tuner.fit()]
+    finally:
+        ray.shutdown()
+    assert len(rows) == 3
+    for share, m in rows:
+        ids = m["gpu_ids"].split(",")
+        assert len(ids) == (2 if share == 2.0 else 1), (share, m)
+        assert sorted(m["visible"].split(",")) == sorted(ids), m  # the trial sees exactly its GPUs
