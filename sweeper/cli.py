@@ -56,12 +56,14 @@ def main(debug: bool, verbose: bool) -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Times a trial is retried when its worker process dies.")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of the local Ray instance.")
+@click.option("--node-gpus", default=None, metavar="NxGB",
+              help="With --dry-run: size each trial's GPUs for a node of N GPUs of GB each (e.g. 4x80GB).")
 @click.option("--warm-workers/--no-warm-workers", default=True, show_default=True,
               help="Start processes on this machine that import torch, transformers and lm-eval while Ray starts, "
                    "and run this machine's trials in them.")
 @_handle_errors
 def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max_concurrent, only, limit, retries,
-           num_cpus, warm_workers):
+           num_cpus, node_gpus, warm_workers):
     """Run every trial of STUDY_FILE that is not done yet (resumes by default)."""
     from . import launch as L
     from .query import format_frame as render
@@ -69,13 +71,22 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
     verbose = click.get_current_context().find_root().params["verbose"]
     if dry_run:
         p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)
+        if node_gpus:
+            p = L.size_for_node(p, *L.parse_node_gpus(node_gpus))
         if fresh and p.store.root.exists():  # what the launch would do: every trial runs again
             notes.append(f"--fresh: the results in {p.store.root} would be moved aside; every trial runs")
             p.status = {}
         _print_plan(p, notes, render)
-        click.echo("(dry run: GPU shares shown as on a CPU-only cluster;\n `auto` shares are computed at launch "
-                   "from each GPU's memory)" if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
+        if node_gpus:
+            click.echo(f"(dry run: GPUs sized for one node of {node_gpus})")
+        else:
+            click.echo("(dry run: GPU shares shown as on a CPU-only cluster;\n `auto` shares are computed at launch "
+                       "from each GPU's memory; --node-gpus NxGB sizes them for a node)"
+                       if p.study.resources.gpus_per_trial == "auto" else "(dry run)")
         return
+    if node_gpus:
+        raise UserError(f"--node-gpus {node_gpus}: only with --dry-run (a launch sizes trials for the cluster Ray "
+                        "reports)")
     resume = L.resume_command(study_file, results_dir, only, limit)
     with L.StopOnSigint():
         try:
@@ -128,6 +139,9 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
             try:
                 checking_tasks.result()
                 check_inputs_visible(p.trials, address)  # every node that may run a trial sees its local inputs
+                share_for = (share_function(cluster.gpu_memory_bytes, int(cluster.node_gpus))
+                             if cluster.gpu_memory_bytes else None)
+                L.for_cluster(p, share_for, cluster.gpus, cluster.node_gpus)  # a trial that fits no node: refused here
             except UserError as e:
                 if not scheduler.disconnect():  # quietly: the task error stays the launch's one line
                     click.echo(f"sweep: error: {e}", err=True)
@@ -142,8 +156,7 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                     click.echo(f"--fresh: moved old results to {moved}")
             for line in L.prepare_store(p.store, lock.token):
                 click.echo(line, err=True)
-            share_for = share_function(cluster.gpu_memory_bytes) if cluster.gpu_memory_bytes else None
-            p = L.for_cluster(p, share_for, cluster.gpus)
+            p = L.for_cluster(p, share_for, cluster.gpus, cluster.node_gpus)
             _print_plan(p, notes, render)
             click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
                        + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else ""))

@@ -83,7 +83,12 @@ def device_environment(device: str) -> dict[str, Any]:
         env.update(device_name=props.name, device_uuid=str(getattr(props, "uuid", "")) or None,
                    device_memory_bytes=int(props.total_memory),
                    device_capability=f"{props.major}.{props.minor}", cuda_version=torch.version.cuda)
+        # every GPU the trial holds (one, or the whole GPUs of a trial bigger than one): Ray makes only those visible
+        n = torch.cuda.device_count()
+        env.update(gpu_count=n, gpu_devices=",".join(
+            f"{torch.cuda.get_device_properties(j).name} {str(getattr(torch.cuda.get_device_properties(j), 'uuid', ''))}".strip()
+            for j in range(n)))
     else:
         env.update(device_name=platform.processor() or platform.machine(), device_uuid=None, device_memory_bytes=None,
-                   device_capability=None, cuda_version=None)
+                   device_capability=None, cuda_version=None, gpu_count=0, gpu_devices=None)
     return env

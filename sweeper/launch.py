@@ -20,7 +20,7 @@ from typing import Any
 from .environment import scrub, scrub_argv, static_environment
 from .errors import UserError
 from .precisions import get as get_precision
-from .resources import spread_shares
+from .resources import share_function, spread_shares
 from .store import ResultsStore
 from .study import Resources, Study
 from .studyfile import load_study_file
@@ -37,6 +37,7 @@ class Plan:
     trials: list[TrialSpec]  # every trial of the (narrowed) study
     dropped: list[Dropped]
     status: dict[str, str]  # trial_id -> done / failed, from the store
+    estimates: dict[str, float] = dataclasses.field(default_factory=dict)  # trial_id -> estimated peak bytes
 
     @property
     def pending(self) -> list[TrialSpec]:
@@ -248,19 +249,27 @@ def validate_study_tasks(study: Study) -> None:
         validate_tasks(study.tasks, num_fewshot=study.num_fewshot)
 
 
-def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0) -> Plan:
+def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0, node_gpus: float | None = None) -> Plan:
     """``p`` on the cluster Ray reported (``cluster_gpus`` > 0: GPUs): each trial's GPU share (``auto`` shares
-    spread over the GPUs), and the store's status read again (after --fresh or a quarantine)."""
+    spread over the GPUs; whole GPUs for a trial bigger than one), and the store's status read again (after --fresh
+    or a quarantine). ``node_gpus``: GPUs of the largest node; a trial that needs more is refused (:class:`UserError`)."""
     study = p.study
+    pinned = study.resources.gpus_per_trial
+    if cluster_gpus > 0 and node_gpus is not None and pinned != "auto" and pinned > node_gpus:
+        raise UserError(f"gpus_per_trial={pinned:g}: the largest node of the cluster has {node_gpus:g} GPU(s); a "
+                        "trial runs on one node: give at most that many")
     trials = [dataclasses.replace(t, gpu_share=trial_share(study, t.model, t.precision, t.compute_dtype, gpu_share_for,
                                                            cluster_gpus > 0)) for t in p.trials]
+    known = getattr(gpu_share_for, "estimates", {})
+    estimates = {t.trial_id: known[(t.model.name, t.precision, t.compute_dtype)] for t in trials
+                 if (t.model.name, t.precision, t.compute_dtype) in known}
     status = p.store.trial_status(skip_damaged=True)
     if cluster_gpus > 0 and study.resources.gpus_per_trial == "auto":
         pending = [i for i, t in enumerate(trials) if status.get(t.trial_id) != "done"]
         spread = spread_shares([trials[i].gpu_share for i in pending], cluster_gpus, study.resources.max_concurrent)
         for i, share in zip(pending, spread):
             trials[i] = dataclasses.replace(trials[i], gpu_share=share)
-    return dataclasses.replace(p, trials=trials, status=status)
+    return dataclasses.replace(p, trials=trials, status=status, estimates=estimates)
 
 
 def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], address: str | None = None,
@@ -353,7 +362,32 @@ def record_launch(p: Plan, argv: list[str], address: str | None) -> None:
 def trial_table(p: Plan) -> list[dict[str, Any]]:
     return [{"trial_id": t.trial_id, "model": t.model.name, "precision": t.precision,
              "compute_dtype": t.compute_dtype, "baseline": "yes" if t.is_baseline else "",
-             "gpu_share": t.gpu_share, "status": p.status.get(t.trial_id, "pending")} for t in p.trials]
+             "gpu_share": t.gpu_share, **_gpu_columns(p, t), "status": p.status.get(t.trial_id, "pending")}
+            for t in p.trials]
+
+
+def _gpu_columns(p: Plan, t: TrialSpec) -> dict[str, Any]:
+    """Where GPUs are known: how many the trial holds ("0.25" of one, or whole GPUs of one node) and its estimate."""
+    if not p.estimates and not t.gpu_share:
+        return {}
+    est = p.estimates.get(t.trial_id)
+    return {"gpus": f"{t.gpu_share:g}" if t.gpu_share < 1 else f"{int(t.gpu_share)} whole",
+            "est_peak_gb": round(est / 1e9, 1) if est is not None else None}
+
+
+def parse_node_gpus(text: str) -> tuple[int, float]:
+    """``--node-gpus 4x80GB``: (GPUs, bytes of each, 1 GB = 1e9) of the node a dry run sizes trials for."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+(?:\.\d+)?)\s*(GB|G)?\s*", text)
+    if not m or int(m.group(1)) < 1 or float(m.group(2)) <= 0:
+        raise UserError(f"--node-gpus {text!r}: give GPUs x memory per GPU in GB, e.g. 4x80GB")
+    return int(m.group(1)), float(m.group(2)) * 1e9
+
+
+def size_for_node(p: Plan, node_gpus: int, gpu_memory_bytes: float) -> Plan:
+    """``p`` sized for one node of ``node_gpus`` GPUs of ``gpu_memory_bytes`` each (`sweep launch --dry-run`)."""
+    return for_cluster(p, share_function(gpu_memory_bytes, node_gpus), node_gpus, node_gpus)
 
 
 def concurrent_slots(trials: list[TrialSpec], cluster_cpus: float, cluster_gpus: float,

@@ -35,7 +35,8 @@ def synchronize(device: str) -> None:
     if device == "cuda":
         import torch
 
-        torch.cuda.synchronize()
+        for i in range(torch.cuda.device_count()):  # every GPU the trial holds
+            torch.cuda.synchronize(i)
 
 
 class LatencyRecorder:
@@ -49,6 +50,12 @@ class LatencyRecorder:
         if self.device == "cuda":
             import torch
 
+            if torch.cuda.device_count() > 1:
+                # a model split over several GPUs: an event on one GPU's stream misses the others' work, so every
+                # GPU is synchronised and the host clock read
+                synchronize(self.device)
+                self._marks.append(time.perf_counter())
+                return
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             self._marks.append(ev)
@@ -57,7 +64,7 @@ class LatencyRecorder:
 
     def elapsed_ms(self) -> list[float]:
         """Milliseconds between consecutive marks."""
-        if self.device == "cuda":
+        if self.device == "cuda" and not all(isinstance(m, float) for m in self._marks):
             synchronize(self.device)
             return [a.elapsed_time(b) for a, b in zip(self._marks, self._marks[1:])]
         return [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
@@ -108,11 +115,15 @@ class PeakMemory:
         if self.device == "cuda":
             import torch
 
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            # every GPU the trial holds (one, or the whole GPUs of a trial bigger than one): the sum of their peaks
+            gpus = range(torch.cuda.device_count())
+            for i in gpus:
+                torch.cuda.synchronize(i)
+                torch.cuda.reset_peak_memory_stats(i)
             yield self
-            torch.cuda.synchronize()
-            self.peak_bytes = int(torch.cuda.max_memory_allocated())
+            for i in gpus:
+                torch.cuda.synchronize(i)
+            self.peak_bytes = int(sum(torch.cuda.max_memory_allocated(i) for i in gpus))
             return
         if _reset_hwm():
             yield self

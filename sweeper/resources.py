@@ -6,7 +6,10 @@ estimate = quantized linear weights at the precision's bytes per parameter
          + KV cache of the largest benchmark batch at prompt + new tokens
          + logits / activations of the largest forward (prefill, perplexity window, batch decode)
          + a fixed allowance for the CUDA context and allocator slack.
-The share is estimate / GPU memory, rounded up to the next 0.05, at least 0.05 and at most 1 (a whole GPU).
+The share is estimate / GPU memory, rounded up to the next 0.05, at least 0.05 and at most 1 (a whole GPU). A trial
+whose estimate exceeds one GPU gets whole GPUs of one node instead (:func:`whole_gpus`), and loads across exactly those
+(stages/load.py, with :func:`gpu_max_memory` per GPU); one that fits no node of the cluster is refused before the sweep
+starts (:func:`share_function`).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 from . import precisions
+from .errors import UserError
 from .study import Model, Study
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,11 @@ def model_shape(model: Model) -> ModelShape | None:
 
 
 def estimate_peak_bytes(study: Study, shape: ModelShape, precision: str, compute_dtype: str) -> float:
+    return weight_bytes(shape, precision, compute_dtype) + working_bytes(study, shape, compute_dtype)
+
+
+def weight_bytes(shape: ModelShape, precision: str, compute_dtype: str) -> float:
+    """The weights' part of the estimate (at their load peak)."""
     p = precisions.get(precision)
     act = _DTYPE_BYTES[compute_dtype]
     weights = shape.linear_params * p.bytes_per_param + shape.unquantized_params * act
@@ -77,6 +86,13 @@ def estimate_peak_bytes(study: Study, shape: ModelShape, precision: str, compute
         # quantized after a full-precision load (HQQ) or calibrated from one (AWQ's first use): the load peaks at
         # the unquantized size, not the quantized one
         weights = max(weights, (shape.linear_params + shape.unquantized_params) * act)
+    return weights
+
+
+def working_bytes(study: Study, shape: ModelShape, compute_dtype: str) -> float:
+    """The rest of the estimate: KV cache, logits and activations, CUDA context. ``study`` may be a
+    :class:`~sweeper.trials.TrialSpec` (it carries the same benchmark, perplexity and task settings)."""
+    act = _DTYPE_BYTES[compute_dtype]
     b = max(study.benchmark.batch_sizes)
     seq = study.benchmark.prompt_tokens + study.benchmark.new_tokens
     kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * b * act
@@ -92,17 +108,48 @@ def estimate_peak_bytes(study: Study, shape: ModelShape, precision: str, compute
         eb = study.eval_batch_size if isinstance(study.eval_batch_size, int) else 1
         ctx = min(shape.max_positions or 2048, 2048)
         activations = max(activations, eb * ctx * shape.vocab * 4 * 2 + eb * ctx * shape.intermediate * act * 4)
-    return weights + kv + activations + CONTEXT_ALLOWANCE_BYTES
+    return kv + activations + CONTEXT_ALLOWANCE_BYTES
 
 
-def gpu_share(estimate_bytes: float, gpu_memory_bytes: float) -> float:
+def whole_gpus(estimate_bytes: float, working: float, gpu_memory_bytes: float) -> int:
+    """Whole GPUs for a trial bigger than one: ceil(estimate / GPU memory), or more where the weights do not fit
+    beside the working memory (KV cache, logits, context) that :func:`gpu_max_memory` keeps free on every GPU."""
+    n = math.ceil(estimate_bytes / gpu_memory_bytes)
+    room = gpu_memory_bytes - working
+    if room <= 0:
+        return n
+    return max(n, math.ceil((estimate_bytes - working) / room - 1e-9))
+
+
+def gpu_share(estimate_bytes: float, gpu_memory_bytes: float, working: float = 0.0) -> float:
+    """A fraction of one GPU (0.05 steps, < 1), 1.0, or a whole number of GPUs when the estimate exceeds one."""
+    if estimate_bytes > gpu_memory_bytes:
+        return float(whole_gpus(estimate_bytes, working, gpu_memory_bytes))
     share = math.ceil(estimate_bytes / gpu_memory_bytes / 0.05) * 0.05
     return round(min(1.0, max(0.05, share)), 2)
 
 
-def share_function(gpu_memory_bytes: float):
-    """A ``gpu_share_for(study, model, precision, compute_dtype)`` for :func:`sweeper.trials.trial_share`."""
+def gpu_max_memory(spec, shape: ModelShape, gpu_memory_bytes: list[int]) -> dict[int, int]:
+    """accelerate's ``max_memory`` for a trial spread over GPUs 0..n-1 (the trial's own, as Ray makes them visible):
+    each GPU's memory less the trial's working memory, kept free on every GPU because which one holds the KV cache of
+    its layers and the logits (the last) or the embedding's activations (the first) depends on the split."""
+    working = working_bytes(spec, shape, spec.compute_dtype)
+    return {i: int(m - working) for i, m in enumerate(gpu_memory_bytes)}
+
+
+def spans_gpus(precision: precisions.Precision) -> bool:
+    """Whether a trial of this precision can load across several GPUs: not the ones whose quantizer (HQQ) or cached
+    checkpoint (AWQ) puts the model on one device, nor ONNX Runtime sessions."""
+    return precision.runtime == "torch" and not precision.calibrated and precision.post_load is None
+
+
+def share_function(gpu_memory_bytes: float, node_gpus: int | None = None):
+    """A ``gpu_share_for(study, model, precision, compute_dtype)`` for :func:`sweeper.trials.trial_share`.
+
+    ``node_gpus``: GPUs of the cluster's largest node; a trial that needs more is refused (:class:`UserError`, with
+    its estimate and the node) before the sweep starts. ``share_for.estimates`` keeps each cell's estimate (bytes)."""
     shapes: dict[str, ModelShape | None] = {}
+    estimates: dict[tuple[str, str, str], float] = {}
 
     def share_for(study: Study, model: Model, precision: str, compute_dtype: str) -> float:
         if model.id not in shapes:
@@ -110,8 +157,23 @@ def share_function(gpu_memory_bytes: float):
         shape = shapes[model.id]
         if shape is None:
             return 1.0
-        return gpu_share(estimate_peak_bytes(study, shape, precision, compute_dtype), gpu_memory_bytes)
+        working = working_bytes(study, shape, compute_dtype)
+        estimate = weight_bytes(shape, precision, compute_dtype) + working
+        estimates[(model.name, precision, compute_dtype)] = estimate
+        share = gpu_share(estimate, gpu_memory_bytes, working)
+        if share > 1 and not spans_gpus(precisions.get(precision)):
+            raise UserError(
+                f"{model.name} {precision}/{compute_dtype}: estimated peak {estimate / 1e9:.1f} GB exceeds one GPU of "
+                f"{gpu_memory_bytes / 1e9:.0f} GB, and {precision} loads onto one GPU; leave it out for this model or "
+                "use larger GPUs")
+        if node_gpus is not None and share > node_gpus:
+            raise UserError(
+                f"{model.name} {precision}/{compute_dtype}: estimated peak {estimate / 1e9:.1f} GB needs {share:g} GPUs "
+                f"of {gpu_memory_bytes / 1e9:.0f} GB on one node; the largest node has {node_gpus} x "
+                f"{gpu_memory_bytes / 1e9:.0f} GB; use a node with more (or larger) GPUs or a smaller precision")
+        return share
 
+    share_for.estimates = estimates
     return share_for
 
 
@@ -132,7 +194,8 @@ def spread_shares(shares: list[float], gpus: float, max_concurrent: int | None =
     least = math.floor(1e4 / per_gpu + 1e-9) / 1e4
     if least < 0.05:
         return list(shares)
-    return [min(1.0, max(s, least)) if s > 0 else s for s in shares]
+    # whole GPUs (trials bigger than one) keep their count
+    return [min(1.0, max(s, least)) if 0 < s < 1 else s for s in shares]
 
 
 def local_gpus() -> dict[str, int]:

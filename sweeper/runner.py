@@ -75,7 +75,9 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
     torch.manual_seed(spec.seed)
     if device == "cuda":
         # One trial's excess becomes its own OOM, not its neighbour's (reset to 1 for a whole GPU: workers are reused).
-        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_share) if spec.gpu_share else 1.0)
+        # (every GPU the trial sees: Ray makes visible only the one of a share, or the trial's whole GPUs)
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_share) if spec.gpu_share else 1.0, i)
     row: dict[str, Any] = {**config_row(spec), **static_environment(), **device_environment(device),
                            "attempt": attempt, "started_at": _now(), "status": "done", "error_stage": None,
                            "error_type": None, "error": None, "error_traceback": None,

@@ -52,6 +52,7 @@ class ClusterInfo:
     cpus: float
     gpus: float
     gpu_memory_bytes: float | None
+    node_gpus: float = 0  # GPUs of the largest node: a trial's whole GPUs come from one node
 
 
 def import_ray() -> None:
@@ -101,8 +102,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     mem = None
     if gpus > 0 and gpu_memory:  # this machine's nvidia-smi when Ray is local (fast), else a probe task on a GPU worker
         mem = (None if address else _local_gpu_memory_bytes()) or _gpu_memory_bytes()
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    return ClusterInfo(address=address, nodes=nodes, cpus=float(res.get("CPU", 0)), gpus=gpus, gpu_memory_bytes=mem)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    node_gpus = max((float(n.get("Resources", {}).get("GPU", 0)) for n in alive), default=0.0)
+    return ClusterInfo(address=address, nodes=len(alive), cpus=float(res.get("CPU", 0)), gpus=gpus,
+                       gpu_memory_bytes=mem, node_gpus=node_gpus)
 
 
 def _local_gpu_memory_bytes() -> float | None:
@@ -348,13 +351,22 @@ def _trial_name(trial) -> str:
     return trial.config["case"]["spec"]["trial_id"]
 
 
+def trial_resources(config: dict):
+    """What Tune reserves for a trial: its CPUs and its GPU share, a fraction of one GPU or whole GPUs; whole GPUs as
+    one bundle placed STRICT_PACK, so they are GPUs of one node, made visible to the trial alone."""
+    from ray.tune import PlacementGroupFactory
+
+    spec = config["case"]["spec"]
+    share = spec["gpu_share"]
+    bundle: dict[str, float] = {"CPU": spec["cpus"]}
+    if share:
+        bundle["GPU"] = int(share) if share >= 1 else share  # Ray takes more than one GPU only as a whole number
+    return PlacementGroupFactory([bundle], strategy="STRICT_PACK")
+
+
 def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
                warm: dict | None = None):
     from ray import tune
-
-    def resources(config):
-        spec = config["case"]["spec"]
-        return {"cpu": spec["cpus"], **({"gpu": spec["gpu_share"]} if spec["gpu_share"] else {})}
 
     specs = [t.to_dict() for t in trials]
     param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve()),
@@ -362,7 +374,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, resources),
+        tune.with_resources(_trainable, trial_resources),
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),

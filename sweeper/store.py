@@ -78,6 +78,7 @@ TRIALS_SCHEMA = pa.schema([
     # environment
     ("host", _S), ("platform", _S), ("python_version", _S), ("device", _S), ("device_name", _S),
     ("device_uuid", _S), ("device_memory_bytes", _I), ("device_capability", _S), ("cuda_version", _S), ("torch_threads", _I),
+    ("gpu_count", _I), ("gpu_devices", _S),
     ("sweeper_version", _S), ("sweeper_git_sha", _S), ("torch_version", _S), ("transformers_version", _S),
     ("accelerate_version", _S), ("bitsandbytes_version", _S), ("ray_version", _S), ("lm_eval_version", _S),
     ("polars_version", _S), ("pyarrow_version", _S),

@@ -49,7 +49,8 @@ def test_precisions_quantized_after_a_full_load_are_budgeted_at_full_size(llama8
 
 def test_share_rounding_and_bounds():
     assert gpu_share(1, 80 * GB) == 0.05  # at least 0.05
-    assert gpu_share(81 * GB, 80 * GB) == 1.0  # at most a whole GPU
+    assert gpu_share(80 * GB, 80 * GB) == 1.0  # a whole GPU
+    assert gpu_share(81 * GB, 80 * GB) == 2.0  # beyond one GPU: whole GPUs (tests/test_multi_gpu.py)
     assert gpu_share(4.01 * GB, 80 * GB) == 0.1  # rounded up to the next 0.05
 
 

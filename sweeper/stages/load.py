@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -96,6 +97,65 @@ def load_tokenizer(spec: TrialSpec):
     return tok
 
 
+def _cuda_allocated() -> int:
+    """CUDA memory allocated on every GPU the trial sees (one, or the whole GPUs of a trial bigger than one)."""
+    import torch
+
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
+def trial_gpus_device_map(spec: TrialSpec, precision) -> dict[str, int]:
+    """A trial of several whole GPUs: its layers spread over exactly the GPUs Ray gave it (visible as 0..n-1)."""
+    import torch
+
+    from ..resources import spans_gpus
+
+    n = int(spec.gpu_share)
+    if not spans_gpus(precision):
+        raise StageError(f"{spec.precision} loads onto one GPU; this trial holds {n}", "PrecisionUnsupported")
+    if torch.cuda.device_count() < n:
+        raise StageError(f"the trial holds {n} GPUs but sees {torch.cuda.device_count()} "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})", "GpuPlacement")
+    return device_map(spec, precision, [torch.cuda.get_device_properties(i).total_memory for i in range(n)])
+
+
+def device_map(spec: TrialSpec, precision, gpu_memory_bytes: list[int]) -> dict[str, int]:
+    """accelerate's device map of ``spec``'s model over GPUs 0..len(gpu_memory_bytes)-1, each filled up to its
+    memory less the trial's working memory (resources.gpu_max_memory). Built on the meta device (no weights): the
+    model from its config, each parameter sized at the precision's storage (quantized linear layers) or the compute
+    dtype (embeddings, norms, lm head, which the quantizers keep). A split that would put anything off those GPUs
+    (accelerate spills to "disk") is refused: a trial never offloads."""
+    import torch
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import CustomDtype, get_balanced_memory
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..resources import gpu_max_memory, model_shape
+
+    compute = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec.compute_dtype]
+    bpp = precision.bytes_per_param
+    quantized = torch.float32 if bpp >= 3 else compute if bpp >= 1.5 else torch.int8 if bpp >= 0.75 else CustomDtype.INT4
+    cfg = AutoConfig.from_pretrained(spec.model.id, revision=spec.model.revision,
+                                     trust_remote_code=spec.model.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=compute, trust_remote_code=spec.model.trust_remote_code)
+    model.tie_weights()
+    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"
+              and not name.endswith(".lm_head")}
+    kept = {name: compute for name, _ in model.named_parameters() if name.rsplit(".", 1)[0] not in linear}
+    max_memory = gpu_max_memory(spec, model_shape(spec.model), gpu_memory_bytes)
+    split = dict(dtype=quantized, special_dtypes=kept, no_split_module_classes=model._no_split_modules)
+    # balanced over the GPUs, as transformers' device_map="auto" does: a pinned trial that would fit fewer GPUs
+    # still spreads over all of its own (and each holds a share of the KV cache)
+    balanced = get_balanced_memory(model, max_memory=max_memory, **split)
+    dmap = infer_auto_device_map(model, max_memory={d: min(balanced[d], m) for d, m in max_memory.items()}, **split)
+    off = sorted({str(d) for d in dmap.values() if d not in max_memory})
+    if off:
+        raise StageError(f"{spec.cell} does not fit {len(max_memory)} GPUs of {min(gpu_memory_bytes) / 1e9:.0f} GB "
+                         f"(accelerate's split puts part of it on {', '.join(off)})", "OutOfMemory")
+    return dmap
+
+
 def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     """Load the trial's model at its precision; metrics: load_s, footprint_bytes, allocated_bytes, weights_bytes.
 
@@ -118,7 +178,9 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     if precision.runtime == "onnxruntime":
         return load_onnx(spec, precision, device, store, library_import_s)
     kwargs = precision.from_pretrained_kwargs(spec.compute_dtype, spec.precision_options, device)
-    if device == "cuda":
+    if device == "cuda" and spec.gpu_share > 1:
+        kwargs["device_map"] = trial_gpus_device_map(spec, precision)
+    elif device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     tokenizer = load_tokenizer(spec)
     metrics: list[dict] = []
@@ -139,7 +201,7 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
+        before = _cuda_allocated()
     else:
         before = rss_bytes()
     t0 = time.perf_counter()
@@ -154,7 +216,7 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     model.eval()
     synchronize(device)
     load_s = time.perf_counter() - t0
-    allocated = (torch.cuda.memory_allocated() if device == "cuda" else rss_bytes()) - before
+    allocated = (_cuda_allocated() if device == "cuda" else rss_bytes()) - before
     n_params = sum(p.numel() for p in model.parameters())
     unit = "bytes (cuda allocated)" if device == "cuda" else "bytes (rss delta)"
     metrics = [
