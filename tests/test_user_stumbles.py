@@ -193,6 +193,23 @@ def test_report_of_two_folders_labels_study_and_folder(two_dirs, tmp_path):
     assert "1.50x" in md and "3.00x" in md
 
 
+
+def test_report_counts_a_borrowed_baseline_once(tmp_path):
+    """A folder whose baseline is done in another folder shows that baseline beside its trials, but the report's
+    trial count counts it once (in the folder that ran it): 6 trials in one, 1 in the other = 7, not 8."""
+    from test_analysis import _samples
+
+    a = build_results(tmp_path / "a")  # B (baseline), T1, T2, T3, M done, F failed
+    c = tmp_path / "c"
+    store = ResultsStore(c)
+    store.write_study({"name": "other"})
+    store.write_trial({**_trial_row("T2"), "study": "other"}, _metric_rows("T2"), _samples("T2"))  # baseline B lacking
+    r = sweep("report", str(a), str(c), "-o", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "r.md").read_text()
+    assert "7 trials (6 done, 1 failed" in md, md[:400]
+    assert f"m1 (other @ {c})" in md  # the borrowed baseline still serves the other folder's comparison
+
 # ----- numbers, -o, options that do not apply ----------------------------------------------------------------------
 
 def test_numbers_keep_significant_digits_per_value():
