@@ -51,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -73,8 +75,6 @@ def say(msg: str) -> None:
 def write_study(path: Path, model: str, data: Path, limit: int, batch: int, seed: int, share: float,
                 lease: bool = True) -> None:
     path.write_text(f'''"""time_to_table.py: a study shaped like ../shared/seeds/003 (8 cells, 3 tasks with a limit, perplexity)."""
-import polars as pl  # noqa: E402
-
 from sweeper import Benchmark, Model, Perplexity, Resources, Study, Task
 
 study = Study(
