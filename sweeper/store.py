@@ -346,9 +346,6 @@ class ResultsStore:
     def metrics_path(self, trial_id: str) -> Path:
         return self._live_path(trial_id, "metrics", f"metrics/{trial_id}.parquet")
 
-    def samples_path(self, trial_id: str) -> Path:
-        return self._live_path(trial_id, "samples", f"samples/{trial_id}.parquet")
-
     def ref_path(self, ref_id: str) -> Path:
         return self.root / "refs" / f"{ref_id}.parquet"
 
