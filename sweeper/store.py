@@ -56,8 +56,8 @@ SAMPLES_SCHEMA = pa.schema([
 TRIAL_STATUSES = ("done", "failed")
 
 _S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
-# Every trial row has every column (null where not applicable), so a plain `pl.scan_parquet("trials/*.parquet")`
-# reads any mix of trials: done, failed in any stage, CPU or GPU.
+# Every trial row has every column (null where not applicable), so the files of any mix of trials (done, failed in
+# any stage, CPU or GPU, per-trial files and segments) stack into one scan (ResultsStore.scan).
 TRIALS_SCHEMA = pa.schema([
     # identity and configuration
     ("trial_id", _S), ("study", _S), ("model", _S), ("model_id", _S), ("model_revision", _S),
