@@ -182,6 +182,24 @@ def test_several_folders_keep_their_own_numbers(two_dirs):
     assert query_frame([str(a), str(a)]).height == 6 and "results_dir" not in query_frame([str(a), str(a)]).columns
 
 
+
+def test_api_fronts_and_choices_over_several_folders_stay_per_folder(two_dirs):
+    """analysis.pareto / recommend of a compare over two folders (docs/analysis.md: no front or ranking mixes two
+    directories' trials): each folder's rows are those of that folder alone, T2 at 30 tok/s in one and 60 in the
+    other never on one front."""
+    from sweeper import analysis
+    from sweeper.results import open_results
+
+    a, b = two_dirs
+    both = analysis.compare(open_results([str(a), str(b)]))
+    for fn, keys in ((analysis.pareto, ["trial_id"]), (analysis.recommend, ["model", "scenario"])):
+        stacked = fn(both)
+        assert stacked.columns[0] == "results_dir", (fn.__name__, stacked.columns)
+        for d in (a, b):
+            own = fn(analysis.compare(open_results([str(d)])))
+            mine = stacked.filter(pl.col("results_dir") == str(d)).drop("results_dir")
+            assert mine.sort(keys).equals(own.sort(keys)), (fn.__name__, d, mine, own)
+
 def test_report_of_two_folders_labels_study_and_folder(two_dirs, tmp_path):
     a, b = two_dirs
     r = sweep("report", str(a), str(b), "-o", str(tmp_path / "r.md"))
