@@ -156,7 +156,7 @@ def run(out: Path) -> dict[str, float]:
     from sweeper.report import build_report, render_html, render_markdown
     from sweeper.results import open_results
 
-    res = open_results([str(out)], check=False)  # part files hold many trials each, not what the per-trial check reads
+    res = open_results([str(out)], check=False)  # the timings are of the queries, not of checking the segments
     tm: dict[str, float] = {}
     summ = _timed("summary (collect)", lambda: res.summary().collect(), tm)
     cmp = _timed("compare (derived columns)", lambda: analysis.compare(res).collect(), tm)

@@ -3,8 +3,8 @@
     python benchmarks/kill_resume.py --kills 10 --model ../shared/data/models/llama-4m
 
 After the kills a final launch runs to completion; the script then checks: every trial done exactly once, every
-trial file that existed after a kill is byte-identical at the end, no temporary files visible under their final names,
-every Parquet file readable. It prints one line per kill (the moment, the files present) and a verdict; exit 1 on any
+trial committed done after a kill has the same row at the end (read through the store: docs/store.md), every
+committed file whole. It prints one line per kill (the moment, the files present) and a verdict; exit 1 on any
 violation. The same check with 3 kills runs in CI (tests/test_reliability.py).
 """
 from __future__ import annotations
@@ -19,7 +19,16 @@ import textwrap
 import time
 from pathlib import Path
 
-import polars as pl
+from sweeper.results import open_results
+from sweeper.store import ResultsStore
+
+
+def committed(store: ResultsStore | None) -> dict[str, str]:
+    """trial_id -> committed row (its repr: NaN equals NaN) of each done trial (a failed one may run again)."""
+    if store is None:
+        return {}
+    done = [tid for tid, live in store.state().trials.items() if live.status == "done"]
+    return {tid: repr(row) for tid, row in store.read_trial_rows(done).items()}
 
 
 def main() -> int:
@@ -49,29 +58,27 @@ def main() -> int:
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        files = sorted((results / "trials").glob("*.parquet")) if (results / "trials").is_dir() else []
-        for f in files:
-            data = f.read_bytes()
-            if seen.setdefault(f.name, data) != data:
-                bad.append(f"kill {k + 1}: {f.name} changed after it was finished")
-        for sub in ("trials", "metrics", "refs"):
-            for f in (results / sub).glob("*.parquet") if (results / sub).is_dir() else []:
-                try:
-                    pl.read_parquet(f)
-                except Exception as e:
-                    bad.append(f"kill {k + 1}: unreadable {f}: {e}")
-        print(f"kill {k + 1}/{args.kills} after {delay:5.1f}s: {len(files)} of 12 trial files", flush=True)
+        # the committed rows (docs/store.md): a finished trial's row never changes, whatever compaction merged
+        store = ResultsStore(results) if results.is_dir() else None
+        rows = committed(store)
+        for tid, row in rows.items():
+            if seen.setdefault(tid, row) != row:
+                bad.append(f"kill {k + 1}: {tid} changed after it was finished")
+        for f, why in store.damaged_files(full=True) if store is not None else []:
+            bad.append(f"kill {k + 1}: unreadable {f}: {why}")
+        print(f"kill {k + 1}/{args.kills} after {delay:5.1f}s: {len(rows)} of 12 trials committed", flush=True)
     final = subprocess.run(cmd, capture_output=True, text=True)
     if final.returncode != 0:
         bad.append(f"final launch exited {final.returncode}: {final.stderr[-500:]}")
-    t = pl.read_parquet(str(results / "trials" / "*.parquet"))
+    t = open_results(str(results)).trials.collect()
     if t["trial_id"].n_unique() != t.height or set(t["status"]) != {"done"}:
         bad.append(f"final state: {t.height} rows, statuses {sorted(set(t['status']))}")
-    for name, data in seen.items():
-        if (results / "trials" / name).read_bytes() != data:
-            bad.append(f"{name} changed after it was finished")
+    final_rows = committed(ResultsStore(results))
+    for tid, row in seen.items():
+        if final_rows.get(tid) != row:
+            bad.append(f"{tid} changed after it was finished")
     print(f"{t.height} trials, {t['trial_id'].n_unique()} unique, statuses {sorted(set(t['status']))}; "
-          f"{len(seen)} finished before the last kill, all byte-identical: {not bad}")
+          f"{len(seen)} finished before the last kill, all unchanged: {not bad}")
     for b in bad:
         print("VIOLATION:", b)
     print("OK" if not bad else "FAILED", f"(results in {results})")

@@ -31,7 +31,7 @@ from warm_workers import REPO, alternating, setup  # noqa: E402
 
 
 def launch(study: Path, results: Path, fresh_workers: bool) -> dict:
-    import polars as pl
+    from sweeper.results import open_results
 
     cmd = [sys.executable, "-m", "sweeper.cli", "launch", str(study), "--results", str(results), "--fresh",
            "--num-cpus", "2"]
@@ -48,7 +48,7 @@ def launch(study: Path, results: Path, fresh_workers: bool) -> dict:
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"launch failed ({rc}):\n{''.join(out)[-4000:]}")
-    t = pl.read_parquet(str(results / "trials" / "*.parquet"))
+    t = open_results(str(results)).trials.collect()  # the committed rows (docs/store.md)
     events = [json.loads(line) for line in (results / "_tune" / "events.jsonl").read_text().splitlines()]
     fit = next(e for e in events if e["event"] == "fit")
     assert fit["actor_runtime_env"] == fresh_workers, fit

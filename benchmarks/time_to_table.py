@@ -51,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -172,15 +174,15 @@ def read_naive(folder: Path) -> dict[tuple[str, str], float]:
 
 
 def read_sweep(root: Path) -> tuple[dict[tuple[str, str], dict[tuple[str, str], float]], list[dict]]:
-    import pyarrow.parquet as pq
+    from sweeper.results import open_results
 
-    rows = [pq.read_table(f).to_pylist()[0] for f in (root / "trials").glob("*.parquet")]
+    res = open_results(str(root))  # the committed rows (docs/store.md)
+    rows = res.trials.collect().to_dicts()
     cell = {r["trial_id"]: (r["precision"], r["compute_dtype"]) for r in rows}
     out: dict = {}
-    for f in (root / "metrics").glob("*.parquet"):
-        for m in pq.read_table(f).to_pylist():
-            if m["stage"] == "tasks" and m["trial_id"] in cell and m["value"] is not None:
-                out.setdefault(cell[m["trial_id"]], {})[(m["task"], m["metric"])] = float(m["value"])
+    for m in res.metrics.filter(pl.col("stage") == "tasks").collect().to_dicts():
+        if m["trial_id"] in cell and m["value"] is not None:
+            out.setdefault(cell[m["trial_id"]], {})[(m["task"], m["metric"])] = float(m["value"])
     return out, rows
 
 
@@ -206,14 +208,15 @@ def trial_times(root: Path, launched_at: float) -> list[dict]:
     """Each trial's start-up (seconds since the launch began: the Ray worker process of its Tune trial started, the
     process that ran it started (a warm worker, or the same), its Tune trial began, its load began) and stage times
     from the results store, printed as a table."""
-    import pyarrow.parquet as pq
+    from sweeper.results import open_results
 
-    rows = sorted((pq.read_table(f).to_pylist()[0] for f in (root / "trials").glob("*.parquet")),
-                  key=lambda r: (r["precision"], r["compute_dtype"]))
+    res = open_results(str(root))  # the committed rows (docs/store.md)
+    rows = sorted(res.trials.collect().to_dicts(), key=lambda r: (r["precision"], r["compute_dtype"]))
+    loads = res.metrics.filter((pl.col("stage") == "load") & pl.col("metric").is_in(LOAD_METRICS)).collect()
+
     def load_metrics(trial_id: str) -> dict:
-        f = root / "metrics" / f"{trial_id}.parquet"
-        ms = pq.read_table(f).to_pylist() if f.exists() else []
-        return {m["metric"]: m["value"] for m in ms if m["stage"] == "load" and m["metric"] in LOAD_METRICS}
+        ms = loads.filter(pl.col("trial_id") == trial_id).to_dicts()
+        return {m["metric"]: m["value"] for m in ms}
 
     out = [{"cell": f"{r['precision']}/{r['compute_dtype']}", "warm_worker": r.get("warm_worker"),
             **{c.removesuffix("_started_at").removesuffix("_at") + "_at_s": None if r.get(c) is None else r[c] - launched_at

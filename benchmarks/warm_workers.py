@@ -35,7 +35,7 @@ study = Study(
 
 
 def launch(study: Path, results: Path, warm: bool) -> dict:
-    import polars as pl
+    from sweeper.results import open_results
 
     cmd = [sys.executable, "-m", "sweeper.cli", "launch", str(study), "--results", str(results), "--fresh",
            "--num-cpus", "2"] + ([] if warm else ["--no-warm-workers"])
@@ -45,7 +45,7 @@ def launch(study: Path, results: Path, warm: bool) -> dict:
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"launch failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    t = pl.read_parquet(str(results / "trials" / "*.parquet"))
+    t = open_results(str(results)).trials.collect()  # the committed rows (docs/store.md)
     return {"warm": warm, "wall_s": wall, "first_load_s": t["load_started_at"].min() - started,
             "to_load_s": statistics.median((t["load_started_at"] - t["trainable_started_at"]).to_list()),
             "stage_load_s": statistics.median(t["stage_load_s"].to_list()),

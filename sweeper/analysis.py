@@ -257,15 +257,23 @@ def with_axes(cmp: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
                            pl.coalesce(pl.col("batch_tok_s"), pl.col("decode_tok_s")).alias("throughput_tok_s"))
 
 
+def _model_keys(lf: pl.LazyFrame) -> list[str]:
+    """What a front or a ranking is per: the model, and the results dir where ``compare`` stacked several (two dirs'
+    trials are never ranked together)."""
+    return ["results_dir", "model"] if "results_dir" in lf.collect_schema().names() else ["model"]
+
+
 # ----------------------------------------------------------------------------------------------------------- Pareto
 def pareto(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     """Per model, which done trials are on the Pareto front of (quality_retention up, weights_gb down) and of
     (quality_retention up, throughput_tok_s up). Trials lacking an axis value are not on that front (null).
 
     Columns: model, trial_id, precision, compute_dtype, is_baseline, quality_retention, weights_gb,
-    throughput_tok_s, pareto_memory, pareto_throughput."""
+    throughput_tok_s, pareto_memory, pareto_throughput (``results_dir`` first, and fronts per dir and model, when
+    ``cmp`` stacks several dirs)."""
     lf = with_axes(cmp).filter(pl.col("status") == "done")
-    keep = ["model", "trial_id", "precision", "compute_dtype", "is_baseline", "quality_retention", "weights_gb",
+    by = _model_keys(lf)
+    keep = [*by, "trial_id", "precision", "compute_dtype", "is_baseline", "quality_retention", "weights_gb",
             "throughput_tok_s"]
     lf = lf.select(keep).with_row_index("_i")
 
@@ -275,10 +283,10 @@ def pareto(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
         # strictly better x. Identical points dominate nothing: all of them are on the front (order-independent).
         q = pl.col("quality_retention")
         pts = lf.filter(pl.col(x).is_not_null() & q.is_not_null())
-        by_x = (pts.group_by("model", x).agg(q.max().alias("_best"))
-                .sort(["model", x], descending=[False, x_descending])
-                .with_columns(pl.col("_best").cum_max().shift(1).over("model").alias("_prev")))
-        s = (pts.join(by_x, on=["model", x])
+        by_x = (pts.group_by(*by, x).agg(q.max().alias("_best"))
+                .sort([*by, x], descending=[False] * len(by) + [x_descending])
+                .with_columns(pl.col("_best").cum_max().shift(1).over(by).alias("_prev")))
+        s = (pts.join(by_x, on=[*by, x])
              .with_columns(((q == pl.col("_best")) & (pl.col("_prev").is_null() | (q > pl.col("_prev")))).alias(name)))
         return s.select("_i", name)
 
@@ -301,11 +309,12 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
 
     Columns: model, scenario, description, trial_id, precision, compute_dtype, value (the optimised quantity),
     quality_retention, speed_kind, reason. A scenario with no candidate has a null trial_id and says why in
-    ``reason``."""
+    ``reason``. ``results_dir`` first, and choices per dir and model, when ``cmp`` stacks several dirs."""
     lf = with_axes(cmp).filter(pl.col("status") == "done")
+    by = _model_keys(lf)
     lf = _ensure(lf, {"decode_graph_tok_s": pl.Float64, "graph_decode_error": pl.String, "batch_tok_s": pl.Float64,
                       "batch_size": pl.Int64})
-    kernel = pl.col("decode_graph_tok_s").is_not_null().all().over("model")
+    kernel = pl.col("decode_graph_tok_s").is_not_null().all().over(by)
     eager_src = (pl.when(pl.col("batch_tok_s").is_not_null())
                  .then(pl.format("batch_tok_s (eager generate, batch {})", pl.col("batch_size").cast(pl.String)))
                  .otherwise(pl.lit("decode_tok_s (eager generate, batch 1)")))
@@ -316,11 +325,11 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
         .otherwise(eager_src).alias("_speed_src"))
     # per model, why kernel-level was not used: the trials without it and their graph_decode_error
     no_kernel = (lf.filter(pl.col("decode_graph_tok_s").is_null())
-                 .group_by("model").agg(pl.format("{}/{}: {}", pl.col("precision"), pl.col("compute_dtype"),
+                 .group_by(by).agg(pl.format("{}/{}: {}", pl.col("precision"), pl.col("compute_dtype"),
                                                   pl.col("graph_decode_error").fill_null("no decode_graph_tok_s row"))
                                         .sort().str.join("; ").alias("_why_eager")))
-    lf = lf.join(no_kernel, on="model", how="left")
-    models = lf.select("model").unique().sort("model")
+    lf = lf.join(no_kernel, on=by, how="left")
+    models = lf.select(by).unique().sort(by)
     specs = [
         ("max_throughput_within_1pct", pl.col("quality_retention") >= 0.99, "_speed", True,
          "no trial with quality retention >= 99% and a speed"),
@@ -339,23 +348,23 @@ def recommend(cmp: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
                 .then(pl.lit("; kernel-level not used, missing for ") + pl.col("_why_eager")).otherwise(pl.lit(""))
                 if speed else pl.lit(""))
         best = (lf.filter(cond & pl.col(col).is_not_null())
-                .sort(["model", col, tie], descending=[False, descending, tie_desc], nulls_last=True)
-                .group_by("model", maintain_order=True).first()
-                .select("model", "trial_id", "precision", "compute_dtype", pl.col(col).alias("value"),
+                .sort([*by, col, tie], descending=[False] * len(by) + [descending, tie_desc], nulls_last=True)
+                .group_by(by, maintain_order=True).first()
+                .select(*by, "trial_id", "precision", "compute_dtype", pl.col(col).alias("value"),
                         "quality_retention",
                         (pl.col("_speed_kind") if speed else pl.lit(None, dtype=pl.String)).alias("speed_kind"),
                         what.alias("_what"), note.alias("_note")))
-        parts.append(models.join(best, on="model", how="left").with_columns(
+        parts.append(models.join(best, on=by, how="left").with_columns(
             pl.lit(key).alias("scenario"), pl.lit(desc[key]).alias("description"),
             pl.when(pl.col("trial_id").is_null()).then(pl.lit(why))
             .otherwise(pl.format("{} = {}{}", pl.col("_what"), pl.col("value").round(4).cast(pl.String),
                                  pl.col("_note")))
             .alias("reason")))
-    out = pl.concat(parts).select("model", "scenario", "description", "trial_id", "precision", "compute_dtype",
+    out = pl.concat(parts).select(*by, "scenario", "description", "trial_id", "precision", "compute_dtype",
                                   "value", "quality_retention", "speed_kind", "reason")
     order = {k: i for i, (k, _) in enumerate(SCENARIOS)}
     return (out.with_columns(pl.col("scenario").replace_strict(order, return_dtype=pl.Int64).alias("_o"))
-            .sort(["model", "_o"]).drop("_o").collect())
+            .sort([*by, "_o"]).drop("_o").collect())
 
 
 # ----------------------------------------------------------------------------------------------------------- significance

@@ -301,8 +301,10 @@ def build_report(dirs: str | Sequence[str] | Results, title: str | None = None,
             f"{r['precision']}/{r['compute_dtype']}: no baseline ({r['baseline_status']})"
             + (f": baseline trial {r['baseline_id']} {why[r['baseline_status']]}" if r["baseline_id"] else
                ": the trial names no baseline"))
-    counts = {"trials": trials.height,
-              "done": int((trials.get_column("status") == "done").sum()) if "status" in trials.columns else 0,
+    # a baseline borrowed from another folder of the report is shown beside this folder's trials, counted in its own
+    own = trials.filter(~pl.col("trial_id").is_in(list(res.borrowed))) if isinstance(res, Folder) else trials
+    counts = {"trials": own.height,
+              "done": int((own.get_column("status") == "done").sum()) if "status" in own.columns else 0,
               "failed": failed.height, "models": cmp.get_column("model").n_unique() if cmp.height else 0}
     return ReportData(
         title=title or ("sweeper report: " + ", ".join(studies)), dirs=[str(d) for d in res.dirs], studies=studies,

@@ -101,7 +101,7 @@ def expand_dirs(dirs: list[str]) -> list[Path]:
         for m in matches:
             p = Path(m)
             if not (p / "trials").is_dir() and not (p / "study.json").is_file() and not (p / "_log").is_dir():
-                raise UserError(f"{m} is not a sweeper results directory (no study.json or trials/); "
+                raise UserError(f"{m} is not a sweeper results directory (no study.json, _log/ or trials/); "
                                 "give the directory `sweep launch` wrote, e.g. results/<study>")
             if not any(p.resolve() == q.resolve() for q in out):
                 out.append(p)

@@ -56,8 +56,8 @@ SAMPLES_SCHEMA = pa.schema([
 TRIAL_STATUSES = ("done", "failed")
 
 _S, _F, _I, _B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
-# Every trial row has every column (null where not applicable), so a plain `pl.scan_parquet("trials/*.parquet")`
-# reads any mix of trials: done, failed in any stage, CPU or GPU.
+# Every trial row has every column (null where not applicable), so the files of any mix of trials (done, failed in
+# any stage, CPU or GPU, per-trial files and segments) stack into one scan (ResultsStore.scan).
 TRIALS_SCHEMA = pa.schema([
     # identity and configuration
     ("trial_id", _S), ("study", _S), ("model", _S), ("model_id", _S), ("model_revision", _S),
@@ -346,9 +346,6 @@ class ResultsStore:
 
     def metrics_path(self, trial_id: str) -> Path:
         return self._live_path(trial_id, "metrics", f"metrics/{trial_id}.parquet")
-
-    def samples_path(self, trial_id: str) -> Path:
-        return self._live_path(trial_id, "samples", f"samples/{trial_id}.parquet")
 
     def ref_path(self, ref_id: str) -> Path:
         return self.root / "refs" / f"{ref_id}.parquet"

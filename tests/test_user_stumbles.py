@@ -182,6 +182,24 @@ def test_several_folders_keep_their_own_numbers(two_dirs):
     assert query_frame([str(a), str(a)]).height == 6 and "results_dir" not in query_frame([str(a), str(a)]).columns
 
 
+
+def test_api_fronts_and_choices_over_several_folders_stay_per_folder(two_dirs):
+    """analysis.pareto / recommend of a compare over two folders (docs/analysis.md: no front or ranking mixes two
+    directories' trials): each folder's rows are those of that folder alone, T2 at 30 tok/s in one and 60 in the
+    other never on one front."""
+    from sweeper import analysis
+    from sweeper.results import open_results
+
+    a, b = two_dirs
+    both = analysis.compare(open_results([str(a), str(b)]))
+    for fn, keys in ((analysis.pareto, ["trial_id"]), (analysis.recommend, ["model", "scenario"])):
+        stacked = fn(both)
+        assert stacked.columns[0] == "results_dir", (fn.__name__, stacked.columns)
+        for d in (a, b):
+            own = fn(analysis.compare(open_results([str(d)])))
+            mine = stacked.filter(pl.col("results_dir") == str(d)).drop("results_dir")
+            assert mine.sort(keys).equals(own.sort(keys)), (fn.__name__, d, mine, own)
+
 def test_report_of_two_folders_labels_study_and_folder(two_dirs, tmp_path):
     a, b = two_dirs
     r = sweep("report", str(a), str(b), "-o", str(tmp_path / "r.md"))
@@ -192,6 +210,23 @@ def test_report_of_two_folders_labels_study_and_folder(two_dirs, tmp_path):
     # each folder's own decode speedup of T2: 1.50x in one, 3.00x in the other, never a mix
     assert "1.50x" in md and "3.00x" in md
 
+
+
+def test_report_counts_a_borrowed_baseline_once(tmp_path):
+    """A folder whose baseline is done in another folder shows that baseline beside its trials, but the report's
+    trial count counts it once (in the folder that ran it): 6 trials in one, 1 in the other = 7, not 8."""
+    from test_analysis import _samples
+
+    a = build_results(tmp_path / "a")  # B (baseline), T1, T2, T3, M done, F failed
+    c = tmp_path / "c"
+    store = ResultsStore(c)
+    store.write_study({"name": "other"})
+    store.write_trial({**_trial_row("T2"), "study": "other"}, _metric_rows("T2"), _samples("T2"))  # baseline B lacking
+    r = sweep("report", str(a), str(c), "-o", str(tmp_path / "r.md"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "r.md").read_text()
+    assert "7 trials (6 done, 1 failed" in md, md[:400]
+    assert f"m1 (other @ {c})" in md  # the borrowed baseline still serves the other folder's comparison
 
 # ----- numbers, -o, options that do not apply ----------------------------------------------------------------------
 

@@ -116,15 +116,21 @@ def ensure_models(out: Out, names: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ reading results
 def read_results(root: Path) -> tuple[list[dict], list[dict], dict[str, list[float]]]:
-    import pyarrow.parquet as pq
+    from datetime import datetime
 
-    rows, metrics = [], []
-    for f in sorted((root / "trials").glob("*.parquet")):
-        r = pq.read_table(f).to_pylist()[0]
-        r["_row_mtime"] = f.stat().st_mtime
-        rows.append(r)
-    for f in sorted((root / "metrics").glob("*.parquet")):
-        metrics += pq.read_table(f).to_pylist()
+    from sweeper.results import open_results
+    from sweeper.store import ResultsStore
+
+    # the committed rows (docs/store.md); a row's write time is its per-trial file's mtime (compaction merges those
+    # into segments only past 64 trials: then the row's finish time, to the second, plus its write stage)
+    res = open_results(str(root))
+    live = ResultsStore(root).state().trials
+    rows = sorted(res.trials.collect().to_dicts(), key=lambda r: r["trial_id"])
+    for r in rows:
+        f = live[r["trial_id"]].files["trials"]
+        r["_row_mtime"] = ((root / f).stat().st_mtime if not f.startswith("data/seg-")
+                           else datetime.fromisoformat(r["finished_at"]).timestamp() + (r.get("stage_write_s") or 0.0))
+    metrics = res.metrics.sort("trial_id", maintain_order=True).collect().to_dicts()
     events: dict[str, list[float]] = {}
     ev = root / "_tune" / "events.jsonl"
     if ev.exists():
@@ -248,7 +254,7 @@ def launch(out: Out, run: str, study: str, extra: list[str], timeout: float,
     for line in text.splitlines():
         if line.startswith("summary:") or "FAILED" in line or "retrying" in line or line.startswith("ray:"):
             out.say(f"  {run}: {line.strip()}", summary=True)
-    trials, mrecs = save_run(out, run, root) if (root / "trials").exists() else ([], [])
+    trials, mrecs = save_run(out, run, root) if (root / "_log").exists() else ([], [])
     return wall, trials, mrecs, rc
 
 
