@@ -44,7 +44,7 @@ def shim_ort_supported_tasks() -> None:
         optimum.pipelines.ORT_SUPPORTED_TASKS = {t: {"class": c} for t, c in ORT_TASKS_MAPPING.items()}
 
 
-def cell_config(name: str, kv: bool, threads: int):
+def cell_config(name: str, kv: bool, threads: int, io_binding: bool | None = None):
     from optimum_benchmark import ORTConfig, PyTorchConfig
 
     common = dict(model=str(MODEL), device="cpu", task="text-generation", no_weights=False)
@@ -52,7 +52,8 @@ def cell_config(name: str, kv: bool, threads: int):
         # optimum-benchmark 0.6.0's pytorch backend passes inter_op_num_threads to torch.set_num_threads (and intra to
         # set_num_interop_threads); the script sets torch's threads itself before any launch instead.
         return PyTorchConfig(**common, torch_dtype="float32")
-    ort = dict(common, export=True, use_cache=kv,
+    # io_binding None: optimum-benchmark's default (on for CPUExecutionProvider with a transformers model)
+    ort = dict(common, export=True, use_cache=kv, use_io_binding=io_binding,
                session_options={"intra_op_num_threads": threads, "inter_op_num_threads": 1})
     if name == "ort-fp32":
         return ORTConfig(**ort)
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--no-io-binding", action="store_true", help="ORT cells with use_io_binding=False (a diagnostic)")
     args = ap.parse_args()
 
     import torch
@@ -82,7 +84,8 @@ def main() -> None:
     print(f"# optimum-benchmark {version('optimum-benchmark')}, torch {torch.__version__}, onnxruntime "
           f"{onnxruntime.__version__}, transformers {transformers.__version__}, threads {args.threads}, prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, 5 timed generations + 1 warmup per cell "
-          f"and round, loadavg at start {os.getloadavg()}", flush=True)
+          f"and round, ORT io binding {'off' if args.no_io_binding else 'default'}, "
+          f"loadavg at start {os.getloadavg()}", flush=True)
     names = ["fp32", "ort-fp32", "ort-int8"]
     cells: dict[tuple[str, bool], list[float]] = {}
     for r in range(args.rounds):
@@ -94,7 +97,8 @@ def main() -> None:
                     generate_kwargs={"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
                                      "do_sample": False, "use_cache": kv})
                 config = BenchmarkConfig(name=f"{name}-kv{int(kv)}", launcher=InlineConfig(), scenario=scenario,
-                                         backend=cell_config(name, kv, args.threads))
+                                         backend=cell_config(name, kv, args.threads,
+                                                                    False if args.no_io_binding else None))
                 report = Benchmark.launch(config)
                 tok_s = report.decode.throughput.value
                 cells.setdefault((name, kv), []).append(tok_s)
