@@ -8,7 +8,8 @@ environment and imports nothing from sweeper (docs/performance.md, "ONNX Runtime
     python3 -m venv /tmp/obvenv
     /tmp/obvenv/bin/pip install torch==2.13.0
     /tmp/obvenv/bin/pip install optimum-benchmark==0.6.0 "optimum-onnx[onnxruntime]==0.1.0" "transformers<5"
-    (resolved here to optimum 2.1.0, transformers 4.53.3, onnxruntime 1.32.0; see shim_ort_supported_tasks)
+    (resolves to optimum 2.1.0, transformers 4.57.6, onnxruntime 1.32.0; the logged runs had transformers 4.53.3;
+    see shim_ort_supported_tasks and docs/performance.md)
     /tmp/obvenv/bin/python benchmarks/ort_optimum_benchmark.py --rounds 3 --threads 1 \
         > benchmarks/logs/ort_optimum_benchmark_cpu.txt
 
