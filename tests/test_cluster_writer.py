@@ -1,0 +1,37 @@
+"""Worker nodes need no mount (issue 18, point 2): trials on a node that sees neither the results folder nor the
+launching machine's /tmp commit through the launch's StoreWriter actor (sweeper/remote_store.py), get the baseline's
+KL reference from it, and cache checkpoints node-locally; every file ends up at the launching machine's location."""
+from __future__ import annotations
+
+from helpers import fast_benchmark, fast_kl, read_metrics, read_trials, sweep, write_study
+from sweeper.store import ResultsStore
+
+
+def test_a_sweep_with_kl_completes_on_a_worker_node_without_the_results_folder(two_node_cluster, real_model,
+                                                                               shared_data, tmp_path):
+    c = two_node_cluster
+    assert real_model.is_relative_to(shared_data.parent) or real_model.exists()
+    # one CPU a node and one CPU a trial: two trials at a time means one on each node
+    study = write_study(tmp_path / "study.py", f"""
+        study = Study(name="no-mount", models=[{str(real_model)!r}], precisions=["fp32", "bf16", "int8", "nf4",
+                      "fp4", "fp16"], compute_dtypes=["fp32"], benchmark={fast_benchmark()}, kl={fast_kl()})
+    """)
+    results = c.results_root / "no-mount"  # the worker node sees an empty tmpfs here
+
+    r = sweep("launch", str(study), "--address", c.address, "--results", str(results), "--no-warm-workers",
+              "--max-concurrent", "2", cwd=tmp_path, timeout=900)
+
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    rows = read_trials(results)
+    assert len(rows) == 6 and set(rows["status"]) == {"done"}, rows.select("precision", "status", "error").to_dicts()
+    assert set(rows["ray_node_id"]) == {c.head_node_id, c.worker_node_id}, "trials ran on both nodes"
+    kl = read_metrics(results).filter(stage="kl", metric="kl_mean")
+    assert set(kl["trial_id"]) == set(rows["trial_id"]), "every trial measured KL against the baseline's reference"
+    # every file at the launching machine's location: the baseline's reference committed with its trial, and nothing
+    # damaged or missing (each committed file is opened and checked)
+    store = ResultsStore(results)
+    assert store.damaged_files(full=True) == []
+    (ref_id,) = set(rows["kl_reference_id"])
+    assert store.ref_path(ref_id).is_file()
+    assert "pending" not in out.strip().splitlines()[-1] or " 0 pending" in out, out[-2000:]
