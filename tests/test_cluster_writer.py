@@ -10,7 +10,6 @@ from sweeper.store import ResultsStore
 def test_a_sweep_with_kl_completes_on_a_worker_node_without_the_results_folder(two_node_cluster, real_model,
                                                                                shared_data, tmp_path):
     c = two_node_cluster
-    assert real_model.is_relative_to(shared_data.parent) or real_model.exists()
     # one CPU a node and one CPU a trial: two trials at a time means one on each node
     study = write_study(tmp_path / "study.py", f"""
         study = Study(name="no-mount", models=[{str(real_model)!r}], precisions=["fp32", "bf16", "int8", "nf4",
@@ -34,4 +33,4 @@ def test_a_sweep_with_kl_completes_on_a_worker_node_without_the_results_folder(t
     assert store.damaged_files(full=True) == []
     (ref_id,) = set(rows["kl_reference_id"])
     assert store.ref_path(ref_id).is_file()
-    assert "pending" not in out.strip().splitlines()[-1] or " 0 pending" in out, out[-2000:]
+    assert "summary: 6/6 done, 0 failed, 0 pending" in out, out[-2000:]
