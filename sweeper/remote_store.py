@@ -36,11 +36,6 @@ class StoreWriterImpl:
         self._claims: dict[str, TrialClaim] = {}
         self._claiming = threading.Lock()
 
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
     def claim(self, trial_id: str) -> tuple[str, int] | None:
         """Take ``trial_id``'s claim (the same flock a local trial takes) and return its committed (status, attempt),
         or None. Kept until :meth:`release`; a claim this actor already holds is an earlier attempt of this launch
@@ -88,8 +83,7 @@ def start_writer(store: ResultsStore, name: str, namespace: str):
         name=name, namespace=namespace, num_cpus=0, max_concurrency=256, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
     ).remote(str(store.root.resolve()), store.token)
-    ray.get(actor.node_id.remote())  # started (and its errors raised) before any trial needs it
-    return actor
+    return actor  # not waited for: it starts while Tune does (a trial off this node waits in its first call)
 
 
 def node_local_dir(root: str) -> Path:

@@ -190,10 +190,13 @@ def _trainable(config: dict) -> None:
     writer = config.get("writer")  # the launch's StoreWriter (sweeper/remote_store.py): name and node
     if writer is not None and node != writer["node"]:
         return _remote_trainable(config, spec, writer, node, entered)
-    if writer is not None:  # a claim the writer holds for this trial is a dead attempt's on another node
-        ray.get(ray.get_actor(writer["name"], namespace=WRITER_NAMESPACE).release.remote(spec.trial_id))
     store = ResultsStore(config["store"], token=config.get("token"))
-    with TrialClaim(store.root, spec.trial_id):
+    claim = TrialClaim(store.root, spec.trial_id)
+    if writer is not None and not claim.try_enter():
+        # taken: by an orphan of a killed launch (wait for it), or by the writer for an attempt of this trial on
+        # another node whose worker died (Tune retries only after an attempt ended): the writer lets that one go
+        ray.get(ray.get_actor(writer["name"], namespace=WRITER_NAMESPACE).release.remote(spec.trial_id))
+    with claim:
         previous = store.committed(spec.trial_id)
         if previous is not None and previous.status == "done":
             tune.report({"status": "skipped"})
