@@ -34,3 +34,43 @@ def test_a_sweep_with_kl_completes_on_a_worker_node_without_the_results_folder(t
     (ref_id,) = set(rows["kl_reference_id"])
     assert store.ref_path(ref_id).is_file()
     assert "summary: 6/6 done, 0 failed, 0 pending" in out, out[-2000:]
+
+
+def test_the_writer_commits_a_remote_baseline_with_its_reference_waits_on_claims_and_is_fenced(tmp_path):
+    """The StoreWriter's body without Ray: a baseline's reference bytes land in refs/ and in its commit; a claim waits
+    for a flock held elsewhere (an orphan) and is re-entrant for this launch; an ended launch's writer is refused."""
+    import threading
+
+    import pytest
+
+    from sweeper.lock import TrialClaim
+    from sweeper.remote_store import StoreWriterImpl
+    from sweeper.store import OwnershipLost
+
+    root = tmp_path / "res"
+    launch = ResultsStore(root)
+    launch.take_over("launch-A")
+    writer = StoreWriterImpl(str(root), "launch-A")
+    row = {"trial_id": "B", "study": "s", "model": "m", "precision": "fp32", "compute_dtype": "fp32",
+           "status": "done", "attempt": 1, "is_baseline": True, "kl_reference_id": "ref1"}
+    writer.write_trial(row, [{"trial_id": "B", "stage": "load", "metric": "weights_bytes", "value": 1.0}], None,
+                       b"reference bytes")
+    assert (root / "refs" / "ref1.parquet").read_bytes() == b"reference bytes"
+    assert launch.state().trials["B"].status == "done"
+    assert writer.reference("ref1") == b"reference bytes" and writer.reference("nope") is None
+
+    orphan = TrialClaim(root, "T").__enter__()  # an orphan of a killed launch still runs T
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(writer.claim("T")))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "the writer took a claim an orphan holds"
+    orphan.__exit__(None, None, None)
+    waiter.join(10)
+    assert got == [None]
+    assert writer.claim("T") is None, "a retry of this launch takes over its dead attempt's claim"
+    writer.release("T")
+
+    ResultsStore(root).take_over("launch-B")
+    with pytest.raises(OwnershipLost):
+        writer.write_trial({**row, "trial_id": "C", "is_baseline": False}, [], None, None)
