@@ -74,3 +74,15 @@ def test_the_writer_commits_a_remote_baseline_with_its_reference_waits_on_claims
     ResultsStore(root).take_over("launch-B")
     with pytest.raises(OwnershipLost):
         writer.write_trial({**row, "trial_id": "C", "is_baseline": False}, [], None, None)
+
+
+def test_a_remote_trial_caches_checkpoints_in_the_results_folder_only_where_its_node_sees_it(tmp_path):
+    from sweeper.remote_store import RemoteStore, node_local_dir
+
+    seen = tmp_path / "results"
+    seen.mkdir()
+    assert RemoteStore(None, str(seen), "t").root == seen, "a shared mount: one cache for every node"
+    unseen = str(tmp_path / "not-on-this-node")
+    local = RemoteStore(None, unseen, "t").root
+    assert local == node_local_dir(unseen) and local.is_dir() and not local.is_relative_to(tmp_path)
+    local.rmdir()
