@@ -93,25 +93,33 @@ def node_local_dir(root: str) -> Path:
 
 class RemoteStore:
     """What the runner and the stages use as the store on a node off the launching one (see the module docstring).
+    One per trial.
 
     ``root``: where calibrated / ONNX checkpoints are cached: the results folder where this node sees it (a shared
-    mount), else a node-local folder. ``ref_path``: always node-local, filled from the writer."""
+    mount), else a node-local folder (``<local>/cache``; its parent holds no ``*/refs/``, so the KL stage's look for a
+    sibling study's reference finds nothing there: the writer did that look). ``ref_path``: node-local, filled from the
+    writer once per trial (never an earlier trial's copy: a reference found damaged is replaced by a rerun baseline's)."""
 
     def __init__(self, writer, root: str, token: str | None):
         self.writer = writer
         self.token = token
         self.local = node_local_dir(root)
-        self.local.mkdir(parents=True, exist_ok=True)
-        self.root = Path(root) if os.path.isdir(root) else self.local
+        self.refs = self.local / "refs"
+        self.root = Path(root) if os.path.isdir(root) else self.local / "cache"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fetched: set[str] = set()
 
     def ref_path(self, ref_id: str) -> Path:
         import ray
 
-        path = self.local / "refs" / f"{ref_id}.parquet"
-        if not path.is_file():
+        path = self.refs / f"{ref_id}.parquet"
+        if ref_id not in self._fetched:
+            self._fetched.add(ref_id)
             data = ray.get(self.writer.reference.remote(ref_id))
             if data is not None:
                 atomic_write_bytes(path, data)
+            else:
+                path.unlink(missing_ok=True)  # none committed: a baseline here computes it, any other trial fails
         return path
 
     def write_trial(self, row: dict[str, Any], metrics: list[dict[str, Any]], samples: pa.Table | None = None) -> None:
@@ -120,6 +128,6 @@ class RemoteStore:
         ref = None
         ref_id = row.get("kl_reference_id")
         if row.get("is_baseline") and ref_id and row.get("status") == "done":
-            path = self.local / "refs" / f"{ref_id}.parquet"
+            path = self.refs / f"{ref_id}.parquet"
             ref = path.read_bytes() if path.is_file() else None
         ray.get(self.writer.write_trial.remote(row, metrics, samples, ref))

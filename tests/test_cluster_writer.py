@@ -84,5 +84,6 @@ def test_a_remote_trial_caches_checkpoints_in_the_results_folder_only_where_its_
     assert RemoteStore(None, str(seen), "t").root == seen, "a shared mount: one cache for every node"
     unseen = str(tmp_path / "not-on-this-node")
     local = RemoteStore(None, unseen, "t").root
-    assert local == node_local_dir(unseen) and local.is_dir() and not local.is_relative_to(tmp_path)
+    assert local == node_local_dir(unseen) / "cache" and local.is_dir() and not local.is_relative_to(tmp_path)
+    assert not list(local.parent.glob("*/refs/*")), "the KL stage's sibling look must find no node-local copy"
     local.rmdir()
