@@ -14,7 +14,8 @@ from sweeper.remote_store import RemoteStore, start_writer
 from sweeper.store import ResultsStore
 
 ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-store = ResultsStore(tempfile.mkdtemp())
+tmp = tempfile.TemporaryDirectory()
+store = ResultsStore(tmp.name)
 store.take_over("tok")
 t0 = time.perf_counter()
 actor = start_writer(store, "w", "sweeper")
@@ -54,3 +55,4 @@ for i in range(40):
 print(f"commit of one trial, median of 40: direct {statistics.median(direct) * 1000:.1f} ms, through the actor "
       f"{statistics.median(through) * 1000:.1f} ms")
 ray.shutdown()
+tmp.cleanup()
