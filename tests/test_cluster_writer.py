@@ -87,3 +87,4 @@ def test_a_remote_trial_caches_checkpoints_in_the_results_folder_only_where_its_
     assert local == node_local_dir(unseen) / "cache" and local.is_dir() and not local.is_relative_to(tmp_path)
     assert not list(local.parent.glob("*/refs/*")), "the KL stage's sibling look must find no node-local copy"
     local.rmdir()
+    local.parent.rmdir()
