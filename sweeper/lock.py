@@ -135,6 +135,14 @@ class TrialClaim:
         self._fcntl.flock(self._fd, self._fcntl.LOCK_EX)
         return self
 
+    def try_enter(self) -> bool:
+        """Take the claim if it is free now (True), without waiting."""
+        try:
+            self._fcntl.flock(self._fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
     def __exit__(self, *exc) -> None:
         self._fcntl.flock(self._fd, self._fcntl.LOCK_UN)
         os.close(self._fd)

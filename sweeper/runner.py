@@ -144,11 +144,12 @@ def run_trial(spec: TrialSpec, store: ResultsStore, attempt: int = 1, device: st
     return row
 
 
-def run_request(request: dict[str, Any]) -> dict[str, Any]:
+def run_request(request: dict[str, Any], store: Any = None) -> dict[str, Any]:
     """Run the trial of ``request`` (``spec`` as a dict, ``store`` root, ``attempt``, ``extra`` row values, ``token``:
     the owning launch's, under which the trial is committed) in this
     process; returns what its Tune trial reports: status, error, error_type, duration_s. How a Ray worker and a warm
-    worker (sweeper/warm_worker.py) run a trial."""
+    worker (sweeper/warm_worker.py) run a trial. ``store``: what to commit through instead of the folder (a trial off
+    the launching node: sweeper/remote_store.py)."""
     from .import_guard import for_precision
 
     spec = TrialSpec.from_dict(request["spec"])
@@ -156,8 +157,9 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(max(1, spec.cpus))
-    row = run_trial(spec, ResultsStore(request["store"], token=request.get("token")), attempt=request["attempt"],
-                    extra=request["extra"])
+    if store is None:
+        store = ResultsStore(request["store"], token=request.get("token"))
+    row = run_trial(spec, store, attempt=request["attempt"], extra=request["extra"])
     return {"status": row["status"], "error": row["error"] or "", "error_type": row["error_type"] or "",
             "duration_s": row["duration_s"]}
 

@@ -186,14 +186,23 @@ def _trainable(config: dict) -> None:
 
     case = config["case"]
     spec = TrialSpec.from_dict(case["spec"])
+    node = ray.get_runtime_context().get_node_id()
+    writer = config.get("writer")  # the launch's StoreWriter (sweeper/remote_store.py): name and node
+    if writer is not None and node != writer["node"]:
+        return _remote_trainable(config, spec, writer, node, entered)
     store = ResultsStore(config["store"], token=config.get("token"))
-    with TrialClaim(store.root, spec.trial_id):
+    claim = TrialClaim(store.root, spec.trial_id)
+    if writer is not None and not claim.try_enter():
+        # taken: by an orphan of a killed launch (wait for it), or by the writer for an attempt of this trial on
+        # another node whose worker died (Tune retries only after an attempt ended): the writer lets that one go
+        ray.get(ray.get_actor(writer["name"], namespace=WRITER_NAMESPACE).release.remote(spec.trial_id))
+    with claim:
         previous = store.committed(spec.trial_id)
         if previous is not None and previous.status == "done":
             tune.report({"status": "skipped"})
             return
         attempt = (previous.attempt if previous is not None else 0) + 1
-        extra = {"ray_node_id": ray.get_runtime_context().get_node_id(), "trainable_started_at": entered,
+        extra = {"ray_node_id": node, "trainable_started_at": entered,
                  "ray_worker_started_at": process_started_at()}
         worker = _warm_worker(config.get("warm"), spec)
         if worker is not None:
@@ -208,6 +217,38 @@ def _trainable(config: dict) -> None:
 
             outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
                                    "extra": {**extra, "warm_worker": False}, "token": store.token})
+    tune.report({"status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
+                 "trial_seconds": outcome["duration_s"]})
+
+
+WRITER_NAMESPACE = "sweeper"
+
+
+def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, entered: float) -> None:
+    """A Tune trial on a node other than the launching one: it may not see the results folder, so it runs here (no
+    warm worker: those live on the launching node) with a RemoteStore, and the launch's StoreWriter commits it."""
+    from ray import tune
+
+    import ray
+
+    from .measure import process_started_at
+    from .remote_store import RemoteStore
+    from .runner import run_request
+
+    actor = ray.get_actor(writer["name"], namespace=WRITER_NAMESPACE)
+    try:
+        previous = ray.get(actor.claim.remote(spec.trial_id))
+        if previous is not None and previous[0] == "done":
+            tune.report({"status": "skipped"})
+            return
+        attempt = (previous[1] if previous is not None else 0) + 1
+        extra = {"ray_node_id": node, "trainable_started_at": entered, "ray_worker_started_at": process_started_at(),
+                 "warm_worker": False}
+        outcome = run_request({"spec": spec.to_dict(), "store": config["store"], "attempt": attempt, "extra": extra,
+                               "token": config.get("token")},
+                              store=RemoteStore(actor, config["store"], config.get("token")))
+    finally:
+        ray.get(actor.release.remote(spec.trial_id))
     tune.report({"status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
                  "trial_seconds": outcome["duration_s"]})
 
@@ -316,13 +357,27 @@ def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str
         base = [t for t in trials if t.is_baseline]
         rest = [t for t in trials if not t.is_baseline]
         phases = [p for p in (base, rest) if p]
-    for i, phase in enumerate(phases):
-        _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}", warm=warm)
-        _retry_out_of_memory(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}", warm=warm)
+    import ray
+
+    from .remote_store import start_writer
+
+    # the launching node is the only writer: trials on other nodes commit through this actor (sweeper/remote_store.py)
+    name = f"store-writer-{store.token or os.getpid()}"
+    actor = start_writer(store, name, WRITER_NAMESPACE)
+    writer = {"name": name, "node": ray.get_runtime_context().get_node_id()}
+    try:
+        for i, phase in enumerate(phases):
+            _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}", warm=warm,
+                       writer=writer)
+            _retry_out_of_memory(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}",
+                                 warm=warm, writer=writer)
+    finally:
+        ray.kill(actor)
     return progress
 
 
-def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries, name, warm=None) -> None:
+def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries, name, warm=None,
+                         writer=None) -> None:
     """Trials that ran out of memory on a GPU share run again with twice the share, up to a whole GPU."""
     shares = {t.trial_id: t.gpu_share for t in trials}
     round_ = 0
@@ -344,7 +399,7 @@ def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries,
                                f"{shares[t.trial_id]:g}"))
         # the retried specs carry their doubled share, so the scheduler, the row and a WorkerDied record agree
         _run_phase([dataclasses.replace(t, gpu_share=shares[t.trial_id]) for t in again], store, progress, emit,
-                   max_concurrent, retries, name=f"{name}-oom{round_}", warm=warm)
+                   max_concurrent, retries, name=f"{name}-oom{round_}", warm=warm, writer=writer)
 
 
 def _trial_name(trial) -> str:
@@ -365,12 +420,12 @@ def trial_resources(config: dict):
 
 
 def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
-               warm: dict | None = None):
+               warm: dict | None = None, writer: dict | None = None):
     from ray import tune
 
     specs = [t.to_dict() for t in trials]
     param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve()),
-                   "warm": warm, "token": store.token}
+                   "warm": warm, "token": store.token, "writer": writer}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(

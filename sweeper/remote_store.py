@@ -1,0 +1,133 @@
+"""Trials on nodes that cannot see the results folder (issue 18): the launching node is the only writer.
+
+The launch starts one :class:`StoreWriter` actor pinned (hard node affinity) to its own node, holding the
+``ResultsStore`` under the launch's token. A trial on another node runs with a :class:`RemoteStore`: the object the
+runner and the stages use as their store, whose writes (row, metrics, samples, a baseline's KL reference) travel to the
+actor, which commits them with the same ``write_trial`` as a local trial; its claim is taken by the actor; a KL
+reference it needs comes back as bytes, written to a node-local file for the stage. Nothing else on that node touches
+the results folder. Imported only by the scheduler (stages never import Ray).
+
+Fencing stays the store's: the actor commits under the launch's token, so once a relaunch owns the location whatever a
+stale actor sends is refused (``OwnershipLost``); and an actor dies with its launch (its driver), so an orphaned trial
+of a killed launch has nobody left to commit through.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from .lock import TrialClaim
+from .store import ResultsStore, atomic_write_bytes
+
+
+class StoreWriterImpl:
+    """The actor's body (plain class: ``ray.remote`` wraps it in :func:`start_writer`). Threaded: a claim that waits
+    for an orphan's flock must not hold up other trials' commits."""
+
+    def __init__(self, root: str, token: str | None):
+        self.store = ResultsStore(root, token=token)
+        self._lock = threading.Lock()  # ResultsStore caches its state: one commit at a time in this process
+        self._claims: dict[str, TrialClaim] = {}
+        self._claiming = threading.Lock()
+
+    def claim(self, trial_id: str) -> tuple[str, int] | None:
+        """Take ``trial_id``'s claim (the same flock a local trial takes) and return its committed (status, attempt),
+        or None. Kept until :meth:`release`; a claim this actor already holds is an earlier attempt of this launch
+        whose worker died (Tune retries a trial only after its attempt ended), so it is taken over as it is."""
+        with self._claiming:
+            held = self._claims.get(trial_id)
+        if held is None:
+            held = TrialClaim(self.store.root, trial_id).__enter__()  # blocks while an orphan of a killed launch runs it
+            with self._claiming:
+                self._claims[trial_id] = held
+        with self._lock:
+            live = self.store.committed(trial_id)
+        return None if live is None else (live.status, live.attempt)
+
+    def release(self, trial_id: str) -> None:
+        with self._claiming:
+            held = self._claims.pop(trial_id, None)
+        if held is not None:
+            held.__exit__(None, None, None)
+
+    def reference(self, ref_id: str) -> bytes | None:
+        """The bytes of KL reference ``ref_id`` (this study's, else a sibling study's, as the KL stage looks)."""
+        path = self.store.ref_path(ref_id)
+        if not path.is_file():
+            path = next(iter(sorted(p for p in self.store.root.parent.glob(f"*/refs/{ref_id}.parquet")
+                                    if p.is_file() and not p.is_symlink())), path)
+        return path.read_bytes() if path.is_file() and not path.is_symlink() else None
+
+    def write_trial(self, row: dict[str, Any], metrics: list[dict[str, Any]], samples: pa.Table | None,
+                    ref: bytes | None) -> None:
+        """Commit a trial sent by a remote node: its KL reference file first (a baseline's), then data and commit."""
+        with self._lock:
+            if ref is not None:
+                atomic_write_bytes(self.store.ref_path(row["kl_reference_id"]), ref)
+            self.store.write_trial(row, metrics, samples)
+
+
+def start_writer(store: ResultsStore, name: str, namespace: str):
+    """The launch's StoreWriter actor, on this (the driver's) node and nowhere else; trials find it by ``name``."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(StoreWriterImpl).options(
+        name=name, namespace=namespace, num_cpus=0, max_concurrency=256, max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+    ).remote(str(store.root.resolve()), store.token)
+    return actor  # not waited for: it starts while Tune does (a trial off this node waits in its first call)
+
+
+def node_local_dir(root: str) -> Path:
+    """This node's own folder for a results location it cannot see: caches and fetched KL references."""
+    return Path(tempfile.gettempdir()) / "sweeper-node" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+
+
+class RemoteStore:
+    """What the runner and the stages use as the store on a node off the launching one (see the module docstring).
+    One per trial.
+
+    ``root``: where calibrated / ONNX checkpoints are cached: the results folder where this node sees it (a shared
+    mount), else a node-local folder (``<local>/cache``; its parent holds no ``*/refs/``, so the KL stage's look for a
+    sibling study's reference finds nothing there: the writer did that look). ``ref_path``: node-local, filled from the
+    writer once per trial (never an earlier trial's copy: a reference found damaged is replaced by a rerun baseline's)."""
+
+    def __init__(self, writer, root: str, token: str | None):
+        self.writer = writer
+        self.token = token
+        self.local = node_local_dir(root)
+        self.refs = self.local / "refs"
+        self.root = Path(root) if os.path.isdir(root) else self.local / "cache"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fetched: set[str] = set()
+
+    def ref_path(self, ref_id: str) -> Path:
+        import ray
+
+        path = self.refs / f"{ref_id}.parquet"
+        if ref_id not in self._fetched:
+            self._fetched.add(ref_id)
+            data = ray.get(self.writer.reference.remote(ref_id))
+            if data is not None:
+                atomic_write_bytes(path, data)
+            else:
+                path.unlink(missing_ok=True)  # none committed: a baseline here computes it, any other trial fails
+        return path
+
+    def write_trial(self, row: dict[str, Any], metrics: list[dict[str, Any]], samples: pa.Table | None = None) -> None:
+        import ray
+
+        ref = None
+        ref_id = row.get("kl_reference_id")
+        if row.get("is_baseline") and ref_id and row.get("status") == "done":
+            path = self.refs / f"{ref_id}.parquet"
+            ref = path.read_bytes() if path.is_file() else None
+        ray.get(self.writer.write_trial.remote(row, metrics, samples, ref))
