@@ -95,8 +95,11 @@ def with_top(frame: pl.DataFrame | pl.LazyFrame, tops: pl.DataFrame, name: str =
 def expand_dirs(dirs: list[str]) -> list[Path]:
     """The results dirs that ``dirs`` (paths or globs) name, each once (the same dir named twice, or by two globs, is
     read once: its rows would otherwise appear twice)."""
+    from .location import Local
+
     out: list[Path] = []
     for d in dirs:
+        Local(d)  # a URI (s3://...) is refused with the reason, not taken for a folder name
         matches = sorted(glob.glob(os.path.expanduser(d))) if any(c in d for c in "*?[") else [d]
         for m in matches:
             p = Path(m)
