@@ -6,6 +6,7 @@ logits and context): 2 GPUs; int8 74.6 GB: 0.95 of one GPU; nf4 44.6 GB: 0.6 of 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -226,6 +227,10 @@ def test_tune_gives_a_trial_its_whole_gpus_and_only_those(tmp_path):
                      "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
 
     shares = [2.0, 2.0, 0.5]
+    # ray.init sets variables in this process's environment (RAY_AUTH_MODE=token among them) that every later
+    # subprocess of the test session would inherit: a later `sweep launch --address` then failed to run any trial on a
+    # cluster started with auth disabled. Put the environment back afterwards.
+    saved_env = dict(os.environ)
     ray.init(address="local", num_cpus=3, num_gpus=4, include_dashboard=False, log_to_driver=False)
     try:
         tuner = tune.Tuner(
@@ -236,6 +241,8 @@ def test_tune_gives_a_trial_its_whole_gpus_and_only_those(tmp_path):
         rows = [(r.config["case"]["spec"]["gpu_share"], r.metrics) for r in tuner.fit()]
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
     assert len(rows) == 3
     for share, m in rows:
         ids = m["gpu_ids"].split(",")
