@@ -60,8 +60,7 @@ class StoreWriterImpl:
         """The bytes of KL reference ``ref_id`` (this study's, else a sibling study's, as the KL stage looks)."""
         path = self.store.ref_path(ref_id)
         if not path.is_file():
-            path = next(iter(sorted(p for p in self.store.root.parent.glob(f"*/refs/{ref_id}.parquet")
-                                    if p.is_file() and not p.is_symlink())), path)
+            path = self.store.sibling_ref_path(ref_id) or path
         return path.read_bytes() if path.is_file() and not path.is_symlink() else None
 
     def write_trial(self, row: dict[str, Any], metrics: list[dict[str, Any]], samples: pa.Table | None,
@@ -108,6 +107,9 @@ class RemoteStore:
         self.root = Path(root) if os.path.isdir(root) else self.local / "cache"
         self.root.mkdir(parents=True, exist_ok=True)
         self._fetched: set[str] = set()
+
+    def sibling_ref_path(self, ref_id: str) -> Path | None:
+        return None  # the writer already looked beside the results location (StoreWriterImpl.reference)
 
     def ref_path(self, ref_id: str) -> Path:
         import ray

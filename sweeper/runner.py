@@ -190,8 +190,7 @@ def _kl(spec, loaded, store, lease):
     path = store.ref_path(ref_id)
     if not path.exists():
         # the same baseline cell in another study (a sibling results dir) already made this reference
-        other = next(iter(sorted(p for p in store.root.parent.glob(f"*/refs/{ref_id}.parquet")
-                                  if p.is_file() and not p.is_symlink())), None)  # never a FIFO or a link
+        other = store.sibling_ref_path(ref_id)
         if other is not None:
             atomic_write_bytes(path, other.read_bytes())
     ref = None

@@ -350,6 +350,12 @@ class ResultsStore:
     def ref_path(self, ref_id: str) -> Path:
         return self.root / "refs" / f"{ref_id}.parquet"
 
+    def sibling_ref_path(self, ref_id: str) -> Path | None:
+        """The same KL reference made by another study beside this one (a sibling results dir measured the same
+        baseline cell), as a regular file: never a FIFO or a link. None where there is none."""
+        return next(iter(sorted(p for p in self.root.parent.glob(f"*/refs/{ref_id}.parquet")
+                                if p.is_file() and not p.is_symlink())), None)
+
     # ------------------------------------------------------------------------------------------------ the log
     def is_legacy(self) -> bool:
         """A folder in the per-trial layout of an older sweeper (read as it is; `sweep launch` migrates it)."""
