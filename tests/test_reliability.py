@@ -275,14 +275,18 @@ def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker_node(tmp_pat
     study = _study(tmp_path / "s.py", tiny_model, ["fp32", "bf16", "int8", "nf4", "fp4"], name="multi",
                    extra="resources=Resources(cpus_per_trial=1),")
     results = tmp_path / "shared-results"  # both nodes see this path (same machine)
-    proc = sweep_popen("launch", str(study), "--results", str(results), "--address", two_node_cluster)
+    # no warm workers: they would make the head's trials start seconds faster than the worker node's cold ones, and
+    # the head could then finish most of the sweep before the worker node wrote its first row (a CI run did)
+    proc = sweep_popen("launch", str(study), "--results", str(results), "--address", two_node_cluster,
+                       "--no-warm-workers")
 
     def nodes_seen() -> set[str]:
         return set(read_trials(results)["ray_node_id"]) if _rows(results) else set()
 
     # both nodes run trials; then the worker node dies mid-sweep
-    assert _wait_for(lambda: len(nodes_seen()) == 2 or len(_rows(results)) >= 3, timeout=300)
+    assert _wait_for(lambda: len(nodes_seen()) == 2 or proc.poll() is not None, timeout=300)
     assert len(nodes_seen()) == 2, "trials did not spread over both nodes"
+    assert len(_rows(results)) < 5, "the sweep ended before the worker node could be killed mid-sweep"
     killed_at, killed = time.time(), []
     for pid in _pids_matching("worker_node"):
         if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore"):
