@@ -1,0 +1,217 @@
+"""A results location on an object store (issue 18): `--results s3://bucket/study` against moto's S3 server, started
+by the test on 127.0.0.1 (docs/store.md, "Object stores")."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import fast_benchmark, sweep, sweep_popen, write_study
+
+pytest.importorskip("moto")
+boto3 = pytest.importorskip("boto3")
+
+BUCKET = "sweeper-test"
+
+
+def _free_port() -> int:
+    """A free port outside 6000-6999 (the Ray test clusters' range)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 6000 <= port < 7000:
+            return port
+
+
+@pytest.fixture()
+def s3(tmp_path, monkeypatch):
+    """moto's standalone S3 server on a free port, a bucket, and the AWS environment the `sweep` subprocesses (and
+    this process) use to reach it."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1",
+           "SWEEPER_WORK_DIR": str(tmp_path / "work")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    try:
+        end = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < end and proc.poll() is None, "moto's S3 server did not start"
+                time.sleep(0.2)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _study(path: Path, model: Path, precisions, name="s3rel") -> Path:
+    return write_study(path, f"""
+        study = Study(
+            name={name!r},
+            models=[{str(model)!r}],
+            precisions={list(precisions)!r},
+            compute_dtypes=["fp32"],
+            benchmark={fast_benchmark()},
+            kl=False,
+        )
+    """)
+
+
+def _wait_for(pred, timeout=300.0, every=0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+def _committed(uri: str) -> dict[str, bytes]:
+    """trial_id -> the bytes of its committed row object."""
+    from sweeper.store import ResultsStore
+
+    store = ResultsStore(uri)
+    return {tid: store.loc.read_bytes(live.files["trials"]) for tid, live in store.state().trials.items()}
+
+
+def _counting_commits(client, prefix: str) -> dict[str, int]:
+    """trial_id -> how many commits that count (not fenced) name it, read from the log objects themselves."""
+    from sweeper.store import ResultsStore
+
+    fenced = set(ResultsStore(f"s3://{BUCKET}/{prefix}").state().fenced)
+    n: dict[str, int] = {}
+    for obj in client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_log/").get("Contents", []):
+        key = obj["Key"]
+        if not key.endswith(".json") or int(key.rsplit("/", 1)[1][:20]) in fenced:
+            continue
+        entry = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        if entry.get("kind") == "trials":
+            for t in entry["trials"]:
+                n[t["trial_id"]] = n.get(t["trial_id"], 0) + 1
+    return n
+
+
+def test_s3_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_model, s3):
+    """On s3://: a SIGKILLed launch resumes with every trial done exactly once (one counting commit each, finished
+    rows untouched); status, results --sql and report read the location; a damaged object is named (exit 2), then
+    quarantined (copied aside, deleted) and its trial rerun by the next launch."""
+    precisions = ["fp32", "bf16", "int8", "nf4"]
+    study = _study(tmp_path / "s.py", tiny_model, precisions)
+    uri = f"s3://{BUCKET}/study"
+    proc = sweep_popen("launch", str(study), "--results", uri, "--max-concurrent", "1")
+    try:
+        assert _wait_for(lambda: len(_committed(uri)) >= 1 or proc.poll() is not None, timeout=300)
+        ended = proc.poll() is not None
+        if not ended:
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    assert not ended, "the launch ended before it could be killed:\n" + out
+    finished = _committed(uri)
+    assert 1 <= len(finished) < len(precisions), out
+    r = sweep("launch", str(study), "--results", uri, env={"SWEEPER_LEASE_STALE_S": "3"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = _committed(uri)
+    assert len(after) == len(precisions)
+    for tid, data in finished.items():
+        assert after[tid] == data, f"{tid}'s row changed after it was finished"
+    assert _counting_commits(s3, "study") == {tid: 1 for tid in after}
+    # nothing of the location landed in the working directory or beside it
+    assert not list(tmp_path.glob("s3*")) and not (tmp_path / "results").exists()
+
+    r = sweep("status", uri)
+    assert r.returncode == 0 and f"{len(precisions)} done, 0 failed, 0 pending" in r.stdout, r.stdout + r.stderr
+    r = sweep("results", uri, "--sql", "SELECT count(*) AS n_done FROM trials WHERE status = 'done'", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(len(precisions)), r.stdout
+    html = tmp_path / "report.html"
+    r = sweep("report", uri, "-o", str(html))
+    assert r.returncode == 0, r.stderr
+    assert "s3rel" in html.read_text() and uri in html.read_text()
+
+    # a committed data object overwritten with garbage: named by `sweep results`, quarantined by `sweep launch`
+    from sweeper.store import ResultsStore
+
+    victim_rel = ResultsStore(uri).state().trials[sorted(after)[0]].files["metrics"]
+    s3.put_object(Bucket=BUCKET, Key=f"study/{victim_rel}", Body=b"not parquet at all")
+    r = sweep("results", uri)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and f"{uri}/{victim_rel}" in err[0], r.stderr
+    r = sweep("launch", str(study), "--results", uri)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"damaged result file {uri}/{victim_rel}" in r.stderr
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="study/quarantine/")["Contents"]]
+    assert any(k.startswith(f"study/quarantine/{victim_rel}.") for k in keys)
+    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix=f"study/{victim_rel}").get("KeyCount")
+    r = sweep("status", uri)
+    assert r.returncode == 0 and f"{len(precisions)} done" in r.stdout, r.stdout + r.stderr
+
+
+def test_s3_one_launch_per_location_stale_lease_and_fencing(tmp_path, tiny_model, s3, monkeypatch):
+    """Two launches on one URI: the second exits 2 naming the holder. A killed launch's lease goes stale and is
+    taken over; a commit under the old owner's token is then refused to its writer and ignored by readers."""
+    from sweeper.store import OwnershipLost, ResultsStore
+
+    study = _study(tmp_path / "s.py", tiny_model, ["fp32", "bf16", "int8"])
+    uri = f"s3://{BUCKET}/locked"
+    env = {"SWEEPER_LEASE_STALE_S": "4"}
+    monkeypatch.setenv("SWEEPER_LEASE_STALE_S", "4")  # sweep_popen's launch inherits it
+    proc = sweep_popen("launch", str(study), "--results", uri, "--max-concurrent", "1")
+    try:
+        def lease():
+            try:
+                return json.loads(s3.get_object(Bucket=BUCKET, Key="locked/_lock.json")["Body"].read())
+            except s3.exceptions.NoSuchKey:
+                return None
+
+        assert _wait_for(lambda: lease() is not None, timeout=120)
+        old = lease()
+        assert old["pid"] == proc.pid and not old["released"]
+        r = sweep("launch", str(study), "--results", uri, env=env)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert len(err) == 1 and "is in use by another `sweep launch`" in err[0] and f"pid {proc.pid}" in err[0]
+        assert _wait_for(lambda: ResultsStore(uri).state().owner == old["token"], timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not lease()["released"]  # killed: its lease is left behind, unreleased
+    t0 = time.monotonic()
+    r = sweep("launch", str(study), "--results", uri, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "taking over the lease" in r.stderr and time.monotonic() - t0 >= 4
+    assert lease()["released"] and lease()["token"] != old["token"]
+
+    # the old owner (paused, say, and now resumed) commits: refused to it, and invisible to readers even when written
+    stale = ResultsStore(uri, token=old["token"])
+    row = {"trial_id": "ghost", "status": "done", "attempt": 1}
+    with pytest.raises(OwnershipLost):
+        stale.write_trial(row, [])
+    seq = stale.state().seq + 1
+    assert stale.loc.create_exclusive(f"_log/{seq:020d}.json", json.dumps(
+        {"kind": "trials", "token": old["token"], "trials": [{"trial_id": "ghost", "status": "done", "attempt": 1,
+                                                              "files": {"trials": {"path": stale.state().trials[
+                                                                  sorted(stale.state().trials)[0]].files["trials"],
+                                                                  "size": 1}}}]}).encode())
+    fresh = ResultsStore(uri)
+    assert "ghost" not in fresh.state().trials and seq in fresh.state().fenced
+    assert len(fresh.state().trials) == 3 and not fresh.damaged_files()
