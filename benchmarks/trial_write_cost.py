@@ -1,15 +1,19 @@
 """What committing one trial's results costs (issue 18 (d)): row + 65 metric rows + MMLU-sized samples (14,042 items
 x 2 metrics), written with ``ResultsStore.write_trial`` (data files, fsyncs, the exclusive-create commit), median
-over ``--trials`` trials. Local folder only in this build (object stores are not wired in yet).
+over ``--trials`` trials, into a local folder or an object store location (docs/store.md, "Object stores").
 
-    python benchmarks/trial_write_cost.py --out /tmp/write_cost --trials 200
+    python benchmarks/trial_write_cost.py --out /tmp/write_cost --trials 200            # a local folder
+    python benchmarks/trial_write_cost.py --moto --out s3://bench/wcost --trials 200    # moto's S3 server, started here
+    python benchmarks/trial_write_cost.py --out s3://BUCKET/PREFIX --trials 200         # any S3 (AWS_* environment)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,15 +39,62 @@ def samples(tid: str, rng) -> pa.Table:
     })
 
 
+def start_moto(bucket: str) -> subprocess.Popen:
+    """moto's standalone S3 server on a free port of 127.0.0.1 (outside 6000-6999), with ``bucket``; the AWS
+    environment of this process pointed at it."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 6000 <= port < 7000:
+            break
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return proc
+
+
+def stored_bytes(store) -> int:
+    if not store.remote:
+        return sum(f.stat().st_size for f in Path(store.root).rglob("*") if f.is_file())
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(
+        Bucket=store.loc.bucket, Prefix=store.loc.prefix + "/")
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
 def main() -> None:
+    from sweeper.location import is_uri
     from sweeper.store import ResultsStore
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", required=True, help="a folder (emptied first) or s3://bucket/prefix (a fresh prefix)")
     ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--moto", action="store_true", help="start moto's S3 server here and create the bucket")
     a = ap.parse_args()
-    shutil.rmtree(a.out, ignore_errors=True)
-    store = ResultsStore(a.out)
+    moto = start_moto(a.out.split("://", 1)[1].split("/", 1)[0]) if a.moto else None
+    if not is_uri(a.out):
+        shutil.rmtree(a.out, ignore_errors=True)
+    try:
+        run(a, ResultsStore(a.out))
+    finally:
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
+
+
+def run(a, store) -> None:
     store.take_over("write-cost")
     rng = np.random.default_rng(0)
     times, cpu = [], []
@@ -57,9 +108,10 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         store.compact()  # as the launch does after each result
-    size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file()) / a.trials / 2**20
+    size = stored_bytes(store) / a.trials / 2**20
     q = statistics.quantiles(times, n=10)
-    print(f"{a.trials} trials into {a.out} (local folder): median {statistics.median(times) * 1e3:.1f} ms per trial, "
+    where = ("moto S3 server on 127.0.0.1" if a.moto else "object store") if store.remote else "local folder"
+    print(f"{a.trials} trials into {a.out} ({where}): median {statistics.median(times) * 1e3:.1f} ms per trial, "
           f"p10 {q[0] * 1e3:.1f} ms, p90 {q[-1] * 1e3:.1f} ms; CPU median {statistics.median(cpu) * 1e3:.1f} ms; "
           f"{size:.2f} MiB per trial on disk; load average {os.getloadavg()[0]:.1f}")
 

@@ -73,6 +73,8 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)
         if node_gpus:
             p = L.size_for_node(p, *L.parse_node_gpus(node_gpus))
+        if fresh:
+            L.check_fresh(p.store)
         if fresh and p.store.loc.exists():  # what the launch would do: every trial runs again
             notes.append(f"--fresh: the results in {p.store.root} would be moved aside; every trial runs")
             p.status = {}
@@ -111,6 +113,8 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
+    if fresh:
+        L.check_fresh(p.store)
     pool = None
     with launch_lock(p.store.root) as lock:
         if not fresh and not p.pending:  # nothing to do: said without starting Ray or warm workers (about a second)

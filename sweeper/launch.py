@@ -329,11 +329,16 @@ def prepare_store(store: ResultsStore, token: str) -> list[str]:
     return lines
 
 
+def check_fresh(store: ResultsStore) -> None:
+    """--fresh is for folders: an object store has no rename, and moving a study aside would copy every object."""
+    if store.remote:
+        raise UserError(f"--fresh with results location {store.root}: give a new prefix instead (an object store "
+                        "cannot move a study aside)")
+
+
 def move_aside(store: ResultsStore) -> Path | None:
     """--fresh: move existing results to <dir>.old-<timestamp> (never deleted)."""
-    if store.remote:  # no rename on an object store: moving a study would copy every object
-        raise UserError(f"--fresh with results location {store.root}: give a new prefix instead (an object store "
-                        "cannot move a folder aside)")
+    check_fresh(store)
     if not store.root.exists():
         return None
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

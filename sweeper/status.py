@@ -58,7 +58,8 @@ def status_report(study_or_dir: str, results_dir: str | None = None, only: tuple
     lock = lock_holder(store.root) is not None
     lines = [f"{store.root}: {len(ids)} trials: {len(done)} done, {len(failed)} failed, "
              f"{len(ids) - len(done) - len(failed)} pending ({what})"
-             + (" (a launch holds the lock: running)" if lock else "")]
+             + ((" (a launch holds the lease: running, or killed without releasing it)" if store.remote else
+                 " (a launch holds the lock: running)") if lock else "")]
     rows = store.read_trial_rows(t["trial_id"] for t in failed)
     for t in failed:
         row = rows.get(t["trial_id"], {})

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import fast_benchmark, sweep, sweep_popen, write_study
+from helpers import fast_benchmark, fast_kl, moto_s3, sweep, sweep_popen, write_study
 
 pytest.importorskip("moto")
 boto3 = pytest.importorskip("boto3")
@@ -21,47 +18,17 @@ boto3 = pytest.importorskip("boto3")
 BUCKET = "sweeper-test"
 
 
-def _free_port() -> int:
-    """A free port outside 6000-6999 (the Ray test clusters' range)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 6000 <= port < 7000:
-            return port
-
-
 @pytest.fixture()
 def s3(tmp_path, monkeypatch):
-    """moto's standalone S3 server on a free port, a bucket, and the AWS environment the `sweep` subprocesses (and
-    this process) use to reach it."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1",
-           "SWEEPER_WORK_DIR": str(tmp_path / "work")}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    try:
-        end = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < end and proc.poll() is None, "moto's S3 server did not start"
-                time.sleep(0.2)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    """moto's S3 server with a bucket, and the AWS environment the `sweep` subprocesses (and this process) use."""
+    with moto_s3(BUCKET) as env:
+        for k, v in {**env, "SWEEPER_WORK_DIR": str(tmp_path / "work")}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        yield boto3.client("s3")
 
 
-def _study(path: Path, model: Path, precisions, name="s3rel") -> Path:
+def _study(path: Path, model: Path, precisions, name="s3rel", kl="False") -> Path:
     return write_study(path, f"""
         study = Study(
             name={name!r},
@@ -69,7 +36,7 @@ def _study(path: Path, model: Path, precisions, name="s3rel") -> Path:
             precisions={list(precisions)!r},
             compute_dtypes=["fp32"],
             benchmark={fast_benchmark()},
-            kl=False,
+            kl={kl},
         )
     """)
 
@@ -215,3 +182,73 @@ def test_s3_one_launch_per_location_stale_lease_and_fencing(tmp_path, tiny_model
     fresh = ResultsStore(uri)
     assert "ghost" not in fresh.state().trials and seq in fresh.state().fenced
     assert len(fresh.state().trials) == 3 and not fresh.damaged_files()
+
+
+def test_s3_kl_reference_goes_through_the_bucket(tmp_path, tiny_model, s3):
+    """With KL on and an s3:// location, the baseline's reference is uploaded to refs/ with its commit, and the
+    other trial reads it from there (a local copy fetched from the bucket), measuring KL against it."""
+    from sweeper.store import ResultsStore
+
+    study = _study(tmp_path / "s.py", tiny_model, ["fp32", "int8"], name="s3kl", kl=fast_kl())
+    uri = f"s3://{BUCKET}/kl"
+    r = sweep("launch", str(study), "--results", uri)
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = ResultsStore(uri).state()
+    refs = {live.ref for live in st.trials.values() if live.ref}
+    assert len(st.trials) == 2 and {live.status for live in st.trials.values()} == {"done"}
+    (ref,) = refs
+    assert s3.head_object(Bucket=BUCKET, Key=f"kl/{ref}")["ContentLength"] == st.sizes[ref][0]
+    from sweeper.results import open_results
+
+    m = open_results(uri).metrics.collect()
+    kl_rows = m.filter((m["stage"] == "kl") & m["value"].is_not_null())
+    assert kl_rows.height and kl_rows["trial_id"].n_unique() == 2, m.filter(m["stage"] == "kl")
+
+
+def test_s3_exclusive_create_and_lease_takeover_races(s3, monkeypatch):
+    """The two conditional writes under racing writers: of 8 threads creating one commit object exactly one wins
+    (If-None-Match); of 4 launches taking over one stale lease at once exactly one owns it and the others are refused
+    naming it (If-Match on the ETag they all saw), in each of 5 rounds."""
+    import threading
+
+    from sweeper.errors import UserError
+    from sweeper.location import open_location
+    from sweeper.lock import LeaseLock
+
+    loc = open_location(f"s3://{BUCKET}/race")
+    for round_ in range(5):
+        wins, barrier = [], threading.Barrier(8)
+
+        def create(i):
+            barrier.wait()
+            if loc.create_exclusive(f"_log/{round_ + 1:020d}.json", json.dumps({"writer": i}).encode()):
+                wins.append(i)
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(wins) == 1 and json.loads(loc.read_bytes(f"_log/{round_ + 1:020d}.json")) == {"writer": wins[0]}
+
+    monkeypatch.setenv("SWEEPER_LEASE_STALE_S", "1.5")
+    for round_ in range(5):
+        dead = LeaseLock(loc.root).acquire(heartbeat=False)  # a launch that died holding the lease: never renewed
+        assert dead._etag
+        owners, refused, barrier = [], [], threading.Barrier(4)
+
+        def take():
+            lock = LeaseLock(loc.root)
+            barrier.wait()
+            try:
+                owners.append(lock.acquire())
+            except UserError as e:
+                refused.append(str(e))
+
+        threads = [threading.Thread(target=take) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(owners) == 1 and len(refused) == 3, (owners, refused)
+        assert all("is in use by another `sweep launch`" in e for e in refused)
+        assert json.loads(loc.read_bytes("_lock.json"))["token"] == owners[0].token
+        owners[0].release()
+        assert json.loads(loc.read_bytes("_lock.json"))["released"]
+        loc.delete("_lock.json")
