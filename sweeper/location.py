@@ -168,11 +168,13 @@ class Local:
 class ObjectStore:
     """A results location on an object store: ``s3://bucket/prefix`` (AWS S3 or any S3-compatible server).
 
-    Reads, lists, data files and deletes go through pyarrow's filesystem (what Ray Tune's storage_path uses);
-    the two conditional writes the store's guarantees rest on go through boto3, as pyarrow cannot send them:
-    the commit is a ``PutObject`` with ``If-None-Match: *`` (created only if the key does not exist: S3 answers
-    412 to every other writer), and the launch lease is rewritten with ``If-Match: <its ETag>``. A ``PutObject`` is
-    whole or absent (there is no partial object), so a data file needs no temporary name. There are no links, FIFOs
+    Parquet reads (a file object that seeks), stats, copies and deletes go through pyarrow's filesystem (what Ray
+    Tune's storage_path uses). Writes, whole-object reads and listings are single S3 requests sent with boto3: the two
+    conditional writes the store's guarantees rest on cannot be sent through pyarrow (the commit is a ``PutObject``
+    with ``If-None-Match: *``, created only if the key does not exist: S3 answers 412 to every other writer; the
+    launch lease is rewritten with ``If-Match: <its ETag>``), and pyarrow's output stream takes three requests (a
+    multipart upload) where one ``PutObject`` does. A ``PutObject`` is whole or absent (there is no partial object),
+    so a data file needs no temporary name. There are no links, FIFOs
     or devices; a "folder" is a key prefix. Credentials come from the usual AWS environment and config
     (``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL`` for another server); nothing of them is stored."""
 
@@ -251,8 +253,10 @@ class ObjectStore:
         return os.stat_result((mode, 0, 0, 1, 0, 0, info.size or 0, mtime, mtime, mtime))
 
     def is_real_dir(self, rel: str) -> bool:
-        st = self.lstat(rel)
-        return st is not None and stat.S_ISDIR(st.st_mode)
+        """A key prefix with keys under it: an object store has no links, and a key named like a folder does not
+        hide the keys under that folder, so there is nothing else to tell apart."""
+        r = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(rel).rstrip("/") + "/", MaxKeys=1)
+        return bool(r.get("KeyCount"))
 
     def open_regular(self, rel: str):
         try:
@@ -263,18 +267,23 @@ class ObjectStore:
             raise
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.open_regular(rel) as fh:
-            return fh.read()
+        got = self.get_with_etag(rel)
+        if got is None:
+            raise FileNotFoundError(self.path(rel))
+        return got[0]
 
     def list(self, rel: str) -> list[str]:
-        from pyarrow import fs
-
-        sel = fs.FileSelector(self._fs_path(rel), allow_not_found=True, recursive=False)
-        return [i.base_name for i in self.fs.get_file_info(sel)]
+        """Names directly in "folder" ``rel``: objects and the prefixes of deeper ones ([] if none)."""
+        prefix = self._key(rel).rstrip("/") + "/" if rel else (self.prefix + "/" if self.prefix else "")
+        names = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                         Delimiter="/"):
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
+        return names
 
     def write_new(self, rel: str, data: bytes, sync_dir: bool = True) -> None:
-        with self.fs.open_output_stream(self._fs_path(rel), metadata={}) as out:
-            out.write(data)
+        self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
 
     def sync_dir(self, rel: str) -> None:
         pass  # a completed PutObject is durable
@@ -298,7 +307,7 @@ class ObjectStore:
         try:
             r = self.s3.get_object(Bucket=self.bucket, Key=self._key(rel))
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
         return r["Body"].read(), r["ETag"]
