@@ -252,3 +252,45 @@ def test_s3_exclusive_create_and_lease_takeover_races(s3, monkeypatch):
         owners[0].release()
         assert json.loads(loc.read_bytes("_lock.json"))["released"]
         loc.delete("_lock.json")
+
+
+def test_s3_two_node_cluster_worker_node_needs_no_mount_and_no_credentials(tmp_path, real_model, monkeypatch):
+    """`--results s3://` on a two-node Ray cluster whose worker node sees neither this machine's /tmp nor any bucket
+    credentials (its raylet has no AWS_* variables, and its endpoint points at a closed port), while the head has them
+    (as an instance profile would give): the sweep completes with KL, trials ran on both nodes, every commit,
+    data object and the baseline's reference are in the bucket."""
+    from cluster_harness import TwoNodeCluster, namespace_unavailable
+
+    why = namespace_unavailable()
+    if why:
+        pytest.skip(f"two-node cluster harness unavailable: {why}")
+    from sweeper.store import ResultsStore
+
+    with moto_s3(BUCKET) as aws:
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(k, raising=False)
+        with TwoNodeCluster(head_env=aws, worker_env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}) as c:
+            for k, v in {**aws, "SWEEPER_WORK_DIR": str(tmp_path / "work")}.items():
+                monkeypatch.setenv(k, v)  # the launching process (and this test) reach the bucket
+            study = write_study(tmp_path / "study.py", f"""
+                study = Study(name="s3-no-mount", models=[{str(real_model)!r}], precisions=["fp32", "bf16", "int8",
+                              "nf4"], compute_dtypes=["fp32"], benchmark={fast_benchmark()}, kl={fast_kl()})
+            """)
+            uri = f"s3://{BUCKET}/two-node"
+            r = sweep("launch", str(study), "--address", c.address, "--results", uri, "--no-warm-workers",
+                      "--max-concurrent", "2", cwd=tmp_path, timeout=900)
+            out = r.stdout + r.stderr
+            assert r.returncode == 0, out[-4000:]
+            from sweeper.results import open_results
+
+            res = open_results(uri)
+            rows = res.trials.collect()
+            assert rows.height == 4 and set(rows["status"]) == {"done"}, rows.select("precision", "error").to_dicts()
+            assert set(rows["ray_node_id"]) == {c.head_node_id, c.worker_node_id}, "trials ran on both nodes"
+            kl = res.metrics.collect().filter(stage="kl", metric="kl_mean")
+            assert set(kl["trial_id"]) == set(rows["trial_id"]), "every trial measured KL against the reference"
+            store = ResultsStore(uri)
+            assert store.damaged_files(full=True) == []
+            (ref,) = {live.ref for live in store.state().trials.values() if live.ref}
+            assert store.loc.lstat(ref) is not None
+            assert "summary: 4/4 done, 0 failed, 0 pending" in out, out[-2000:]
