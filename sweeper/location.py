@@ -7,6 +7,7 @@ device or a link is never opened), and an open that can neither follow a link no
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -165,6 +166,29 @@ class Local:
         self._fsync_dir(dest.parent)
 
 
+class LocationError(UserError):
+    """The location cannot be reached or used (no such bucket, no credentials or permission, the network): never
+    taken for a damaged file (that would quarantine good results), always the command's one-line error."""
+
+
+def _guard(method):
+    """``method`` of ObjectStore with the client's failures (botocore's errors, pyarrow's OSErrors) as a LocationError
+    naming the location; a missing object stays FileNotFoundError."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (FileNotFoundError, UserError):
+            raise
+        except Exception as e:  # noqa: BLE001 - classified just below; anything else goes on as it is
+            if not (isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "boto3"))):
+                raise
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LocationError(f"results location {self.root}: cannot use it ({why}); check the bucket, the "
+                                "credentials (AWS_* variables, ~/.aws) and AWS_ENDPOINT_URL") from None
+    return guarded
+
+
 class ObjectStore:
     """A results location on an object store: ``s3://bucket/prefix`` (AWS S3 or any S3-compatible server).
 
@@ -239,9 +263,11 @@ class ObjectStore:
     def ensure(self) -> None:
         pass  # a prefix exists once a key is under it
 
+    @_guard
     def exists(self) -> bool:
         return bool(self.list(""))
 
+    @_guard
     def lstat(self, rel: str) -> os.stat_result | None:
         from pyarrow import fs
 
@@ -252,26 +278,30 @@ class ObjectStore:
         mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
         return os.stat_result((mode, 0, 0, 1, 0, 0, info.size or 0, mtime, mtime, mtime))
 
+    @_guard
     def is_real_dir(self, rel: str) -> bool:
         """A key prefix with keys under it: an object store has no links, and a key named like a folder does not
         hide the keys under that folder, so there is nothing else to tell apart."""
         r = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(rel).rstrip("/") + "/", MaxKeys=1)
         return bool(r.get("KeyCount"))
 
+    @_guard
     def open_regular(self, rel: str):
-        try:
-            return self.fs.open_input_file(self._fs_path(rel))
-        except OSError as e:
-            if "not found" in str(e).lower() or "does not exist" in str(e).lower():
-                raise FileNotFoundError(self.path(rel)) from None
-            raise
+        """The whole object, read in one request, as a file object: a network failure is then a LocationError
+        here, never a read error inside the Parquet reader that validation would take for a damaged file. Callers
+        open an object only after its size was checked against the limits."""
+        import pyarrow as pa
 
+        return pa.BufferReader(self.read_bytes(rel))
+
+    @_guard
     def read_bytes(self, rel: str) -> bytes:
         got = self.get_with_etag(rel)
         if got is None:
             raise FileNotFoundError(self.path(rel))
         return got[0]
 
+    @_guard
     def list(self, rel: str) -> list[str]:
         """Names directly in "folder" ``rel``: objects and the prefixes of deeper ones ([] if none)."""
         prefix = self._key(rel).rstrip("/") + "/" if rel else (self.prefix + "/" if self.prefix else "")
@@ -282,12 +312,14 @@ class ObjectStore:
             names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
         return names
 
+    @_guard
     def write_new(self, rel: str, data: bytes, sync_dir: bool = True) -> None:
         self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
 
     def sync_dir(self, rel: str) -> None:
         pass  # a completed PutObject is durable
 
+    @_guard
     def put_if(self, rel: str, data: bytes, etag: str | None) -> str | None:
         """Write ``rel`` only if it does not exist (``etag`` None) or still has ``etag``: its new ETag, or None when
         another writer got there first (412; 409: a concurrent conditional write to the same key)."""
@@ -301,6 +333,7 @@ class ObjectStore:
                 return None
             raise
 
+    @_guard
     def get_with_etag(self, rel: str) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
 
@@ -312,18 +345,22 @@ class ObjectStore:
             raise
         return r["Body"].read(), r["ETag"]
 
+    @_guard
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         return self.put_if(rel, data, None) is not None
 
+    @_guard
     def replace(self, rel: str, data: bytes) -> None:
         self.write_new(rel, data)  # a PutObject replaces the key whole
 
+    @_guard
     def delete(self, rel: str) -> None:
         try:
             self.fs.delete_file(self._fs_path(rel))
         except FileNotFoundError:
             pass
 
+    @_guard
     def move(self, rel: str, dest_rel: str) -> None:
         """Copy, then delete: an object store has no rename (a crash between the two leaves both; the copy is in
         quarantine/ and never read as results, the original is found damaged again and moved again)."""

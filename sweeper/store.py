@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .location import open_location
+from .location import LocationError, open_location
 
 METRICS_SCHEMA = pa.schema([
     ("trial_id", pa.string()),
@@ -419,7 +419,7 @@ class ResultsStore:
                     with self.loc.open_regular(rel) as fh:
                         st = _state_from_checkpoint(pq.read_table(fh))
                     break
-                except FileNotFoundError:
+                except (FileNotFoundError, LocationError):
                     raise
                 except Exception as e:  # noqa: BLE001 - a damaged checkpoint: the previous one and its commits
                     bad.append((rel, _why(e)))
@@ -439,7 +439,7 @@ class ResultsStore:
                 if not isinstance(entry, dict):
                     raise ValueError("not a JSON object")
                 _apply(st, seq, entry)
-            except FileNotFoundError:
+            except (FileNotFoundError, LocationError):
                 raise
             except Exception as e:  # noqa: BLE001 - named by damaged_files(); launch voids it (its trials rerun)
                 st.seq = seq
@@ -673,6 +673,8 @@ class ResultsStore:
                         have_status = t.column("status").to_pylist()[0]
                         if have_status != status:
                             return f"its row says {have_status!r}, its commit {status!r}"
+        except LocationError:  # the location cannot be read now: nothing is known about the file
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to read is damage, named with the file
             return _why(e)
         return None

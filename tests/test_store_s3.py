@@ -294,3 +294,41 @@ def test_s3_two_node_cluster_worker_node_needs_no_mount_and_no_credentials(tmp_p
             (ref,) = {live.ref for live in store.state().trials.values() if live.ref}
             assert store.loc.lstat(ref) is not None
             assert "summary: 4/4 done, 0 failed, 0 pending" in out, out[-2000:]
+
+
+def test_s3_an_unreachable_location_is_an_error_never_damage(tmp_path, monkeypatch):
+    """When the bucket cannot be reached (the server gone, a wrong endpoint), reading is a one-line error naming the
+    location; no committed file is taken for damaged (which would retract and rerun good trials)."""
+    from sweeper.location import LocationError
+    from sweeper.store import ResultsStore
+
+    uri = f"s3://{BUCKET}/gone"
+    with moto_s3(BUCKET) as aws:
+        for k, v in aws.items():
+            monkeypatch.setenv(k, v)
+        store = ResultsStore(uri)
+        store.take_over("owner")
+        store.write_trial({"trial_id": "t1", "status": "done", "attempt": 1},
+                          [{"trial_id": "t1", "stage": "load", "metric": "m", "value": 1.0}])
+        assert store.trial_status() == {"t1": "done"}
+        store.forget()
+        state = store.state()
+        # the objects list and stat fine but cannot be read (a network fault injected in the client's GET): an error
+        from botocore.exceptions import EndpointConnectionError
+
+        def fail(**kw):
+            raise EndpointConnectionError(endpoint_url=aws["AWS_ENDPOINT_URL"])
+
+        monkeypatch.setattr(store.loc.s3, "get_object", fail)
+        with pytest.raises(LocationError, match="Could not connect"):
+            store.damaged_files(full=True)
+        monkeypatch.undo()
+        for k, v in aws.items():
+            monkeypatch.setenv(k, v)
+    # the server is gone: the log was read before, the files are checked now
+    store._state = state
+    with pytest.raises(LocationError, match=f"results location {uri}: cannot use it"):
+        store.quarantine_damaged()
+    r = sweep("results", uri, env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and f"results location {uri}: cannot use it" in err[0], r.stderr
