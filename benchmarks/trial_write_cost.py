@@ -9,11 +9,10 @@ over ``--trials`` trials, into a local folder or an object store location (docs/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,31 +38,6 @@ def samples(tid: str, rng) -> pa.Table:
     })
 
 
-def start_moto(bucket: str) -> subprocess.Popen:
-    """moto's standalone S3 server on a free port of 127.0.0.1 (outside 6000-6999), with ``bucket``; the AWS
-    environment of this process pointed at it."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 6000 <= port < 7000:
-            break
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return proc
-
-
 def stored_bytes(store) -> int:
     if not store.remote:
         return sum(f.stat().st_size for f in Path(store.root).rglob("*") if f.is_file())
@@ -83,15 +57,15 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--moto", action="store_true", help="start moto's S3 server here and create the bucket")
     a = ap.parse_args()
-    moto = start_moto(a.out.split("://", 1)[1].split("/", 1)[0]) if a.moto else None
     if not is_uri(a.out):
         shutil.rmtree(a.out, ignore_errors=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        if a.moto:  # the tests' moto server (tests/helpers.py): a free port of 127.0.0.1 outside 6000-6999
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from helpers import moto_s3
+
+            os.environ.update(stack.enter_context(moto_s3(a.out.split("://", 1)[1].split("/", 1)[0])))
         run(a, ResultsStore(a.out))
-    finally:
-        if moto is not None:
-            moto.terminate()
-            moto.wait()
 
 
 def run(a, store) -> None:

@@ -24,6 +24,16 @@ def sweep_popen(*args: str, cwd: Path | None = None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def wait_for(pred, timeout=300.0, every=0.1) -> bool:
+    """Whether ``pred()`` became true within ``timeout`` seconds, asked every ``every`` seconds."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
 def write_study(path: Path, body: str) -> Path:
     path.write_text("from sweeper import *\n" + textwrap.dedent(body))
     return path
@@ -74,8 +84,8 @@ def moto_s3(*buckets: str):
             break
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIASWEEPERTESTKEY01",
+           "AWS_SECRET_ACCESS_KEY": "sweeper-test-secret-value-123", "AWS_DEFAULT_REGION": "us-east-1"}
     try:
         end = time.time() + 60
         while True:
@@ -87,8 +97,8 @@ def moto_s3(*buckets: str):
                 time.sleep(0.2)
         import boto3
 
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                              aws_secret_access_key="testing-secret-key", region_name="us-east-1")
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
         for b in buckets:
             client.create_bucket(Bucket=b)
         yield env

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fast_benchmark, fast_kl, moto_s3, sweep, sweep_popen, write_study
+from helpers import fast_benchmark, fast_kl, moto_s3, sweep, sweep_popen, wait_for, write_study
 
 pytest.importorskip("moto")
 boto3 = pytest.importorskip("boto3")
@@ -39,15 +39,6 @@ def _study(path: Path, model: Path, precisions, name="s3rel", kl="False") -> Pat
             kl={kl},
         )
     """)
-
-
-def _wait_for(pred, timeout=300.0, every=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 def _committed(uri: str) -> dict[str, bytes]:
@@ -84,7 +75,7 @@ def test_s3_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_
     uri = f"s3://{BUCKET}/study"
     proc = sweep_popen("launch", str(study), "--results", uri, "--max-concurrent", "1")
     try:
-        assert _wait_for(lambda: len(_committed(uri)) >= 1 or proc.poll() is not None, timeout=300)
+        assert wait_for(lambda: len(_committed(uri)) >= 1 or proc.poll() is not None, timeout=300)
         ended = proc.poll() is not None
         if not ended:
             os.kill(proc.pid, signal.SIGKILL)
@@ -131,6 +122,12 @@ def test_s3_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_
     assert not s3.list_objects_v2(Bucket=BUCKET, Prefix=f"study/{victim_rel}").get("KeyCount")
     r = sweep("status", uri)
     assert r.returncode == 0 and f"{len(precisions)} done" in r.stdout, r.stdout + r.stderr
+    # the credentials are in no object of the location and in no output
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), os.environ["AWS_ACCESS_KEY_ID"].encode()]
+    for obj in s3.list_objects_v2(Bucket=BUCKET, Prefix="study/")["Contents"]:
+        body = s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+        assert not any(x in body for x in secrets), obj["Key"]
+    assert not any(x.decode() in out + r.stdout + r.stderr for x in secrets)
 
 
 def test_s3_one_launch_per_location_stale_lease_and_fencing(tmp_path, tiny_model, s3, monkeypatch):
@@ -150,14 +147,14 @@ def test_s3_one_launch_per_location_stale_lease_and_fencing(tmp_path, tiny_model
             except s3.exceptions.NoSuchKey:
                 return None
 
-        assert _wait_for(lambda: lease() is not None, timeout=120)
+        assert wait_for(lambda: lease() is not None, timeout=120)
         old = lease()
         assert old["pid"] == proc.pid and not old["released"]
         r = sweep("launch", str(study), "--results", uri, env=env)
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2, r.stdout + r.stderr
         assert len(err) == 1 and "is in use by another `sweep launch`" in err[0] and f"pid {proc.pid}" in err[0]
-        assert _wait_for(lambda: ResultsStore(uri).state().owner == old["token"], timeout=120)
+        assert wait_for(lambda: ResultsStore(uri).state().owner == old["token"], timeout=120)
     finally:
         proc.kill()
         proc.wait()
