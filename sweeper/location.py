@@ -192,15 +192,15 @@ def _guard(method):
 class ObjectStore:
     """A results location on an object store: ``s3://bucket/prefix`` (AWS S3 or any S3-compatible server).
 
-    Parquet reads (a file object that seeks), stats, copies and deletes go through pyarrow's filesystem (what Ray
-    Tune's storage_path uses). Writes, whole-object reads and listings are single S3 requests sent with boto3: the two
-    conditional writes the store's guarantees rest on cannot be sent through pyarrow (the commit is a ``PutObject``
-    with ``If-None-Match: *``, created only if the key does not exist: S3 answers 412 to every other writer; the
-    launch lease is rewritten with ``If-Match: <its ETag>``), and pyarrow's output stream takes three requests (a
-    multipart upload) where one ``PutObject`` does. A ``PutObject`` is whole or absent (there is no partial object),
-    so a data file needs no temporary name. There are no links, FIFOs
-    or devices; a "folder" is a key prefix. Credentials come from the usual AWS environment and config
-    (``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL`` for another server); nothing of them is stored."""
+    Stats and copies go through pyarrow's filesystem (what Ray Tune's storage_path uses). Writes, whole-object
+    reads, listings and deletes are single S3 requests sent with boto3: the two conditional writes the store's
+    guarantees rest on cannot be sent through pyarrow (the commit is a ``PutObject`` with ``If-None-Match: *``,
+    created only if the key does not exist: S3 answers 412 to every other writer; the launch lease is rewritten with
+    ``If-Match: <its ETag>``), and pyarrow's output stream takes three requests (a multipart upload) where one
+    ``PutObject`` does. A ``PutObject`` is whole or absent (there is no partial object), so a data file needs no
+    temporary name. There are no links, FIFOs or devices; a "folder" is a key prefix. Credentials come from the usual
+    AWS environment and config (``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL`` for another server); nothing
+    of them is stored."""
 
     SCHEMES = ("s3",)
 
@@ -308,7 +308,7 @@ class ObjectStore:
         names = []
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
                                                                          Delimiter="/"):
-            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if o["Key"] != prefix]
             names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
         return names
 
@@ -346,6 +346,21 @@ class ObjectStore:
         return r["Body"].read(), r["ETag"]
 
     @_guard
+    def check_conditional_writes(self) -> None:
+        """UserError unless the server refuses a second ``If-None-Match: *`` put of one key: a server that ignores
+        the header (not every S3-compatible one implements it) would let two commits take one sequence number."""
+        import uuid
+
+        rel = f"_probe/{uuid.uuid4().hex}"
+        try:
+            if self.put_if(rel, b"1", None) is None or self.put_if(rel, b"2", None) is not None:
+                raise UserError(f"results location {self.root}: the server ignores conditional writes (If-None-Match:"
+                                " *), which the store's commits need to be exclusive; use AWS S3 or a server that "
+                                "implements them (MinIO, R2)")
+        finally:
+            self.delete(rel)
+
+    @_guard
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         return self.put_if(rel, data, None) is not None
 
@@ -355,10 +370,9 @@ class ObjectStore:
 
     @_guard
     def delete(self, rel: str) -> None:
-        try:
-            self.fs.delete_file(self._fs_path(rel))
-        except FileNotFoundError:
-            pass
+        # boto3, not pyarrow: pyarrow's delete_file leaves an empty "folder/" marker object behind (deleting a key
+        # that does not exist is no error either way)
+        self.s3.delete_object(Bucket=self.bucket, Key=self._key(rel))
 
     @_guard
     def move(self, rel: str, dest_rel: str) -> None:

@@ -168,6 +168,7 @@ class LeaseLock:
 
         self._since = time.time()
         seen, seen_at = None, None
+        self.loc.check_conditional_writes()  # before anything relies on them
         try:
             while True:
                 got = self.loc.get_with_etag(self.NAME)

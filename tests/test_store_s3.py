@@ -359,3 +359,19 @@ def test_s3_compaction_segments_and_checkpoint(s3):
     t, m, s = (fresh.scan(k).collect() for k in ("trials", "metrics", "samples"))
     assert t.height == n and t["trial_id"].n_unique() == n
     assert sorted(m["value"].to_list()) == [float(i) for i in range(n)] and s.height == 3 * n
+
+
+def test_s3_a_server_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
+    """A server that ignores If-None-Match (simulated: the header dropped before the request leaves the client) would
+    let two commits take one number: the launch's lock refuses the location, naming why."""
+    from sweeper.errors import UserError
+    from sweeper.lock import LeaseLock
+
+    lock = LeaseLock(f"s3://{BUCKET}/lax")
+    real = lock.loc.s3.put_object
+    monkeypatch.setattr(lock.loc.s3, "put_object", lambda **kw: real(**{k: v for k, v in kw.items()
+                                                                       if k != "IfNoneMatch"}))
+    with pytest.raises(UserError, match="ignores conditional writes"):
+        lock.acquire(heartbeat=False)
+    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix="lax/").get("KeyCount")  # the probe removed, no lease
+    monkeypatch.undo()
