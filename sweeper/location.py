@@ -36,8 +36,7 @@ class Local:
 
     def __init__(self, root: str | os.PathLike):
         if is_uri(root):
-            raise UserError(f"results location {root}: only local folders are supported by this build; "
-                            "give a folder path")
+            raise UserError(f"results location {root}: a URI, not a folder (open_location opens either)")
         self.root = Path(root)
         self.work = self.root  # the launching machine's working state lives in the folder itself
         self.storage_options = None

@@ -375,3 +375,18 @@ def test_s3_a_server_that_ignores_conditional_writes_is_refused(s3, monkeypatch)
         lock.acquire(heartbeat=False)
     assert not s3.list_objects_v2(Bucket=BUCKET, Prefix="lax/").get("KeyCount")  # the probe removed, no lease
     monkeypatch.undo()
+
+
+def test_s3_bad_locations_and_fresh_exit_2_with_one_line(tmp_path, tiny_model, s3):
+    """A scheme other than s3://, a bucket that does not exist, and --fresh on a URI (an object store cannot move a
+    study aside): exit 2, one line naming the input and what is allowed; nothing written."""
+    study = _study(tmp_path / "s.py", tiny_model, ["fp32"])
+    cases = [(("results", "gs://bucket/study"), "give a folder path or s3://bucket/prefix"),
+             (("launch", str(study), "--results", "s3://no-such-bucket/x"), "NoSuchBucket"),
+             (("launch", str(study), "--results", f"s3://{BUCKET}/fresh", "--fresh"), "give a new prefix instead"),
+             (("launch", str(study), "--results", f"s3://{BUCKET}/fresh", "--fresh", "--dry-run"), "new prefix")]
+    for args, want in cases:
+        r = sweep(*args)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and want in err[0], (args, r.stdout + r.stderr)
+    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix="fresh/").get("KeyCount")
