@@ -343,6 +343,12 @@ class ResultsStore:
         return self.work / "cache" if self.remote else self.root
 
     @property
+    def cache_mirror(self) -> "CacheMirror | None":
+        """For a URI: the object store's copy of the calibrated / ONNX cache (``quantized/``), which the launching
+        machine's ``cache_dir`` is filled from and published to; None for a folder (the cache is in it)."""
+        return CacheMirror(self.loc) if self.remote else None
+
+    @property
     def study_json(self) -> Path | str:
         return self.loc.path("study.json")
 
@@ -885,6 +891,45 @@ class ResultsStore:
         self._commit({"kind": "trials", "token": owner, "trials": records, "migrated_from": "per-trial layout"})
         self.checkpoint()
         return moved
+
+
+class CacheMirror:
+    """The calibrated / ONNX checkpoint cache on an object store, under ``quantized/<key>/``: files copied through
+    pyarrow (multipart for large ones), ``meta.json`` last, so an entry whose ``meta.json`` exists is whole (the same
+    rule as the local cache). A failure to publish is logged, not fatal: the entry is only a cache."""
+
+    PREFIX = "quantized"
+
+    def __init__(self, loc):
+        self.loc = loc
+
+    def fetch(self, name: str, dest: Path) -> bool:
+        from pyarrow import fs
+
+        base = f"{self.PREFIX}/{name}"
+        if self.loc.lstat(f"{base}/meta.json") is None:
+            return False
+        infos = self.loc.fs.get_file_info(fs.FileSelector(self.loc._fs_path(base), recursive=True))
+        local = fs.LocalFileSystem()
+        files = sorted((i for i in infos if i.type == fs.FileType.File), key=lambda i: i.path.endswith("/meta.json"))
+        for info in files:
+            rel = info.path[len(self.loc._fs_path(base)) + 1:]
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.copy_files(info.path, str(dest / rel), source_filesystem=self.loc.fs, destination_filesystem=local)
+        return (dest / "meta.json").is_file()
+
+    def publish(self, name: str, folder: Path) -> None:
+        import logging
+
+        from pyarrow import fs
+
+        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == "meta.json")
+        try:
+            for p in files:
+                fs.copy_files(str(p), self.loc._fs_path(f"{self.PREFIX}/{name}/{p.relative_to(folder).as_posix()}"),
+                              source_filesystem=fs.LocalFileSystem(), destination_filesystem=self.loc.fs)
+        except Exception as e:  # noqa: BLE001 - this machine keeps its copy; another one makes its own
+            logging.getLogger(__name__).warning("checkpoint %s not copied to %s: %s", name, self.loc.root, e)
 
 
 def _study_json(doc: dict[str, Any]) -> str:

@@ -390,3 +390,48 @@ def test_s3_bad_locations_and_fresh_exit_2_with_one_line(tmp_path, tiny_model, s
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1 and want in err[0], (args, r.stdout + r.stderr)
     assert not s3.list_objects_v2(Bucket=BUCKET, Prefix="fresh/").get("KeyCount")
+
+
+def test_s3_checkpoint_cache_is_published_to_and_filled_from_the_bucket(tmp_path, s3):
+    """The calibrated / ONNX cache of a URI location: a folder made on one machine is published under quantized/
+    (meta.json last); another machine's empty cache is filled from the bucket instead of calibrating again; an entry
+    without meta.json (a publish cut short) is not taken."""
+    from sweeper.quantize.calibrated import ensure_folder
+    from sweeper.store import ResultsStore
+
+    mirror = ResultsStore(f"s3://{BUCKET}/cache").cache_mirror
+    made = []
+
+    def make(tmp):
+        made.append(tmp)
+        (tmp / "sub").mkdir()
+        (tmp / "weights.pt").write_bytes(b"w" * 100_000)
+        (tmp / "sub" / "x.bin").write_bytes(b"x")
+        (tmp / "meta.json").write_text('{"calibration_s": 1.5}')
+
+    first, hit = ensure_folder(tmp_path / "machine-a", "key1", make, mirror)
+    assert not hit and len(made) == 1
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="cache/quantized/")["Contents"]}
+    assert keys == {f"cache/quantized/key1/{f}" for f in ("weights.pt", "sub/x.bin", "meta.json")}
+    second, hit = ensure_folder(tmp_path / "machine-b", "key1", make, mirror)
+    assert hit and len(made) == 1, "filled from the bucket, not made again"
+    for f in ("weights.pt", "sub/x.bin", "meta.json"):
+        assert (second / f).read_bytes() == (first / f).read_bytes()
+    s3.delete_object(Bucket=BUCKET, Key="cache/quantized/key1/meta.json")
+    _, hit = ensure_folder(tmp_path / "machine-c", "key1", make, mirror)
+    assert not hit and len(made) == 2
+
+
+def test_s3_awq_checkpoint_lands_in_the_bucket(tmp_path, tiny_model, shared_data, s3):
+    """A calibrated precision launched into s3://: its AWQ checkpoint is published under quantized/ of the location
+    (so a relaunch on another machine does not calibrate again)."""
+    study = write_study(tmp_path / "s.py", f"""
+        study = Study(name="s3awq", models=[{str(tiny_model)!r}], precisions=["awq4"], compute_dtypes=["fp32"],
+                      benchmark={fast_benchmark()}, kl=False,
+                      precision_options={{"awq4": {{"group_size": 64, "calib_samples": 2, "calib_seq_len": 64,
+                                                   "scale_search": 4}}}})
+    """)
+    r = sweep("launch", str(study), "--results", f"s3://{BUCKET}/awq")
+    assert r.returncode == 0, r.stdout + r.stderr
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="awq/quantized/")["Contents"]]
+    assert any(k.endswith("/meta.json") for k in keys) and any(k.endswith("/weights.pt") for k in keys), keys
