@@ -1,12 +1,15 @@
 """What committing one trial's results costs (issue 18 (d)): row + 65 metric rows + MMLU-sized samples (14,042 items
 x 2 metrics), written with ``ResultsStore.write_trial`` (data files, fsyncs, the exclusive-create commit), median
-over ``--trials`` trials. Local folder only in this build (object stores are not wired in yet).
+over ``--trials`` trials, into a local folder or an object store location (docs/store.md, "Object stores").
 
-    python benchmarks/trial_write_cost.py --out /tmp/write_cost --trials 200
+    python benchmarks/trial_write_cost.py --out /tmp/write_cost --trials 200            # a local folder
+    python benchmarks/trial_write_cost.py --moto --out s3://bench/wcost --trials 200    # moto's S3 server, started here
+    python benchmarks/trial_write_cost.py --out s3://BUCKET/PREFIX --trials 200         # any S3 (AWS_* environment)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -35,15 +38,37 @@ def samples(tid: str, rng) -> pa.Table:
     })
 
 
+def stored_bytes(store) -> int:
+    if not store.remote:
+        return sum(f.stat().st_size for f in Path(store.root).rglob("*") if f.is_file())
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(
+        Bucket=store.loc.bucket, Prefix=store.loc.prefix + "/")
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
 def main() -> None:
+    from sweeper.location import is_uri
     from sweeper.store import ResultsStore
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", required=True, help="a folder (emptied first) or s3://bucket/prefix (a fresh prefix)")
     ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--moto", action="store_true", help="start moto's S3 server here and create the bucket")
     a = ap.parse_args()
-    shutil.rmtree(a.out, ignore_errors=True)
-    store = ResultsStore(a.out)
+    if not is_uri(a.out):
+        shutil.rmtree(a.out, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        if a.moto:  # the tests' moto server (tests/helpers.py): a free port of 127.0.0.1 outside 6000-6999
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from helpers import moto_s3
+
+            os.environ.update(stack.enter_context(moto_s3(a.out.split("://", 1)[1].split("/", 1)[0])))
+        run(a, ResultsStore(a.out))
+
+
+def run(a, store) -> None:
     store.take_over("write-cost")
     rng = np.random.default_rng(0)
     times, cpu = [], []
@@ -57,9 +82,10 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         store.compact()  # as the launch does after each result
-    size = sum(f.stat().st_size for f in a.out.rglob("*") if f.is_file()) / a.trials / 2**20
+    size = stored_bytes(store) / a.trials / 2**20
     q = statistics.quantiles(times, n=10)
-    print(f"{a.trials} trials into {a.out} (local folder): median {statistics.median(times) * 1e3:.1f} ms per trial, "
+    where = ("moto S3 server on 127.0.0.1" if a.moto else "object store") if store.remote else "local folder"
+    print(f"{a.trials} trials into {a.out} ({where}): median {statistics.median(times) * 1e3:.1f} ms per trial, "
           f"p10 {q[0] * 1e3:.1f} ms, p90 {q[-1] * 1e3:.1f} ms; CPU median {statistics.median(cpu) * 1e3:.1f} ms; "
           f"{size:.2f} MiB per trial on disk; load average {os.getloadavg()[0]:.1f}")
 

@@ -73,7 +73,9 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent)
         if node_gpus:
             p = L.size_for_node(p, *L.parse_node_gpus(node_gpus))
-        if fresh and p.store.root.exists():  # what the launch would do: every trial runs again
+        if fresh:
+            L.check_fresh(p.store)
+        if fresh and p.store.loc.exists():  # what the launch would do: every trial runs again
             notes.append(f"--fresh: the results in {p.store.root} would be moved aside; every trial runs")
             p.status = {}
         _print_plan(p, notes, render)
@@ -105,14 +107,16 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
     from . import launch as L
     from . import scheduler
     from .cluster_inputs import check_inputs_visible
-    from .lock import LaunchLock
+    from .lock import launch_lock
     from .query import format_frame as render
     from .resources import share_function
 
     # every fast check before Ray starts; lm-eval's task check (imports, task index) runs while Ray starts
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
+    if fresh:
+        L.check_fresh(p.store)
     pool = None
-    with LaunchLock(p.store.root) as lock:
+    with launch_lock(p.store.root) as lock:
         if not fresh and not p.pending:  # nothing to do: said without starting Ray or warm workers (about a second)
             for line in L.prepare_store(p.store, lock.token):  # a quarantined file makes its trial pending again
                 click.echo(line, err=True)

@@ -108,7 +108,7 @@ def default_results_dir(study: Study) -> Path:
 def check_same_study(store: ResultsStore, study: Study) -> None:
     """UserError when the results dir is not a folder or holds another study's results."""
     root = store.root
-    if root.exists() and not root.is_dir():
+    if not store.remote and root.exists() and not root.is_dir():
         raise UserError(f"results dir {root} exists and is not a directory")
     existing = store.read_study()
     if existing is not None and existing.get("name") != study.name:
@@ -119,6 +119,8 @@ def check_same_study(store: ResultsStore, study: Study) -> None:
 def check_results_dir(store: ResultsStore, study: Study) -> None:
     root = store.root
     check_same_study(store, study)
+    if store.remote:
+        return  # an object store: the launch's lease is its first write, and says why it cannot write
     # the folder itself (or the nearest one that exists, where it will be made) and its parent (the launch's lock):
     # a file is made and removed in each, as os.access says yes to root on /proc or /sys
     def existing(d: Path) -> Path:
@@ -300,9 +302,9 @@ def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], addre
 def warm_logs_dir(store: ResultsStore, pool) -> Path | None:
     """Where a launch keeps its warm workers' logs: ``<results>/_warm/<when the pool started>/``; None when the
     results folder does not exist (the launch stopped before it wrote anything: it creates no folder for logs)."""
-    if not store.root.is_dir():
+    if not store.work.is_dir():
         return None
-    return store.root / "_warm" / _dt.datetime.fromtimestamp(pool.started_at).strftime("%Y%m%d-%H%M%S")
+    return store.work / "_warm" / _dt.datetime.fromtimestamp(pool.started_at).strftime("%Y%m%d-%H%M%S")
 
 
 def prepare_store(store: ResultsStore, token: str) -> list[str]:
@@ -327,8 +329,16 @@ def prepare_store(store: ResultsStore, token: str) -> list[str]:
     return lines
 
 
+def check_fresh(store: ResultsStore) -> None:
+    """--fresh is for folders: an object store has no rename, and moving a study aside would copy every object."""
+    if store.remote:
+        raise UserError(f"--fresh with results location {store.root}: give a new prefix instead (an object store "
+                        "cannot move a study aside)")
+
+
 def move_aside(store: ResultsStore) -> Path | None:
     """--fresh: move existing results to <dir>.old-<timestamp> (never deleted)."""
+    check_fresh(store)
     if not store.root.exists():
         return None
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -355,7 +365,7 @@ def record_launch(p: Plan, argv: list[str], address: str | None) -> None:
         "study": scrub(json.loads(json.dumps(dataclasses.asdict(p.study), default=str))),
         "trials": list(known.values()), "dropped": [dataclasses.asdict(d) for d in p.dropped], "launches": launches,
     }
-    p.store.root.mkdir(parents=True, exist_ok=True)
+    p.store.loc.ensure()
     p.store.write_study(doc)
 
 

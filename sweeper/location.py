@@ -1,11 +1,14 @@
 """Where a results store lives, and the few file operations the store needs there (docs/store.md).
 
-A local folder today. Every operation the store's guarantees rest on is here and nowhere else: a data file written
+A local folder (:class:`Local`) or an object store URI (:class:`ObjectStore`, ``s3://bucket/prefix``). Every
+operation the store's guarantees rest on is here and nowhere else: a data file written
 whole under a name nobody reads yet, an exclusive create (the commit), an ``lstat`` before any open (so a FIFO, a
 device or a link is never opened), and an open that can neither follow a link nor block.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -20,17 +23,34 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def work_dir(location: str) -> Path:
+    """The launching machine's own working folder for a results URI: trial claims, Tune's experiment folder, the
+    events timeline, warm workers' logs, a local copy of KL references and the calibrated / ONNX cache. Nothing a
+    reader of the results needs is here (docs/store.md, "Object stores")."""
+    base = os.environ.get("SWEEPER_WORK_DIR") or Path.home() / ".cache" / "sweeper" / "work"
+    return Path(base) / hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
 class Local:
     """A results folder on a local (or mounted) file system."""
 
     def __init__(self, root: str | os.PathLike):
         if is_uri(root):
-            raise UserError(f"results location {root}: only local folders are supported by this build; "
-                            "give a folder path")
+            raise UserError(f"results location {root}: a URI, not a folder (open_location opens either)")
         self.root = Path(root)
+        self.work = self.root  # the launching machine's working state lives in the folder itself
+        self.storage_options = None
 
     def __str__(self) -> str:
         return str(self.root)
+
+    @property
+    def canonical(self) -> str:
+        """The location as other processes of this machine open it (whatever their working directory)."""
+        return str(self.root.resolve())
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -145,5 +165,221 @@ class Local:
         self._fsync_dir(dest.parent)
 
 
-def open_location(root: str | os.PathLike) -> Local:
-    return Local(root)
+class LocationError(UserError):
+    """The location cannot be reached or used (no such bucket, no credentials or permission, the network): never
+    taken for a damaged file (that would quarantine good results), always the command's one-line error."""
+
+
+def _guard(method):
+    """``method`` of ObjectStore with the client's failures (botocore's errors, pyarrow's OSErrors) as a LocationError
+    naming the location; a missing object stays FileNotFoundError."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (FileNotFoundError, UserError):
+            raise
+        except Exception as e:  # noqa: BLE001 - classified just below; anything else goes on as it is
+            if not (isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "boto3"))):
+                raise
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LocationError(f"results location {self.root}: cannot use it ({why}); check the bucket, the "
+                                "credentials (AWS_* variables, ~/.aws) and AWS_ENDPOINT_URL") from None
+    return guarded
+
+
+class ObjectStore:
+    """A results location on an object store: ``s3://bucket/prefix`` (AWS S3 or any S3-compatible server).
+
+    Stats and copies go through pyarrow's filesystem (what Ray Tune's storage_path uses). Writes, whole-object
+    reads, listings and deletes are single S3 requests sent with boto3: the two conditional writes the store's
+    guarantees rest on cannot be sent through pyarrow (the commit is a ``PutObject`` with ``If-None-Match: *``,
+    created only if the key does not exist: S3 answers 412 to every other writer; the launch lease is rewritten with
+    ``If-Match: <its ETag>``), and pyarrow's output stream takes three requests (a multipart upload) where one
+    ``PutObject`` does. A ``PutObject`` is whole or absent (there is no partial object), so a data file needs no
+    temporary name. There are no links, FIFOs or devices; a "folder" is a key prefix. Credentials come from the usual
+    AWS environment and config (``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL`` for another server); nothing
+    of them is stored."""
+
+    SCHEMES = ("s3",)
+
+    def __init__(self, uri: str):
+        scheme, _, rest = str(uri).partition("://")
+        bucket, _, prefix = rest.strip("/").partition("/")
+        if scheme not in self.SCHEMES or not bucket:
+            raise UserError(f"results location {uri}: give a folder path or s3://bucket/prefix (an object store "
+                            "needs a conditional create for the commit, built for S3 and S3-compatible servers)")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.root = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.work = work_dir(self.root)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # Polars reads the location itself (object_store): the same endpoint; credentials from the environment
+        self.storage_options = ({"aws_endpoint_url": endpoint, "aws_allow_http": str(endpoint.startswith("http:"))
+                                 .lower()} if endpoint else None)
+        self._fs = None
+        self._s3 = None
+
+    def __str__(self) -> str:
+        return self.root
+
+    def __getstate__(self) -> dict:  # the clients are made again where it is unpickled (Tune pickles its callbacks)
+        return {**self.__dict__, "_fs": None, "_s3": None}
+
+    @property
+    def canonical(self) -> str:
+        return self.root
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            from pyarrow import fs
+
+            try:
+                self._fs = fs.FileSystem.from_uri(self.root)[0]
+            except (OSError, ValueError) as e:
+                raise UserError(f"results location {self.root}: cannot open it ({str(e).splitlines()[0]})") from None
+        return self._fs
+
+    @property
+    def s3(self):
+        if self._s3 is None:
+            try:
+                import boto3
+            except ImportError:
+                raise UserError(f"results location {self.root}: needs boto3 (pip install 'sweeper[s3]')") from None
+            self._s3 = boto3.client("s3")
+        return self._s3
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _fs_path(self, rel: str) -> str:
+        return f"{self.bucket}/{self._key(rel)}".rstrip("/")
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def ensure(self) -> None:
+        pass  # a prefix exists once a key is under it
+
+    @_guard
+    def exists(self) -> bool:
+        return bool(self.list(""))
+
+    @_guard
+    def lstat(self, rel: str) -> os.stat_result | None:
+        from pyarrow import fs
+
+        info = self.fs.get_file_info(self._fs_path(rel))
+        if info.type == fs.FileType.NotFound:
+            return None
+        mode = stat.S_IFDIR | 0o755 if info.type == fs.FileType.Directory else stat.S_IFREG | 0o644
+        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+        return os.stat_result((mode, 0, 0, 1, 0, 0, info.size or 0, mtime, mtime, mtime))
+
+    @_guard
+    def is_real_dir(self, rel: str) -> bool:
+        """A key prefix with keys under it: an object store has no links, and a key named like a folder does not
+        hide the keys under that folder, so there is nothing else to tell apart."""
+        r = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(rel).rstrip("/") + "/", MaxKeys=1)
+        return bool(r.get("KeyCount"))
+
+    @_guard
+    def open_regular(self, rel: str):
+        """The whole object, read in one request, as a file object: a network failure is then a LocationError
+        here, never a read error inside the Parquet reader that validation would take for a damaged file. Callers
+        open an object only after its size was checked against the limits."""
+        import pyarrow as pa
+
+        return pa.BufferReader(self.read_bytes(rel))
+
+    @_guard
+    def read_bytes(self, rel: str) -> bytes:
+        got = self.get_with_etag(rel)
+        if got is None:
+            raise FileNotFoundError(self.path(rel))
+        return got[0]
+
+    @_guard
+    def list(self, rel: str) -> list[str]:
+        """Names directly in "folder" ``rel``: objects and the prefixes of deeper ones ([] if none)."""
+        prefix = self._key(rel).rstrip("/") + "/" if rel else (self.prefix + "/" if self.prefix else "")
+        names = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                         Delimiter="/"):
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if o["Key"] != prefix]
+            names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
+        return names
+
+    @_guard
+    def write_new(self, rel: str, data: bytes, sync_dir: bool = True) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    def sync_dir(self, rel: str) -> None:
+        pass  # a completed PutObject is durable
+
+    @_guard
+    def put_if(self, rel: str, data: bytes, etag: str | None) -> str | None:
+        """Write ``rel`` only if it does not exist (``etag`` None) or still has ``etag``: its new ETag, or None when
+        another writer got there first (412; 409: a concurrent conditional write to the same key)."""
+        from botocore.exceptions import ClientError
+
+        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            return self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **cond)["ETag"]
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return None
+            raise
+
+    @_guard
+    def get_with_etag(self, rel: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self.s3.get_object(Bucket=self.bucket, Key=self._key(rel))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return r["Body"].read(), r["ETag"]
+
+    @_guard
+    def check_conditional_writes(self) -> None:
+        """UserError unless the server refuses a second ``If-None-Match: *`` put of one key: a server that ignores
+        the header (not every S3-compatible one implements it) would let two commits take one sequence number."""
+        import uuid
+
+        rel = f"_probe/{uuid.uuid4().hex}"
+        try:
+            if self.put_if(rel, b"1", None) is None or self.put_if(rel, b"2", None) is not None:
+                raise UserError(f"results location {self.root}: the server ignores conditional writes (If-None-Match:"
+                                " *), which the store's commits need to be exclusive; use AWS S3 or a server that "
+                                "implements them (MinIO, R2)")
+        finally:
+            self.delete(rel)
+
+    @_guard
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        return self.put_if(rel, data, None) is not None
+
+    @_guard
+    def replace(self, rel: str, data: bytes) -> None:
+        self.write_new(rel, data)  # a PutObject replaces the key whole
+
+    @_guard
+    def delete(self, rel: str) -> None:
+        # boto3, not pyarrow: pyarrow's delete_file leaves an empty "folder/" marker object behind (deleting a key
+        # that does not exist is no error either way)
+        self.s3.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
+    @_guard
+    def move(self, rel: str, dest_rel: str) -> None:
+        """Copy, then delete: an object store has no rename (a crash between the two leaves both; the copy is in
+        quarantine/ and never read as results, the original is found damaged again and moved again)."""
+        self.fs.copy_file(self._fs_path(rel), self._fs_path(dest_rel))
+        self.delete(rel)
+
+
+def open_location(root: str | os.PathLike) -> Local | ObjectStore:
+    return ObjectStore(str(root)) if is_uri(root) else Local(root)

@@ -43,7 +43,7 @@ class StoreWriterImpl:
         with self._claiming:
             held = self._claims.get(trial_id)
         if held is None:
-            held = TrialClaim(self.store.root, trial_id).__enter__()  # blocks while an orphan of a killed launch runs it
+            held = TrialClaim(self.store.work, trial_id).__enter__()  # blocks while an orphan of a killed launch runs it
             with self._claiming:
                 self._claims[trial_id] = held
         with self._lock:
@@ -81,7 +81,7 @@ def start_writer(store: ResultsStore, name: str, namespace: str):
     actor = ray.remote(StoreWriterImpl).options(
         name=name, namespace=namespace, num_cpus=0, max_concurrency=256, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-    ).remote(str(store.root.resolve()), store.token)
+    ).remote(store.loc.canonical, store.token)
     return actor  # not waited for: it starts while Tune does (a trial off this node waits in its first call)
 
 

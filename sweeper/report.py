@@ -183,7 +183,14 @@ def _environment(trials: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"Setting": pl.String, "Values": pl.String})
 
 
-def _study_name(d: Path) -> str:
+def _study_name(d: Path | str) -> str:
+    if not isinstance(d, Path):  # an object store location: its study.json through the store
+        from .store import ResultsStore
+
+        try:
+            return str((ResultsStore(d).read_study() or {}).get("name") or d.rsplit("/", 1)[-1])
+        except UserError:
+            return d.rsplit("/", 1)[-1]
     name = d.name
     p = d / "study.json"
     if p.is_file():

@@ -95,18 +95,25 @@ def with_top(frame: pl.DataFrame | pl.LazyFrame, tops: pl.DataFrame, name: str =
 def expand_dirs(dirs: list[str]) -> list[Path]:
     """The results dirs that ``dirs`` (paths or globs) name, each once (the same dir named twice, or by two globs, is
     read once: its rows would otherwise appear twice)."""
-    from .location import Local
+    from .location import is_uri, open_location
 
-    out: list[Path] = []
+    out: list[Path | str] = []
     for d in dirs:
-        Local(d)  # a URI (s3://...) is refused with the reason, not taken for a folder name
+        if is_uri(d):  # an object store location (docs/store.md): its study.json or commit log, not globbed
+            loc = open_location(d)
+            if not loc.list("_log") and loc.lstat("study.json") is None:
+                raise UserError(f"{d} is not a sweeper results location (no study.json or _log/); give the "
+                                "location `sweep launch --results` wrote")
+            if loc.root not in out:
+                out.append(loc.root)
+            continue
         matches = sorted(glob.glob(os.path.expanduser(d))) if any(c in d for c in "*?[") else [d]
         for m in matches:
             p = Path(m)
             if not (p / "trials").is_dir() and not (p / "study.json").is_file() and not (p / "_log").is_dir():
                 raise UserError(f"{m} is not a sweeper results directory (no study.json, _log/ or trials/); "
                                 "give the directory `sweep launch` wrote, e.g. results/<study>")
-            if not any(p.resolve() == q.resolve() for q in out):
+            if not any(isinstance(q, Path) and p.resolve() == q.resolve() for q in out):
                 out.append(p)
     if not out:
         raise UserError(f"no results directories match {' '.join(dirs)}")

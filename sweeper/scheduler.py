@@ -191,7 +191,7 @@ def _trainable(config: dict) -> None:
     if writer is not None and node != writer["node"]:
         return _remote_trainable(config, spec, writer, node, entered)
     store = ResultsStore(config["store"], token=config.get("token"))
-    claim = TrialClaim(store.root, spec.trial_id)
+    claim = TrialClaim(store.work, spec.trial_id)
     if writer is not None and not claim.try_enter():
         # taken: by an orphan of a killed launch (wait for it), or by the writer for an attempt of this trial on
         # another node whose worker died (Tune retries only after an attempt ended): the writer lets that one go
@@ -424,7 +424,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
     from ray import tune
 
     specs = [t.to_dict() for t in trials]
-    param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": str(store.root.resolve()),
+    param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": store.loc.canonical,
                    "warm": warm, "token": store.token, "writer": writer}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -434,13 +434,13 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=f"{stamp}-{name}", storage_path=str((store.root / "_tune").resolve()), verbose=0,
-            callbacks=[_progress_callback(progress, emit, store.root / "_tune" / "events.jsonl", store)],
+            name=f"{stamp}-{name}", storage_path=str((store.work / "_tune").resolve()), verbose=0,
+            callbacks=[_progress_callback(progress, emit, store.work / "_tune" / "events.jsonl", store)],
             failure_config=tune.FailureConfig(max_failures=retries),
         ),
     )
     with local_ray.tune_actors_without_runtime_env() as inherited:
-        _record_event(store.root / "_tune" / "events.jsonl", {"event": "fit", "phase": name,
+        _record_event(store.work / "_tune" / "events.jsonl", {"event": "fit", "phase": name,
                                                                "actor_runtime_env": not inherited})
         grid = tuner.fit()
     # A trial whose worker died more often than ``retries`` allowed has no row: record it as failed.

@@ -13,8 +13,10 @@ from .store import ResultsStore
 
 def _resolve(study_or_dir: str, results_dir: str | None = None, only: tuple[str, ...] = (),
              limit: float | None = None) -> tuple[ResultsStore, list[dict], str]:
+    from .location import is_uri
+
     p = Path(study_or_dir)
-    if p.suffix == ".py" or p.is_file():
+    if not is_uri(study_or_dir) and (p.suffix == ".py" or p.is_file()):
         from .launch import apply_overrides, check_same_study, default_results_dir, narrow, parse_only
         from .studyfile import load_study_file
         from .trials import expand
@@ -32,7 +34,9 @@ def _resolve(study_or_dir: str, results_dir: str | None = None, only: tuple[str,
     if only or limit is not None or results_dir:
         raise UserError("--results, --only and --limit go with a study file (`sweep status STUDY.py --only ...`), "
                         f"not with a results dir such as {study_or_dir}")
-    if not p.exists():
+    if is_uri(study_or_dir):
+        p = study_or_dir  # an object store location: read as it is
+    elif not p.exists():
         raise UserError(f"{study_or_dir} does not exist; give a study file (.py) or a results dir that `sweep launch` "
                         "wrote")
     store = ResultsStore(p)
@@ -54,7 +58,8 @@ def status_report(study_or_dir: str, results_dir: str | None = None, only: tuple
     lock = lock_holder(store.root) is not None
     lines = [f"{store.root}: {len(ids)} trials: {len(done)} done, {len(failed)} failed, "
              f"{len(ids) - len(done) - len(failed)} pending ({what})"
-             + (" (a launch holds the lock: running)" if lock else "")]
+             + ((" (a launch holds the lease: running, or killed without releasing it)" if store.remote else
+                 " (a launch holds the lock: running)") if lock else "")]
     rows = store.read_trial_rows(t["trial_id"] for t in failed)
     for t in failed:
         row = rows.get(t["trial_id"], {})

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .location import open_location
+from .location import LocationError, open_location
 
 METRICS_SCHEMA = pa.schema([
     ("trial_id", pa.string()),
@@ -325,20 +325,37 @@ class ResultsStore:
 
     def __init__(self, root: str | os.PathLike, token: str | None = None):
         self.loc = open_location(root)
-        self.root = self.loc.root
+        self.root = self.loc.root  # a Path, or the URI (str) of an object store
+        self.work = self.loc.work  # the launching machine's working state: claims, Tune, events (location.work_dir)
         self.token = token
         self._state: State | None = None
         self._checked: dict[tuple, list] = {}
 
     # paths
     @property
-    def study_json(self) -> Path:
-        return self.root / "study.json"
+    def remote(self) -> bool:
+        return not isinstance(self.root, Path)
 
-    def _live_path(self, trial_id: str, kind: str, legacy: str) -> Path:
+    @property
+    def cache_dir(self) -> Path:
+        """Where calibrated (AWQ/GPTQ) and ONNX checkpoints are cached: the results folder, or for a URI the
+        launching machine's working folder (each machine quantizes or exports once for itself)."""
+        return self.work / "cache" if self.remote else self.root
+
+    @property
+    def cache_mirror(self) -> "CacheMirror | None":
+        """For a URI: the object store's copy of the calibrated / ONNX cache (``quantized/``), which the launching
+        machine's ``cache_dir`` is filled from and published to; None for a folder (the cache is in it)."""
+        return CacheMirror(self.loc) if self.remote else None
+
+    @property
+    def study_json(self) -> Path | str:
+        return self.loc.path("study.json")
+
+    def _live_path(self, trial_id: str, kind: str, legacy: str) -> Path | str:
         live = self.state().trials.get(trial_id)
         rel = live.files.get(kind) if live is not None else None
-        return self.root / (rel or legacy)
+        return self.loc.path(rel or legacy)
 
     def trial_path(self, trial_id: str) -> Path:
         """The file holding ``trial_id``'s committed row (its old per-trial name when it has none)."""
@@ -348,11 +365,24 @@ class ResultsStore:
         return self._live_path(trial_id, "metrics", f"metrics/{trial_id}.parquet")
 
     def ref_path(self, ref_id: str) -> Path:
-        return self.root / "refs" / f"{ref_id}.parquet"
+        """The local file of KL reference ``ref_id``. For a URI: a copy in the working folder, fetched afresh from
+        the location at each call (a reference found damaged is replaced by a rerun baseline's), absent when the
+        location has none (a baseline writes it there; :meth:`write_trial` uploads it with the commit)."""
+        if not self.remote:
+            return self.root / "refs" / f"{ref_id}.parquet"
+        path = self.work / "refs" / f"{ref_id}.parquet"
+        st = self.loc.lstat(f"refs/{ref_id}.parquet")
+        if st is None:
+            path.unlink(missing_ok=True)
+        elif st.st_size <= LIMITS["ref"].bytes:
+            atomic_write_bytes(path, self.loc.read_bytes(f"refs/{ref_id}.parquet"))
+        return path
 
     def sibling_ref_path(self, ref_id: str) -> Path | None:
         """The same KL reference made by another study beside this one (a sibling results dir measured the same
-        baseline cell), as a regular file: never a FIFO or a link. None where there is none."""
+        baseline cell), as a regular file: never a FIFO or a link. None where there is none (always for a URI)."""
+        if self.remote:
+            return None
         return next(iter(sorted(p for p in self.root.parent.glob(f"*/refs/{ref_id}.parquet")
                                 if p.is_file() and not p.is_symlink())), None)
 
@@ -395,7 +425,7 @@ class ResultsStore:
                     with self.loc.open_regular(rel) as fh:
                         st = _state_from_checkpoint(pq.read_table(fh))
                     break
-                except FileNotFoundError:
+                except (FileNotFoundError, LocationError):
                     raise
                 except Exception as e:  # noqa: BLE001 - a damaged checkpoint: the previous one and its commits
                     bad.append((rel, _why(e)))
@@ -415,7 +445,7 @@ class ResultsStore:
                 if not isinstance(entry, dict):
                     raise ValueError("not a JSON object")
                 _apply(st, seq, entry)
-            except FileNotFoundError:
+            except (FileNotFoundError, LocationError):
                 raise
             except Exception as e:  # noqa: BLE001 - named by damaged_files(); launch voids it (its trials rerun)
                 st.seq = seq
@@ -466,6 +496,9 @@ class ResultsStore:
                                   "files": files}
         ref_id = row.get("kl_reference_id")
         if row.get("is_baseline") and ref_id and row["status"] == "done":
+            local = self.work / "refs" / f"{ref_id}.parquet"
+            if self.remote and local.is_file():  # the stage wrote it on this machine: into the location first
+                self.loc.replace(f"refs/{ref_id}.parquet", local.read_bytes())
             st = self.loc.lstat(f"refs/{ref_id}.parquet")
             if st is not None and stat.S_ISREG(st.st_mode):
                 record["ref"] = {"path": f"refs/{ref_id}.parquet", "size": st.st_size}
@@ -530,7 +563,7 @@ class ResultsStore:
         st = self.state()
         damaged = self._damaged(st)
         if damaged and not skip_damaged:
-            raise damaged_error([(self.root / f, why) for f, why, _ in damaged])
+            raise damaged_error([(self.loc.path(f), why) for f, why, _ in damaged])
         hit = {t for _, _, ids in damaged for t in ids}
         return {tid: live.status for tid, live in st.trials.items() if tid not in hit}
 
@@ -567,14 +600,17 @@ class ResultsStore:
         if not by_file:
             return None
         schema = pl.from_arrow(SCHEMAS[kind].empty_table()).schema
-        whole = [str(self.root / f) for f, ids in by_file.items() if st.sizes.get(f, (0, 1))[1] == len(ids)]
+        opts = self.loc.storage_options  # an object store: Polars reads it directly, with its endpoint
+        whole = [str(self.loc.path(f)) for f, ids in by_file.items() if st.sizes.get(f, (0, 1))[1] == len(ids)]
         parts = []
         if whole:
-            parts.append(pl.scan_parquet(whole, schema=schema, missing_columns="insert", extra_columns="ignore"))
+            parts.append(pl.scan_parquet(whole, schema=schema, missing_columns="insert", extra_columns="ignore",
+                                         storage_options=opts))
         for f, ids in by_file.items():
             if st.sizes.get(f, (0, 1))[1] != len(ids):
-                parts.append(pl.scan_parquet(str(self.root / f), schema=schema, missing_columns="insert",
-                                             extra_columns="ignore").filter(pl.col("trial_id").is_in(ids)))
+                parts.append(pl.scan_parquet(str(self.loc.path(f)), schema=schema, missing_columns="insert",
+                                             extra_columns="ignore", storage_options=opts)
+                             .filter(pl.col("trial_id").is_in(ids)))
         return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
 
     # ------------------------------------------------------------------------------------------------ checking
@@ -643,6 +679,8 @@ class ResultsStore:
                         have_status = t.column("status").to_pylist()[0]
                         if have_status != status:
                             return f"its row says {have_status!r}, its commit {status!r}"
+        except LocationError:  # the location cannot be read now: nothing is known about the file
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to read is damage, named with the file
             return _why(e)
         return None
@@ -689,15 +727,16 @@ class ResultsStore:
     def damaged_files(self, full: bool = False) -> list[tuple[Path, str]]:
         """Files of this location that cannot be used as results (unreadable, wrong schema or trial, too large, not a
         regular file, not the committed size), with the reason."""
-        return [(self.root / rel, why) for rel, why, _ in self._damaged(self.state(), full=full)]
+        return [(self.loc.path(rel), why) for rel, why, _ in self._damaged(self.state(), full=full)]
 
     # ------------------------------------------------------------------------------------------------ repair
-    def quarantine(self, path: Path) -> Path:
-        """Move a damaged file to <root>/quarantine/<its folder>/ (kept for inspection, never read as results)."""
-        rel = Path(path).relative_to(self.root).as_posix()
+    def quarantine(self, path: Path | str) -> Path | str:
+        """Move a damaged file to <root>/quarantine/<its folder>/ (kept for inspection, never read as results; on an
+        object store a copy, then a delete)."""
+        rel = (str(path)[len(self.root) + 1:] if self.remote else Path(path).relative_to(self.root).as_posix())
         dest = f"quarantine/{rel}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
         self.loc.move(rel, dest)
-        return self.root / dest
+        return self.loc.path(dest)
 
     def quarantine_damaged(self) -> list[tuple[Path, Path | None, str]]:
         """(launch, owning the location) Every damaged file moved aside, after a commit that retracts the trials it
@@ -719,13 +758,13 @@ class ResultsStore:
                 pass  # a link or file where a folder belongs: named, never followed; the user decides
             elif f.startswith("_log/") and _ENTRY.match(name):
                 if self.loc.lstat(f) is not None:
-                    dest = self.quarantine(self.root / f)
+                    dest = self.quarantine(self.loc.path(f))
                 # the commit's effect is unknown: a void entry keeps the log whole, its trials run again
                 self.loc.create_exclusive(f, json.dumps({"kind": "void", "was": why}).encode())
             elif self.loc.lstat(f) is not None:
-                dest = self.quarantine(self.root / f)
+                dest = self.quarantine(self.loc.path(f))
             note = why if not ids else f"{why}; {len(ids)} trial(s) run again"
-            moved.append((self.root / f, dest, note))
+            moved.append((self.loc.path(f), dest, note))
         if bad:
             self.forget()
         return moved
@@ -792,13 +831,21 @@ class ResultsStore:
         schema = pl.from_arrow(SCHEMAS[kind].empty_table()).schema
         parts = []
         for f, fids in by_file.items():
-            lf = pl.scan_parquet(str(self.root / f), schema=schema, missing_columns="insert", extra_columns="ignore")
+            lf = pl.scan_parquet(str(self.loc.path(f)), schema=schema, missing_columns="insert", extra_columns="ignore",
+                                 storage_options=self.loc.storage_options)
             parts.append(lf if st.sizes.get(f, (0, 1))[1] == len(fids) else lf.filter(pl.col("trial_id").is_in(fids)))
         rel = f"data/seg-{uuid.uuid4().hex}.{kind}.parquet"
-        tmp = self.root / "data" / f".{rel.split('/')[1]}.tmp"
+        tmp = (self.work if self.remote else self.root) / "data" / f".{rel.split('/')[1]}.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         frame = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
         frame.sink_parquet(tmp, compression="zstd", row_group_size=256 * 1024)
+        if self.remote:  # written whole by one PutObject
+            try:
+                data = tmp.read_bytes()
+                self.loc.write_new(rel, data)
+            finally:
+                tmp.unlink()
+            return {"path": rel, "size": len(data), "n": len(ids)}
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.root / rel)
@@ -829,7 +876,7 @@ class ResultsStore:
         moved = []
         for f, why, ids in st.legacy_bad:
             if self.loc.lstat(f) is not None:
-                moved.append((self.root / f, self.quarantine(self.root / f), f"{why}; its trial runs again"))
+                moved.append((self.loc.path(f), self.quarantine(self.loc.path(f)), f"{why}; its trial runs again"))
         records = []
         for tid, live in st.trials.items():
             rec = {"trial_id": tid, "status": live.status, "attempt": live.attempt,
@@ -844,6 +891,45 @@ class ResultsStore:
         self._commit({"kind": "trials", "token": owner, "trials": records, "migrated_from": "per-trial layout"})
         self.checkpoint()
         return moved
+
+
+class CacheMirror:
+    """The calibrated / ONNX checkpoint cache on an object store, under ``quantized/<key>/``: files copied through
+    pyarrow (multipart for large ones), ``meta.json`` last, so an entry whose ``meta.json`` exists is whole (the same
+    rule as the local cache). A failure to publish is logged, not fatal: the entry is only a cache."""
+
+    PREFIX = "quantized"
+
+    def __init__(self, loc):
+        self.loc = loc
+
+    def fetch(self, name: str, dest: Path) -> bool:
+        from pyarrow import fs
+
+        base = f"{self.PREFIX}/{name}"
+        if self.loc.lstat(f"{base}/meta.json") is None:
+            return False
+        infos = self.loc.fs.get_file_info(fs.FileSelector(self.loc._fs_path(base), recursive=True))
+        local = fs.LocalFileSystem()
+        files = sorted((i for i in infos if i.type == fs.FileType.File), key=lambda i: i.path.endswith("/meta.json"))
+        for info in files:
+            rel = info.path[len(self.loc._fs_path(base)) + 1:]
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.copy_files(info.path, str(dest / rel), source_filesystem=self.loc.fs, destination_filesystem=local)
+        return (dest / "meta.json").is_file()
+
+    def publish(self, name: str, folder: Path) -> None:
+        import logging
+
+        from pyarrow import fs
+
+        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == "meta.json")
+        try:
+            for p in files:
+                fs.copy_files(str(p), self.loc._fs_path(f"{self.PREFIX}/{name}/{p.relative_to(folder).as_posix()}"),
+                              source_filesystem=fs.LocalFileSystem(), destination_filesystem=self.loc.fs)
+        except Exception as e:  # noqa: BLE001 - this machine keeps its copy; another one makes its own
+            logging.getLogger(__name__).warning("checkpoint %s not copied to %s: %s", name, self.loc.root, e)
 
 
 def _study_json(doc: dict[str, Any]) -> str:

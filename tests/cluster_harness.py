@@ -166,7 +166,8 @@ class TwoNodeCluster:
     for results outside /tmp, made empty on start and removed on stop) and over each of ``hidden``."""
 
     def __init__(self, hidden: list[Path] | tuple[Path, ...] = (), base_port: int | None = None,
-                 head_cpus: int = 1, worker_cpus: int = 1, join_timeout_s: float = 120.0):
+                 head_cpus: int = 1, worker_cpus: int = 1, join_timeout_s: float = 120.0,
+                 head_env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None):
         self.base_port = int(base_port or os.environ.get(PORT_BASE_ENV) or 6400)
         # a results folder outside /tmp, so that its own tmpfs (not /tmp's) is what hides it; emptied on start
         self.results_root = Path(f"/var/tmp/swh-{self.base_port}-results")
@@ -177,6 +178,8 @@ class TwoNodeCluster:
         self.head_node_id: str | None = None
         self.worker_node_id: str | None = None
         self._procs: list[subprocess.Popen] = []
+        # variables for one node only (its raylet, hence its Ray workers): e.g. a bucket's credentials on the head
+        self.node_env = {"head": dict(head_env or {}), "worker": dict(worker_env or {})}
 
     @property
     def address(self) -> str:
@@ -252,7 +255,8 @@ class TwoNodeCluster:
     def _spawn(self, cmd: list[str], name: str) -> None:
         log = open(self.state_dir / f"{name}.log", "wb")
         # a session of its own: Ctrl-C in the test's terminal reaches the test, and stop() ends the node
-        self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+        self._procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**self._env(), **self.node_env.get(name, {})},
                                             cwd=self.state_dir, start_new_session=True))
         log.close()
 

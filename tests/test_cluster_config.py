@@ -18,5 +18,7 @@ def test_cluster_config_passes_rays_validation(name):
 
     validate_config(copy.deepcopy(config))
     validate_config(prepare_config(config))
-    # the launch shown writes results to the launching machine (workers need no mount); no URI until one is built
-    assert "--address auto" in text and "--results /home/ubuntu/results/" in text and "--results s3://" not in text
+    # the launch shown writes results to a bucket (the normal case: workers need no mount), with the s3 extra
+    # installed, and `ray job submit` beside `ray attach` where both are shown
+    assert "--address auto" in text and "--results s3://my-bucket/" in text and "[torchao,hqq,s3]" in text
+    assert "ray job submit" in text

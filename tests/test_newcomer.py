@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -19,6 +20,8 @@ from sweeper.launch import concurrent_slots
 from sweeper.scheduler import Progress
 from sweeper.study import Study
 from sweeper.trials import expand
+
+from helpers import moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 TUTORIAL = REPO / "docs" / "tutorial.md"
@@ -135,10 +138,12 @@ def test_readme_commands_run_from_a_bare_clone(clone):
         assert eval(snippet[-1], ns).height == 2  # decode_tok_s of the two trials
     finally:
         os.chdir(cwd)
-    # the cluster command needs a cluster and the hub: checked as far as a dry run goes
+    # the cluster command needs a cluster, the hub and a bucket: checked as far as a dry run goes, against moto's S3
     (cmd,) = [c for b in blocks(cluster, "bash") for c in sweep_lines(b)]
-    dry = run(clone, cmd + " --dry-run")
-    assert dry.returncode == 0 and "results in results/qwen" in dry.stdout, dry.stdout + dry.stderr
+    bucket = re.search(r"s3://([^/\s]+)/", cmd).group(1)
+    with moto_s3(bucket) as aws, mock.patch.dict(os.environ, aws):
+        dry = run(clone, cmd + " --dry-run")
+    assert dry.returncode == 0 and f"results in s3://{bucket}/qwen" in dry.stdout, dry.stdout + dry.stderr
 
 
 def test_tutorial_commands_run_in_order_from_a_bare_clone(clone):

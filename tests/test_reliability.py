@@ -16,6 +16,7 @@ import pytest
 from sweeper.results import open_results
 
 from helpers import committed_rows, fast_benchmark, read_trials, sweep, sweep_popen, write_study
+from helpers import wait_for as _wait_for
 
 SECRET = "hf_sweeper_test_secret_value_123"
 
@@ -32,15 +33,6 @@ def _study(path: Path, model: Path, precisions, name="rel", extra="") -> Path:
             {extra}
         )
     """)
-
-
-def _wait_for(pred, timeout=300.0, every=0.1):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 def _rows(results: Path) -> dict[str, bytes]:

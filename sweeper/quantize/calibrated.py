@@ -167,11 +167,12 @@ def calibrate(spec: Any, opts: dict[str, Any], device: str, tokenizer: Any, out_
     return seconds
 
 
-def ensure_folder(root: Path, name: str, make: Callable[[Path], Any]) -> tuple[Path, bool]:
+def ensure_folder(root: Path, name: str, make: Callable[[Path], Any], mirror: Any = None) -> tuple[Path, bool]:
     """``root/name``, made first by ``make(tmp folder)`` under a file lock if absent; (path, cache hit).
 
     ``make`` writes ``meta.json`` last, and the folder is renamed into place whole: a present ``meta.json`` means a
-    whole folder, and concurrent trials wanting it make it once."""
+    whole folder, and concurrent trials wanting it make it once. ``mirror`` (a results URI's ``cache_mirror``): a
+    folder the object store holds is fetched instead of made (a hit), and one made here is published to it."""
     final = root / name
     with _locked(root / f".{name}.lock"):
         if (final / "meta.json").is_file():
@@ -180,21 +181,27 @@ def ensure_folder(root: Path, name: str, make: Callable[[Path], Any]) -> tuple[P
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            make(tmp)
+            hit = mirror is not None and mirror.fetch(name, tmp)
+            if not hit:
+                make(tmp)
+                if mirror is not None:
+                    mirror.publish(name, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed export or calibration leaves nothing behind
             raise
         os.replace(tmp, final)
-        return final, False
+        return final, hit
 
 
 def ensure_checkpoint(spec: Any, opts: dict[str, Any], device: str, tokenizer: Any,
-                      store_root: str | os.PathLike | None) -> tuple[Path, dict[str, Any], bool]:
-    """The checkpoint folder for this trial's identity, calibrating it first if no trial has; (path, meta, cache hit)."""
+                      store_root: str | os.PathLike | None, mirror: Any = None) -> tuple[Path, dict[str, Any], bool]:
+    """The checkpoint folder for this trial's identity, calibrating it first if no trial has; (path, meta, cache hit).
+    ``mirror``: see :func:`ensure_folder`."""
     ident = identity(spec, opts, device)
     root = cache_root(store_root)
     log.info("AWQ checkpoint of %s under %s", spec.cell, root)
-    final, hit = ensure_folder(root, key_of(ident), lambda tmp: calibrate(spec, opts, device, tokenizer, tmp, ident))
+    final, hit = ensure_folder(root, key_of(ident), lambda tmp: calibrate(spec, opts, device, tokenizer, tmp, ident),
+                               mirror)
     return final, json.loads((final / "meta.json").read_text()), hit
 
 

@@ -144,16 +144,17 @@ def quantize_int8(source: Path, out_dir: Path, source_meta: dict[str, Any], iden
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _ensure(root: Path, ident: dict[str, Any], make) -> tuple[Path, dict[str, Any], bool]:
+def _ensure(root: Path, ident: dict[str, Any], make, mirror: Any = None) -> tuple[Path, dict[str, Any], bool]:
     """The cached folder for ``ident``, made by ``make(tmp_dir) -> meta`` if absent; (path, meta, cache hit)."""
     def make_with_meta(tmp: Path) -> None:
         (tmp / "meta.json").write_text(json.dumps(make(tmp), indent=2))  # last: its presence means a whole model
 
-    final, hit = ensure_folder(root, key_of(ident), make_with_meta)
+    final, hit = ensure_folder(root, key_of(ident), make_with_meta, mirror)
     return final, json.loads((final / "meta.json").read_text()), hit
 
 
-def ensure_model(spec: Any, int8: bool, store_root: str | os.PathLike | None) -> tuple[Path, dict[str, Any], list[dict]]:
+def ensure_model(spec: Any, int8: bool, store_root: str | os.PathLike | None,
+                 mirror: Any = None) -> tuple[Path, dict[str, Any], list[dict]]:
     """The ONNX model folder of this trial (exported and quantized first if no trial has); (folder, meta, metric rows).
 
     Metric rows: ``export_s`` (0 when the export was reused), ``export_cache_hit``; for int8 also ``quantize_s`` and
@@ -161,14 +162,14 @@ def ensure_model(spec: Any, int8: bool, store_root: str | os.PathLike | None) ->
     root = cache_root(store_root)
     ident = export_identity(spec)
     log.info("ONNX export of %s (cache %s)", spec.cell, root)
-    fp32_dir, meta, hit = _ensure(root, ident, lambda tmp: export_fp32(spec, tmp, ident))
+    fp32_dir, meta, hit = _ensure(root, ident, lambda tmp: export_fp32(spec, tmp, ident), mirror)
     rows = [{"stage": "load", "metric": "export_s", "value": 0.0 if hit else float(meta["export_s"]), "n": 1,
              "unit": "s"},
             {"stage": "load", "metric": "export_cache_hit", "value": float(hit), "unit": "bool"}]
     if not int8:
         return fp32_dir, meta, rows
     qident = int8_identity(spec)
-    q_dir, qmeta, qhit = _ensure(root, qident, lambda tmp: quantize_int8(fp32_dir, tmp, meta, qident))
+    q_dir, qmeta, qhit = _ensure(root, qident, lambda tmp: quantize_int8(fp32_dir, tmp, meta, qident), mirror)
     rows += [{"stage": "load", "metric": "quantize_s", "value": 0.0 if qhit else float(qmeta["quantize_s"]), "n": 1,
               "unit": "s"},
              {"stage": "load", "metric": "quantize_cache_hit", "value": float(qhit), "unit": "bool"}]

@@ -190,7 +190,8 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
 
         opts = precision.resolve_options(spec.precision_options)
         checkpoint, meta, hit = calibrated.ensure_checkpoint(spec, opts, device, tokenizer,
-                                                             getattr(store, "root", None))
+                                                             getattr(store, "cache_dir", getattr(store, "root", None)),
+                                                             getattr(store, "cache_mirror", None))
         metrics += [
             {"stage": "load", "metric": "calibration_s", "value": 0.0 if hit else float(meta["calibration_s"]),
              "n": 1, "unit": "s"},
@@ -247,7 +248,9 @@ def load_onnx(spec: TrialSpec, precision: precisions.Precision, device: str, sto
     from ..quantize import onnx_export
 
     tokenizer = load_tokenizer(spec)
-    folder, meta, metrics = onnx_export.ensure_model(spec, precision.onnx_int8, getattr(store, "root", None))
+    folder, meta, metrics = onnx_export.ensure_model(spec, precision.onnx_int8,
+                                                     getattr(store, "cache_dir", getattr(store, "root", None)),
+                                                     getattr(store, "cache_mirror", None))
     gc.collect()
     before = rss_bytes()
     t0 = time.perf_counter()
