@@ -47,6 +47,21 @@ def fast_kl() -> str:
     return "KLSettings(wiki_tokens=128, wiki_seq_len=64, max_prompts_per_category=1, gen_tokens=4, continuation_tokens=4)"
 
 
+def small_study(path: Path, model: Path, precisions, name: str, kl: str = "False", extra: str = "") -> Path:
+    """A study of one model over ``precisions`` at fp32 compute with the fast benchmark (``kl``: Python source)."""
+    return write_study(path, f"""
+        study = Study(
+            name={name!r},
+            models=[{str(model)!r}],
+            precisions={list(precisions)!r},
+            compute_dtypes=["fp32"],
+            benchmark={fast_benchmark()},
+            kl={kl},
+            {extra}
+        )
+    """)
+
+
 def read_trials(results: Path) -> pl.DataFrame:
     """The committed trial rows of a results folder (docs/store.md)."""
     from sweeper.results import open_results

@@ -15,24 +15,14 @@ import pytest
 
 from sweeper.results import open_results
 
-from helpers import committed_rows, fast_benchmark, read_trials, sweep, sweep_popen, write_study
+from helpers import committed_rows, fast_benchmark, read_trials, small_study, sweep, sweep_popen, write_study
 from helpers import wait_for as _wait_for
 
 SECRET = "hf_sweeper_test_secret_value_123"
 
 
 def _study(path: Path, model: Path, precisions, name="rel", extra="") -> Path:
-    return write_study(path, f"""
-        study = Study(
-            name={name!r},
-            models=[{str(model)!r}],
-            precisions={list(precisions)!r},
-            compute_dtypes=["fp32"],
-            benchmark={fast_benchmark()},
-            kl=False,
-            {extra}
-        )
-    """)
+    return small_study(path, model, precisions, name, extra=extra)
 
 
 def _rows(results: Path) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fast_benchmark, fast_kl, moto_s3, sweep, sweep_popen, wait_for, write_study
+from helpers import fast_benchmark, fast_kl, moto_s3, small_study, sweep, sweep_popen, wait_for, write_study
 
 pytest.importorskip("moto")
 boto3 = pytest.importorskip("boto3")
@@ -29,16 +29,7 @@ def s3(tmp_path, monkeypatch):
 
 
 def _study(path: Path, model: Path, precisions, name="s3rel", kl="False") -> Path:
-    return write_study(path, f"""
-        study = Study(
-            name={name!r},
-            models=[{str(model)!r}],
-            precisions={list(precisions)!r},
-            compute_dtypes=["fp32"],
-            benchmark={fast_benchmark()},
-            kl={kl},
-        )
-    """)
+    return small_study(path, model, precisions, name, kl=kl)
 
 
 def _committed(uri: str) -> dict[str, bytes]:
