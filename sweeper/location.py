@@ -374,6 +374,30 @@ class ObjectStore:
         self.s3.delete_object(Bucket=self.bucket, Key=self._key(rel))
 
     @_guard
+    def download_tree(self, rel: str, dest: Path, last: str) -> None:
+        """Every object under "folder" ``rel`` into local folder ``dest`` (multipart for large ones), the object
+        named ``last`` (relative to ``rel``) last."""
+        from pyarrow import fs
+
+        base = self._fs_path(rel)
+        infos = self.fs.get_file_info(fs.FileSelector(base, recursive=True))
+        local = fs.LocalFileSystem()
+        for info in sorted((i for i in infos if i.type == fs.FileType.File), key=lambda i: i.path == f"{base}/{last}"):
+            target = dest / info.path[len(base) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.copy_files(info.path, str(target), source_filesystem=self.fs, destination_filesystem=local)
+
+    @_guard
+    def upload_tree(self, folder: Path, rel: str, last: str) -> None:
+        """Every file under local ``folder`` to "folder" ``rel`` of this location, the file named ``last`` last."""
+        from pyarrow import fs
+
+        local = fs.LocalFileSystem()
+        for p in sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p == folder / last):
+            fs.copy_files(str(p), self._fs_path(f"{rel}/{p.relative_to(folder).as_posix()}"),
+                          source_filesystem=local, destination_filesystem=self.fs)
+
+    @_guard
     def move(self, rel: str, dest_rel: str) -> None:
         """Copy, then delete: an object store has no rename (a crash between the two leaves both; the copy is in
         quarantine/ and never read as results, the original is found damaged again and moved again)."""

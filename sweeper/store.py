@@ -599,19 +599,21 @@ class ResultsStore:
                 by_file.setdefault(f, []).append(tid)
         if not by_file:
             return None
-        schema = pl.from_arrow(SCHEMAS[kind].empty_table()).schema
-        opts = self.loc.storage_options  # an object store: Polars reads it directly, with its endpoint
-        whole = [str(self.loc.path(f)) for f, ids in by_file.items() if st.sizes.get(f, (0, 1))[1] == len(ids)]
-        parts = []
-        if whole:
-            parts.append(pl.scan_parquet(whole, schema=schema, missing_columns="insert", extra_columns="ignore",
-                                         storage_options=opts))
+        whole = [f for f, ids in by_file.items() if st.sizes.get(f, (0, 1))[1] == len(ids)]
+        parts = [self._scan_files(kind, whole)] if whole else []
         for f, ids in by_file.items():
             if st.sizes.get(f, (0, 1))[1] != len(ids):
-                parts.append(pl.scan_parquet(str(self.loc.path(f)), schema=schema, missing_columns="insert",
-                                             extra_columns="ignore", storage_options=opts)
-                             .filter(pl.col("trial_id").is_in(ids)))
+                parts.append(self._scan_files(kind, [f]).filter(pl.col("trial_id").is_in(ids)))
         return parts[0] if len(parts) == 1 else pl.concat(parts, how="vertical")
+
+    def _scan_files(self, kind: str, files: list[str]):
+        """A lazy scan of data files ``files`` (relative to the location) of ``kind``, in its schema (a column an
+        older file lacks reads as nulls); an object store is read by Polars itself, with its endpoint."""
+        import polars as pl
+
+        schema = pl.from_arrow(SCHEMAS[kind].empty_table()).schema
+        return pl.scan_parquet([str(self.loc.path(f)) for f in files], schema=schema, missing_columns="insert",
+                               extra_columns="ignore", storage_options=self.loc.storage_options)
 
     # ------------------------------------------------------------------------------------------------ checking
     def _check_file(self, rel: str, kind: str, size: int | None, n: int, trial_id: str | None,
@@ -828,14 +830,12 @@ class ResultsStore:
         by_file: dict[str, list[str]] = {}
         for t in ids:
             by_file.setdefault(st.trials[t].files[kind], []).append(t)
-        schema = pl.from_arrow(SCHEMAS[kind].empty_table()).schema
         parts = []
         for f, fids in by_file.items():
-            lf = pl.scan_parquet(str(self.loc.path(f)), schema=schema, missing_columns="insert", extra_columns="ignore",
-                                 storage_options=self.loc.storage_options)
+            lf = self._scan_files(kind, [f])
             parts.append(lf if st.sizes.get(f, (0, 1))[1] == len(fids) else lf.filter(pl.col("trial_id").is_in(fids)))
         rel = f"data/seg-{uuid.uuid4().hex}.{kind}.parquet"
-        tmp = (self.work if self.remote else self.root) / "data" / f".{rel.split('/')[1]}.tmp"
+        tmp = self.work / "data" / f".{rel.split('/')[1]}.tmp"  # a folder's work is the folder itself
         tmp.parent.mkdir(parents=True, exist_ok=True)
         frame = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
         frame.sink_parquet(tmp, compression="zstd", row_group_size=256 * 1024)
@@ -904,30 +904,17 @@ class CacheMirror:
         self.loc = loc
 
     def fetch(self, name: str, dest: Path) -> bool:
-        from pyarrow import fs
-
         base = f"{self.PREFIX}/{name}"
         if self.loc.lstat(f"{base}/meta.json") is None:
             return False
-        infos = self.loc.fs.get_file_info(fs.FileSelector(self.loc._fs_path(base), recursive=True))
-        local = fs.LocalFileSystem()
-        files = sorted((i for i in infos if i.type == fs.FileType.File), key=lambda i: i.path.endswith("/meta.json"))
-        for info in files:
-            rel = info.path[len(self.loc._fs_path(base)) + 1:]
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.copy_files(info.path, str(dest / rel), source_filesystem=self.loc.fs, destination_filesystem=local)
+        self.loc.download_tree(base, dest, last="meta.json")
         return (dest / "meta.json").is_file()
 
     def publish(self, name: str, folder: Path) -> None:
         import logging
 
-        from pyarrow import fs
-
-        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == "meta.json")
         try:
-            for p in files:
-                fs.copy_files(str(p), self.loc._fs_path(f"{self.PREFIX}/{name}/{p.relative_to(folder).as_posix()}"),
-                              source_filesystem=fs.LocalFileSystem(), destination_filesystem=self.loc.fs)
+            self.loc.upload_tree(folder, f"{self.PREFIX}/{name}", last="meta.json")
         except Exception as e:  # noqa: BLE001 - this machine keeps its copy; another one makes its own
             logging.getLogger(__name__).warning("checkpoint %s not copied to %s: %s", name, self.loc.root, e)
 
