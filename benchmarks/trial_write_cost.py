@@ -4,7 +4,9 @@ over ``--trials`` trials, into a local folder or an object store location (docs/
 
     python benchmarks/trial_write_cost.py --out /tmp/write_cost --trials 200            # a local folder
     python benchmarks/trial_write_cost.py --moto --out s3://bench/wcost --trials 200    # moto's S3 server, started here
+    python benchmarks/trial_write_cost.py --gcs --out gs://bench/wcost --trials 200     # fake-gcs-server, started here
     python benchmarks/trial_write_cost.py --out s3://BUCKET/PREFIX --trials 200         # any S3 (AWS_* environment)
+    python benchmarks/trial_write_cost.py --out gs://BUCKET/PREFIX --trials 200         # GCS (application default)
 """
 from __future__ import annotations
 
@@ -41,11 +43,9 @@ def samples(tid: str, rng) -> pa.Table:
 def stored_bytes(store) -> int:
     if not store.remote:
         return sum(f.stat().st_size for f in Path(store.root).rglob("*") if f.is_file())
-    import boto3
+    from pyarrow import fs
 
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(
-        Bucket=store.loc.bucket, Prefix=store.loc.prefix + "/")
-    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+    return sum(i.size or 0 for i in store.loc.fs.get_file_info(fs.FileSelector(store.loc._fs_path(""), recursive=True)))
 
 
 def main() -> None:
@@ -53,18 +53,21 @@ def main() -> None:
     from sweeper.store import ResultsStore
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, help="a folder (emptied first) or s3://bucket/prefix (a fresh prefix)")
+    ap.add_argument("--out", required=True, help="a folder (emptied first), s3:// or gs://bucket/prefix (a fresh "
+                    "prefix)")
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--moto", action="store_true", help="start moto's S3 server here and create the bucket")
+    ap.add_argument("--gcs", action="store_true", help="start fake-gcs-server here and create the bucket")
     a = ap.parse_args()
     if not is_uri(a.out):
         shutil.rmtree(a.out, ignore_errors=True)
     with contextlib.ExitStack() as stack:
-        if a.moto:  # the tests' moto server (tests/helpers.py): a free port of 127.0.0.1 outside 6000-6999
+        if a.moto or a.gcs:  # the tests' servers (tests/helpers.py): a free port of 127.0.0.1 outside 6000-6999
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from helpers import moto_s3
+            from helpers import fake_gcs, moto_s3
 
-            os.environ.update(stack.enter_context(moto_s3(a.out.split("://", 1)[1].split("/", 1)[0])))
+            server = moto_s3 if a.moto else fake_gcs
+            os.environ.update(stack.enter_context(server(a.out.split("://", 1)[1].split("/", 1)[0])))
         run(a, ResultsStore(a.out))
 
 
@@ -84,7 +87,8 @@ def run(a, store) -> None:
         store.compact()  # as the launch does after each result
     size = stored_bytes(store) / a.trials / 2**20
     q = statistics.quantiles(times, n=10)
-    where = ("moto S3 server on 127.0.0.1" if a.moto else "object store") if store.remote else "local folder"
+    server = "moto S3 server" if a.moto else "fake-gcs-server" if a.gcs else None
+    where = (f"{server} on 127.0.0.1" if server else "object store") if store.remote else "local folder"
     print(f"{a.trials} trials into {a.out} ({where}): median {statistics.median(times) * 1e3:.1f} ms per trial, "
           f"p10 {q[0] * 1e3:.1f} ms, p90 {q[-1] * 1e3:.1f} ms; CPU median {statistics.median(cpu) * 1e3:.1f} ms; "
           f"{size:.2f} MiB per trial on disk; load average {os.getloadavg()[0]:.1f}")

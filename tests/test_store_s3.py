@@ -1,5 +1,6 @@
 """A results location on an object store (issue 18): `--results s3://bucket/study` against moto's S3 server, started
-by the test on 127.0.0.1 (docs/store.md, "Object stores")."""
+by the test on 127.0.0.1 (docs/store.md, "Object stores"). The tests whose body is the same for every object store
+take the ``bucket`` fixture (helpers.Bucket); tests/test_store_gcs.py runs them again on gs://."""
 from __future__ import annotations
 
 import json
@@ -10,22 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fast_benchmark, fast_kl, moto_s3, small_study, sweep, sweep_popen, wait_for, write_study
-
-pytest.importorskip("moto")
-boto3 = pytest.importorskip("boto3")
+from helpers import S3Bucket, fast_benchmark, fast_kl, moto_s3, small_study, sweep, sweep_popen, wait_for, write_study
 
 BUCKET = "sweeper-test"
 
 
 @pytest.fixture()
-def s3(tmp_path, monkeypatch):
+def bucket(tmp_path, monkeypatch):
     """moto's S3 server with a bucket, and the AWS environment the `sweep` subprocesses (and this process) use."""
+    pytest.importorskip("moto")
+    pytest.importorskip("boto3")
     with moto_s3(BUCKET) as env:
         for k, v in {**env, "SWEEPER_WORK_DIR": str(tmp_path / "work")}.items():
             monkeypatch.setenv(k, v)
         monkeypatch.delenv("AWS_PROFILE", raising=False)
-        yield boto3.client("s3")
+        yield S3Bucket(BUCKET, env)
 
 
 def _study(path: Path, model: Path, precisions, name="s3rel", kl="False") -> Path:
@@ -40,30 +40,29 @@ def _committed(uri: str) -> dict[str, bytes]:
     return {tid: store.loc.read_bytes(live.files["trials"]) for tid, live in store.state().trials.items()}
 
 
-def _counting_commits(client, prefix: str) -> dict[str, int]:
+def _counting_commits(bucket, prefix: str) -> dict[str, int]:
     """trial_id -> how many commits that count (not fenced) name it, read from the log objects themselves."""
     from sweeper.store import ResultsStore
 
-    fenced = set(ResultsStore(f"s3://{BUCKET}/{prefix}").state().fenced)
+    fenced = set(ResultsStore(bucket.uri(prefix)).state().fenced)
     n: dict[str, int] = {}
-    for obj in client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_log/").get("Contents", []):
-        key = obj["Key"]
+    for key in bucket.keys(f"{prefix}/_log/"):
         if not key.endswith(".json") or int(key.rsplit("/", 1)[1][:20]) in fenced:
             continue
-        entry = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        entry = json.loads(bucket.get(key))
         if entry.get("kind") == "trials":
             for t in entry["trials"]:
                 n[t["trial_id"]] = n.get(t["trial_id"], 0) + 1
     return n
 
 
-def test_s3_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_model, s3):
-    """On s3://: a SIGKILLed launch resumes with every trial done exactly once (one counting commit each, finished
-    rows untouched); status, results --sql and report read the location; a damaged object is named (exit 2), then
+def test_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_model, bucket):
+    """On the object store: a SIGKILLed launch resumes with every trial done exactly once (one counting commit each,
+    finished rows untouched); status, results --sql and report read the location; a damaged object is named (exit 2), then
     quarantined (copied aside, deleted) and its trial rerun by the next launch."""
     precisions = ["fp32", "bf16", "int8", "nf4"]
-    study = _study(tmp_path / "s.py", tiny_model, precisions)
-    uri = f"s3://{BUCKET}/study"
+    study = _study(tmp_path / "s.py", tiny_model, precisions, name=f"{bucket.scheme}rel")
+    uri = bucket.uri("study")
     proc = sweep_popen("launch", str(study), "--results", uri, "--max-concurrent", "1")
     try:
         assert wait_for(lambda: len(_committed(uri)) >= 1 or proc.poll() is not None, timeout=300)
@@ -83,9 +82,9 @@ def test_s3_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_
     assert len(after) == len(precisions)
     for tid, data in finished.items():
         assert after[tid] == data, f"{tid}'s row changed after it was finished"
-    assert _counting_commits(s3, "study") == {tid: 1 for tid in after}
+    assert _counting_commits(bucket, "study") == {tid: 1 for tid in after}
     # nothing of the location landed in the working directory or beside it
-    assert not list(tmp_path.glob("s3*")) and not (tmp_path / "results").exists()
+    assert not list(tmp_path.glob(f"{bucket.scheme}*")) and not (tmp_path / "results").exists()
 
     r = sweep("status", uri)
     assert r.returncode == 0 and f"{len(precisions)} done, 0 failed, 0 pending" in r.stdout, r.stdout + r.stderr
@@ -95,48 +94,45 @@ def test_s3_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_
     html = tmp_path / "report.html"
     r = sweep("report", uri, "-o", str(html))
     assert r.returncode == 0, r.stderr
-    assert "s3rel" in html.read_text() and uri in html.read_text()
+    assert f"{bucket.scheme}rel" in html.read_text() and uri in html.read_text()
 
     # a committed data object overwritten with garbage: named by `sweep results`, quarantined by `sweep launch`
     from sweeper.store import ResultsStore
 
     victim_rel = ResultsStore(uri).state().trials[sorted(after)[0]].files["metrics"]
-    s3.put_object(Bucket=BUCKET, Key=f"study/{victim_rel}", Body=b"not parquet at all")
+    bucket.put(f"study/{victim_rel}", b"not parquet at all")
     r = sweep("results", uri)
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1 and f"{uri}/{victim_rel}" in err[0], r.stderr
     r = sweep("launch", str(study), "--results", uri)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"damaged result file {uri}/{victim_rel}" in r.stderr
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="study/quarantine/")["Contents"]]
+    keys = bucket.keys("study/quarantine/")
     assert any(k.startswith(f"study/quarantine/{victim_rel}.") for k in keys)
-    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix=f"study/{victim_rel}").get("KeyCount")
+    assert not bucket.keys(f"study/{victim_rel}")
     r = sweep("status", uri)
     assert r.returncode == 0 and f"{len(precisions)} done" in r.stdout, r.stdout + r.stderr
     # the credentials are in no object of the location and in no output
-    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), os.environ["AWS_ACCESS_KEY_ID"].encode()]
-    for obj in s3.list_objects_v2(Bucket=BUCKET, Prefix="study/")["Contents"]:
-        body = s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
-        assert not any(x in body for x in secrets), obj["Key"]
+    secrets = [x.encode() for x in bucket.secrets]
+    for key in bucket.keys("study/"):
+        assert not any(x in bucket.get(key) for x in secrets), key
     assert not any(x.decode() in out + r.stdout + r.stderr for x in secrets)
 
 
-def test_s3_one_launch_per_location_stale_lease_and_fencing(tmp_path, tiny_model, s3, monkeypatch):
+def test_one_launch_per_location_stale_lease_and_fencing(tmp_path, tiny_model, bucket, monkeypatch):
     """Two launches on one URI: the second exits 2 naming the holder. A killed launch's lease goes stale and is
     taken over; a commit under the old owner's token is then refused to its writer and ignored by readers."""
     from sweeper.store import OwnershipLost, ResultsStore
 
     study = _study(tmp_path / "s.py", tiny_model, ["fp32", "bf16", "int8"])
-    uri = f"s3://{BUCKET}/locked"
+    uri = bucket.uri("locked")
     env = {"SWEEPER_LEASE_STALE_S": "4"}
     monkeypatch.setenv("SWEEPER_LEASE_STALE_S", "4")  # sweep_popen's launch inherits it
     proc = sweep_popen("launch", str(study), "--results", uri, "--max-concurrent", "1")
     try:
         def lease():
-            try:
-                return json.loads(s3.get_object(Bucket=BUCKET, Key="locked/_lock.json")["Body"].read())
-            except s3.exceptions.NoSuchKey:
-                return None
+            data = bucket.get("locked/_lock.json")
+            return json.loads(data) if data is not None else None
 
         assert wait_for(lambda: lease() is not None, timeout=120)
         old = lease()
@@ -172,20 +168,20 @@ def test_s3_one_launch_per_location_stale_lease_and_fencing(tmp_path, tiny_model
     assert len(fresh.state().trials) == 3 and not fresh.damaged_files()
 
 
-def test_s3_kl_reference_goes_through_the_bucket(tmp_path, tiny_model, s3):
-    """With KL on and an s3:// location, the baseline's reference is uploaded to refs/ with its commit, and the
+def test_kl_reference_goes_through_the_bucket(tmp_path, tiny_model, bucket):
+    """With KL on and an object store location, the baseline's reference is uploaded to refs/ with its commit, and the
     other trial reads it from there (a local copy fetched from the bucket), measuring KL against it."""
     from sweeper.store import ResultsStore
 
-    study = _study(tmp_path / "s.py", tiny_model, ["fp32", "int8"], name="s3kl", kl=fast_kl())
-    uri = f"s3://{BUCKET}/kl"
+    study = _study(tmp_path / "s.py", tiny_model, ["fp32", "int8"], name=f"{bucket.scheme}kl", kl=fast_kl())
+    uri = bucket.uri("kl")
     r = sweep("launch", str(study), "--results", uri)
     assert r.returncode == 0, r.stdout + r.stderr
     st = ResultsStore(uri).state()
     refs = {live.ref for live in st.trials.values() if live.ref}
     assert len(st.trials) == 2 and {live.status for live in st.trials.values()} == {"done"}
     (ref,) = refs
-    assert s3.head_object(Bucket=BUCKET, Key=f"kl/{ref}")["ContentLength"] == st.sizes[ref][0]
+    assert bucket.size(f"kl/{ref}") == st.sizes[ref][0]
     from sweeper.results import open_results
 
     m = open_results(uri).metrics.collect()
@@ -193,17 +189,17 @@ def test_s3_kl_reference_goes_through_the_bucket(tmp_path, tiny_model, s3):
     assert kl_rows.height and kl_rows["trial_id"].n_unique() == 2, m.filter(m["stage"] == "kl")
 
 
-def test_s3_exclusive_create_and_lease_takeover_races(s3, monkeypatch):
+def test_exclusive_create_and_lease_takeover_races(bucket, monkeypatch):
     """The two conditional writes under racing writers: of 8 threads creating one commit object exactly one wins
-    (If-None-Match); of 4 launches taking over one stale lease at once exactly one owns it and the others are refused
-    naming it (If-Match on the ETag they all saw), in each of 5 rounds."""
+    (S3: If-None-Match, GCS: ifGenerationMatch=0); of 4 launches taking over one stale lease at once exactly one owns
+    it and the others are refused naming it (a write conditional on the version they all saw), in each of 5 rounds."""
     import threading
 
     from sweeper.errors import UserError
     from sweeper.location import open_location
     from sweeper.lock import LeaseLock
 
-    loc = open_location(f"s3://{BUCKET}/race")
+    loc = open_location(bucket.uri("race"))
     for round_ in range(5):
         wins, barrier = [], threading.Barrier(8)
 
@@ -322,14 +318,14 @@ def test_s3_an_unreachable_location_is_an_error_never_damage(tmp_path, monkeypat
     assert r.returncode == 2 and len(err) == 1 and f"results location {uri}: cannot use it" in err[0], r.stderr
 
 
-def test_s3_compaction_segments_and_checkpoint(s3):
+def test_compaction_segments_and_checkpoint(bucket):
     """Past COMPACT_TAIL per-trial commits the owner merges them on the bucket (Polars reads the objects, the segment
     is one PutObject) and writes a checkpoint; a fresh reader starts from it and sees every trial's rows once."""
     import pyarrow as pa
 
     from sweeper.store import COMPACT_TAIL, SAMPLES_SCHEMA, ResultsStore
 
-    uri = f"s3://{BUCKET}/compact"
+    uri = bucket.uri("compact")
     store = ResultsStore(uri)
     store.take_over("owner")
     n = COMPACT_TAIL + 6
@@ -352,7 +348,7 @@ def test_s3_compaction_segments_and_checkpoint(s3):
     assert sorted(m["value"].to_list()) == [float(i) for i in range(n)] and s.height == 3 * n
 
 
-def test_s3_a_server_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
+def test_s3_a_server_that_ignores_conditional_writes_is_refused(bucket, monkeypatch):
     """A server that ignores If-None-Match (simulated: the header dropped before the request leaves the client) would
     let two commits take one number: the launch's lock refuses the location, naming why."""
     from sweeper.errors import UserError
@@ -364,15 +360,15 @@ def test_s3_a_server_that_ignores_conditional_writes_is_refused(s3, monkeypatch)
                                                                        if k != "IfNoneMatch"}))
     with pytest.raises(UserError, match="ignores conditional writes"):
         lock.acquire(heartbeat=False)
-    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix="lax/").get("KeyCount")  # the probe removed, no lease
+    assert not bucket.keys("lax/")  # the probe removed, no lease
     monkeypatch.undo()
 
 
-def test_s3_bad_locations_and_fresh_exit_2_with_one_line(tmp_path, tiny_model, s3):
-    """A scheme other than s3://, a bucket that does not exist, and --fresh on a URI (an object store cannot move a
-    study aside): exit 2, one line naming the input and what is allowed; nothing written."""
+def test_s3_bad_locations_and_fresh_exit_2_with_one_line(tmp_path, tiny_model, bucket):
+    """A scheme other than s3:// and gs:// (hdfs://), a bucket that does not exist, and --fresh on a URI (an object
+    store cannot move a study aside): exit 2, one line naming the input and what is allowed; nothing written."""
     study = _study(tmp_path / "s.py", tiny_model, ["fp32"])
-    cases = [(("results", "gs://bucket/study"), "give a folder path or s3://bucket/prefix"),
+    cases = [(("results", "hdfs://namenode/study"), "give a folder path, s3://bucket/prefix or gs://bucket/prefix"),
              (("launch", str(study), "--results", "s3://no-such-bucket/x"), "NoSuchBucket"),
              (("launch", str(study), "--results", f"s3://{BUCKET}/fresh", "--fresh"), "give a new prefix instead"),
              (("launch", str(study), "--results", f"s3://{BUCKET}/fresh", "--fresh", "--dry-run"), "new prefix")]
@@ -380,17 +376,17 @@ def test_s3_bad_locations_and_fresh_exit_2_with_one_line(tmp_path, tiny_model, s
         r = sweep(*args)
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1 and want in err[0], (args, r.stdout + r.stderr)
-    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix="fresh/").get("KeyCount")
+    assert not bucket.keys("fresh/")
 
 
-def test_s3_checkpoint_cache_is_published_to_and_filled_from_the_bucket(tmp_path, s3):
+def test_checkpoint_cache_is_published_to_and_filled_from_the_bucket(tmp_path, bucket):
     """The calibrated / ONNX cache of a URI location: a folder made on one machine is published under quantized/
     (meta.json last); another machine's empty cache is filled from the bucket instead of calibrating again; an entry
     without meta.json (a publish cut short) is not taken."""
     from sweeper.quantize.calibrated import ensure_folder
     from sweeper.store import ResultsStore
 
-    mirror = ResultsStore(f"s3://{BUCKET}/cache").cache_mirror
+    mirror = ResultsStore(bucket.uri("cache")).cache_mirror
     made = []
 
     def make(tmp):
@@ -402,27 +398,27 @@ def test_s3_checkpoint_cache_is_published_to_and_filled_from_the_bucket(tmp_path
 
     first, hit = ensure_folder(tmp_path / "machine-a", "key1", make, mirror)
     assert not hit and len(made) == 1
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="cache/quantized/")["Contents"]}
+    keys = set(bucket.keys("cache/quantized/"))
     assert keys == {f"cache/quantized/key1/{f}" for f in ("weights.pt", "sub/x.bin", "meta.json")}
     second, hit = ensure_folder(tmp_path / "machine-b", "key1", make, mirror)
     assert hit and len(made) == 1, "filled from the bucket, not made again"
     for f in ("weights.pt", "sub/x.bin", "meta.json"):
         assert (second / f).read_bytes() == (first / f).read_bytes()
-    s3.delete_object(Bucket=BUCKET, Key="cache/quantized/key1/meta.json")
+    bucket.delete("cache/quantized/key1/meta.json")
     _, hit = ensure_folder(tmp_path / "machine-c", "key1", make, mirror)
     assert not hit and len(made) == 2
 
 
-def test_s3_awq_checkpoint_lands_in_the_bucket(tmp_path, tiny_model, shared_data, s3):
-    """A calibrated precision launched into s3://: its AWQ checkpoint is published under quantized/ of the location
-    (so a relaunch on another machine does not calibrate again)."""
+def test_awq_checkpoint_lands_in_the_bucket(tmp_path, tiny_model, shared_data, bucket):
+    """A calibrated precision launched into the object store: its AWQ checkpoint is published under quantized/ of the
+    location (so a relaunch on another machine does not calibrate again)."""
     study = write_study(tmp_path / "s.py", f"""
-        study = Study(name="s3awq", models=[{str(tiny_model)!r}], precisions=["awq4"], compute_dtypes=["fp32"],
-                      benchmark={fast_benchmark()}, kl=False,
+        study = Study(name="{bucket.scheme}awq", models=[{str(tiny_model)!r}], precisions=["awq4"],
+                      compute_dtypes=["fp32"], benchmark={fast_benchmark()}, kl=False,
                       precision_options={{"awq4": {{"group_size": 64, "calib_samples": 2, "calib_seq_len": 64,
                                                    "scale_search": 4}}}})
     """)
-    r = sweep("launch", str(study), "--results", f"s3://{BUCKET}/awq")
+    r = sweep("launch", str(study), "--results", bucket.uri("awq"))
     assert r.returncode == 0, r.stdout + r.stderr
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="awq/quantized/")["Contents"]]
+    keys = bucket.keys("awq/quantized/")
     assert any(k.endswith("/meta.json") for k in keys) and any(k.endswith("/weights.pt") for k in keys), keys
