@@ -1,8 +1,7 @@
 """Where a results store lives, and the few file operations the store needs there (docs/store.md).
 
 A local folder (:class:`Local`) or an object store URI (:class:`ObjectStore`: ``s3://bucket/prefix``,
-``gs://bucket/prefix``). Every
-operation the store's guarantees rest on is here and nowhere else: a data file written
+``gs://bucket/prefix``). Every operation the store's guarantees rest on is here and nowhere else: a data file written
 whole under a name nobody reads yet, an exclusive create (the commit), an ``lstat`` before any open (so a FIFO, a
 device or a link is never opened), and an open that can neither follow a link nor block.
 """
