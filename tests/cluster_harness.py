@@ -296,6 +296,15 @@ class TwoNodeCluster:
                                f"{self.log_tail('worker')}")
         self.head_node_id, self.worker_node_id = nodes[HEAD_RESOURCE], nodes[WORKER_RESOURCE]
 
+    def kill_worker_node(self) -> list[int]:
+        """SIGKILL every process of the worker node (its mount namespace), as when its machine dies; their pids."""
+        mark = {f"/var/tmp/swh-{self.base_port}-results"}  # mounted in the worker node's namespace only
+        killed = [pid for pid in members(self.base_port) if _tagged(pid, mark)]
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return killed
+
     def log_tail(self, name: str, n: int = 2000) -> str:
         try:
             return (self.state_dir / f"{name}.log").read_text(errors="replace")[-n:]
