@@ -14,21 +14,22 @@ from sweeper.errors import WarmWorkerDied
 from sweeper.store import ResultsStore
 from sweeper.study import Benchmark, Perplexity, Study
 from sweeper.trials import expand
-from sweeper.warm_actors import WarmRegistry
 
 from helpers import committed_rows, read_trials, sweep, sweep_popen, wait_for, write_study
 
-# llama-4m x 6 precisions x 3 compute dtypes = 12 quick trials of one CPU (benchmarks/warm_nodes.py's study)
+# llama-4m x 6 precisions x 3 compute dtypes = 12 trials of one CPU (benchmarks/warm_nodes.py's study, with more new
+# tokens: 48 make a trial of 1-3 s, so that the node whose first trial waits longer still runs several)
 STUDY = """
     study = Study(name="warm-actors", models=[{model!r}], precisions=["fp32", "bf16", "fp16", "int8", "nf4", "fp4"],
                   compute_dtypes=["fp32", "bf16", "fp16"], kl=False, resources=Resources(cpus_per_trial=1),
-                  benchmark=Benchmark(prompt_tokens=16, new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=0))
+                  benchmark=Benchmark(prompt_tokens=16, new_tokens={new_tokens}, batch_sizes=(1, 2), repeats=2, warmup=0))
 """
 
 
-def _harness_study(tmp_path: Path, shared_data: Path) -> Path:
+def _harness_study(tmp_path: Path, shared_data: Path, new_tokens: int = 48) -> Path:
     # the shared model: the worker node sees /work/shared, not this machine's /tmp (where tiny_model lives)
-    return write_study(tmp_path / "study.py", STUDY.format(model=str(shared_data / "models" / "llama-4m")))
+    return write_study(tmp_path / "study.py", STUDY.format(model=str(shared_data / "models" / "llama-4m"),
+                                                           new_tokens=new_tokens))
 
 
 def _startup(results: Path, rows) -> dict[str, float]:
@@ -62,6 +63,14 @@ def test_trials_on_every_node_run_in_warm_processes(tmp_path, shared_data, two_n
         medians[node] = statistics.median(startup[r["trial_id"]] for r in mine)
     head, worker = medians[cluster.head_node_id], medians[cluster.worker_node_id]
     assert worker <= 1.5 * head or max(head, worker) < 0.5, medians
+    # nothing outlives the launch: no warm actor process is left on either node
+    from cluster_harness import members
+
+    def warm_actor_processes() -> list[int]:
+        return [pid for pid in members(cluster.base_port)
+                if b"WarmActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    assert wait_for(lambda: not warm_actor_processes(), timeout=30), warm_actor_processes()
 
 
 def test_killing_the_worker_node_mid_sweep_still_completes_it(tmp_path, shared_data, two_node_cluster):
@@ -69,8 +78,9 @@ def test_killing_the_worker_node_mid_sweep_still_completes_it(tmp_path, shared_d
     sweep completes on the head, every trial done once (main: that node's trials were cold, so no warm process died)."""
     cluster = two_node_cluster
     results = cluster.results_root / "s"
-    proc = sweep_popen("launch", str(_harness_study(tmp_path, shared_data)), "--address", cluster.address,
-                       "--results", str(results))
+    # trials of 3-10 s: the worker node's first warm row comes while most of the sweep is still ahead
+    study = _harness_study(tmp_path, shared_data, new_tokens=192)
+    proc = sweep_popen("launch", str(study), "--address", cluster.address, "--results", str(results))
 
     def warm_on_worker() -> bool:
         if not committed_rows(results):
@@ -88,7 +98,7 @@ def test_killing_the_worker_node_mid_sweep_still_completes_it(tmp_path, shared_d
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out[-4000:]
+    assert proc.returncode == 0, out[-20000:]
     t = read_trials(results)
     assert t.height == 12 and set(t["status"]) == {"done"} and t["trial_id"].n_unique() == 12
     ended = (t["load_started_at"] + t["duration_s"]).to_list()
@@ -195,7 +205,7 @@ def test_gpu_warm_actors_see_only_the_gpu_ray_names_on_their_node(tiny_model, lo
     processes.)"""
     import dataclasses
 
-    from sweeper.warm_actors import start
+    from sweeper.warm_actors import WarmRegistry, start
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the raylet's, inherited by every worker of the node
     ray = local_ray(num_cpus=2, num_gpus=2)
