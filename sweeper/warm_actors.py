@@ -3,19 +3,24 @@ scheduler only; the warm-up itself is :func:`sweeper.warm_worker.warm_up` (no Ra
 
 A trial's life, from `sweep launch --address ...` to its row::
 
-    sweep launch ── ray.init(address) ── start(): one WarmRegistry (launching node) and, on every node N, one
-       │                                  WarmActor per trial N can run at once (num_cpus=0, num_gpus=0, hard
-       │                                  node affinity); each pins itself to its GPU (CUDA_VISIBLE_DEVICES), tells
-       │                                  the registry its key and warms up on a thread (imports, model classes,
-       │                                  lm-eval's task index, CUDA context, quantization libraries)
+    sweep launch ── socket pool (sweeper/warm_pool.py) on this machine, before Ray, when it is a node of the cluster
+       ├─ ray.init(address) ── start(): one WarmRegistry (launching node) and, on every other node N (every node for
+       │                       `ray://`), one WarmActor per trial N can run at once (num_cpus=0, num_gpus=0, hard
+       │                       node affinity); each pins itself to its GPU (CUDA_VISIBLE_DEVICES), tells the registry
+       │                       its key and warms up on a thread (imports, model classes, lm-eval's task index, CUDA
+       │                       context, quantization libraries)
        └─ Tune ── trial actor on node N (holds the trial's CPUs / GPU share; Ray sets its CUDA_VISIBLE_DEVICES)
                     │ claim (launching node: the trial's flock; other nodes: through the StoreWriter)
+                    ├─ launching node: a pool worker of its key (warm_pool.claim), as on a private instance
                     │ registry.acquire(N, "cpu" | "gpu:<its CUDA_VISIBLE_DEVICES>") -> a free warm actor, or none
-                    ├─ warm actor: actor.run(request, caller) -> runner.run_request in that process
-                    │     launching node: commits to the results folder itself (under the launch's token)
-                    │     other nodes:    commits through the StoreWriter (sweeper/remote_store.py: RemoteStore)
-                    │     row: warm_worker=True, warm_worker_ready_at; registry.release
+                    ├─ warm actor: actor.run(request, caller) -> runner.run_request in that process, committing
+                    │     through the StoreWriter (sweeper/remote_store.py: RemoteStore) off the launching node,
+                    │     to the results itself on it; row: warm_worker=True, warm_worker_ready_at; registry.release
                     └─ none free / its warm-up failed: runner.run_request in the trial actor's own process, as before
+
+The launching node keeps the pool because it starts before Ray: its first trial started 0.1 s after Tune scheduled it,
+against about 2 s with a warm actor there (docs/performance.md, "Warm actors on every node";
+SWEEPER_WARM_LAUNCHING_NODE=actor gives it warm actors instead, to measure).
 
 Guarantees, as the socket pool (sweeper/warm_pool.py) keeps them on the launching machine: a trial only reaches a
 warm actor of its own node and GPU (its key), so it never runs outside the GPU share Ray gave it; a warm actor that
@@ -105,7 +110,8 @@ class WarmRegistry:
         self.failures.append(f"warm actor of {s.key} on node {s.node[:8]} could not start: {why}")
 
     def report(self) -> dict[str, Any]:
-        return {"failures": list(self.failures), "slots": [(s.node, s.key, s.busy, s.dead) for s in self.slots.values()]}
+        return {"failures": list(self.failures),
+                "slots": [(s.node, s.key, s.busy, s.dead) for s in self.slots.values()]}
 
 
 # ------------------------------------------------------------------------------------------------- the warm actor

@@ -22,7 +22,8 @@ from helpers import read_trials, sweep, sweep_popen, wait_for, write_study
 STUDY = """
     study = Study(name="warm-actors", models=[{model!r}], precisions=["fp32", "bf16", "fp16", "int8", "nf4", "fp4"],
                   compute_dtypes=["fp32", "bf16", "fp16"], kl=False, resources=Resources(cpus_per_trial=1),
-                  benchmark=Benchmark(prompt_tokens=16, new_tokens={new_tokens}, batch_sizes=(1, 2), repeats=2, warmup=0))
+                  benchmark=Benchmark(prompt_tokens=16, new_tokens={new_tokens}, batch_sizes=(1, 2), repeats=2,
+                                      warmup=0))
 """
 
 
@@ -84,8 +85,8 @@ def _cmdlines(pids: list[int], part: bytes) -> list[int]:
 def test_killing_the_worker_node_mid_sweep_still_completes_it(tmp_path, shared_data, two_node_cluster):
     """The worker node dies (every process of it, as its machine would) while its warm actor holds a trial: the sweep
     completes on the head, every trial done once (main: no warm actor on that node ever runs a trial)."""
-    cluster = two_node_cluster
-    results = cluster.results_root / "s"
+    cluster = two_node_cluster  # one per module: this test kills its worker node, so it comes last of those using it
+    results = cluster.results_root / "killed"
     study = _harness_study(tmp_path, shared_data, new_tokens=96)
     proc = sweep_popen("launch", str(study), "--address", cluster.address, "--results", str(results))
     try:
