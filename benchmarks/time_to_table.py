@@ -23,7 +23,9 @@ two sides fit in separate device calls; the report says which cells were reused.
 
 `--ray-head` measures the sweep as run against a Ray head that is already up (`ray start --head` first and
 `ray stop` after the table, neither counted; `sweep launch --address auto`): what a user who keeps a head running on the machine sees, without the
-seconds `sweep launch` spends starting a private Ray instance.
+seconds `sweep launch` spends starting a private Ray instance. With `--gpu-node` the head has no GPU and a second
+node started on the same host has them all: every trial runs off the launching node, in the warm actors a joined
+cluster's other nodes get (sweeper/warm_actors.py), or cold with `--no-warm-workers`.
 
 The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
 for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.
@@ -55,6 +57,11 @@ import polars as pl
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# the --gpu-node node's own ports (the head keeps Ray's defaults); they differ from every default port of the head
+GPU_NODE_PORTS = {"node-manager-port": 6912, "object-manager-port": 6913, "dashboard-agent-listen-port": 6915,
+                  "metrics-export-port": 6916, "runtime-env-agent-port": 6917, "dashboard-agent-grpc-port": 6918,
+                  "min-worker-port": 17000, "max-worker-port": 17999}
 
 CELLS = [("fp32", "fp32"), ("fp16", "fp16"), ("nf4", "fp32"), ("nf4", "fp16"), ("fp4", "fp32"), ("fp4", "fp16"),
          ("int8", "fp32"), ("int8", "fp16")]
@@ -279,6 +286,9 @@ def main() -> None:
                     help="reuse naive cells already run in --work (their results and recorded seconds)")
     ap.add_argument("--ray-head", action="store_true",
                     help="start a Ray head first (not counted) and launch the sweep with --address auto")
+    ap.add_argument("--gpu-node", action="store_true",
+                    help="with --ray-head: the head has no GPU and a second node on this host has them all, so every "
+                         "trial runs on a node other than the launching one (as on a cluster of GPU worker machines)")
     ap.add_argument("--no-warm-workers", action="store_true",
                     help="launch the sweep with --no-warm-workers (every trial runs in a fresh Ray worker)")
     ap.add_argument("--ray-as-is", action="store_true",
@@ -317,12 +327,18 @@ def main() -> None:
         ray_cli = [py, "-m", "ray.scripts.scripts"]
         if a.ray_head:
             t0 = time.perf_counter()
-            head = subprocess.run(ray_cli + ["start", "--head", "--disable-usage-stats", "--include-dashboard=false"],
+            head = subprocess.run(ray_cli + ["start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
+                                  + (["--num-gpus=0"] if a.gpu_node else []),
                                   cwd=REPO, env=env, capture_output=True, text=True)
+            if head.returncode == 0 and a.gpu_node:  # a second node on this host, with the GPUs: ports of its own
+                head = subprocess.run(ray_cli + ["start", "--address=127.0.0.1:6379", "--disable-usage-stats"]
+                                      + [f"--{k}={v}" for k, v in GPU_NODE_PORTS.items()],
+                                      cwd=REPO, env=env, capture_output=True, text=True)
             report["ray_head_start_s"] = time.perf_counter() - t0
-            say(f"ray head started (not counted): {report['ray_head_start_s']:.1f}s, rc {head.returncode}")
+            say(f"ray head{' and GPU node' if a.gpu_node else ''} started (not counted): "
+                f"{report['ray_head_start_s']:.1f}s, rc {head.returncode}")
             if head.returncode != 0:
-                raise SystemExit(f"`ray start --head` failed:\n{head.stdout[-1500:]}{head.stderr[-1500:]}")
+                raise SystemExit(f"`ray start` failed:\n{head.stdout[-1500:]}{head.stderr[-1500:]}")
         t0, launched_at = time.perf_counter(), time.time()
         try:
             rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
@@ -339,7 +355,7 @@ def main() -> None:
                 subprocess.run(ray_cli + ["stop"], cwd=REPO, env=env, capture_output=True, text=True)
         say(tab.stdout[-3000:])
         report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
-                      sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head,
+                      sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head, gpu_node=a.gpu_node,
                       warm_pool=warm_pool_logs(work / "sweep", launched_at, say),
                       warm_workers=not a.no_warm_workers, ray_as_is=a.ray_as_is,
                       warm_fork=not a.no_warm_fork)
