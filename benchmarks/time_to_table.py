@@ -345,7 +345,9 @@ def main() -> None:
                         + (["--address", "auto"] if a.ray_head else [])
                         + (["--no-warm-workers"] if a.no_warm_workers else []),
                         {**env, "SWEEPER_RAY_AS_IS": "1" if a.ray_as_is else "0",
-                         "SWEEPER_WARM_FORK": "0" if a.no_warm_fork else "1"}, t0)
+                         "SWEEPER_WARM_FORK": "0" if a.no_warm_fork else "1",
+                         # --gpu-node: the launching machine has no GPU (as a cluster's head), so no warm worker here
+                         **({"CUDA_VISIBLE_DEVICES": ""} if a.gpu_node else {})}, t0)
             t_launch = time.perf_counter() - t0
             tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"],
                                  cwd=REPO, env=env, capture_output=True, text=True)
