@@ -24,8 +24,8 @@ two sides fit in separate device calls; the report says which cells were reused.
 `--ray-head` measures the sweep as run against a Ray head that is already up (`ray start --head` first and
 `ray stop` after the table, neither counted; `sweep launch --address auto`): what a user who keeps a head running on the machine sees, without the
 seconds `sweep launch` spends starting a private Ray instance. With `--gpu-node` the head has no GPU and a second
-node started on the same host has them all: every trial runs off the launching node, in the warm actors a joined
-cluster's other nodes get (sweeper/warm_actors.py), or cold with `--no-warm-workers`.
+node started on the same host has them all: every trial runs off the launching node, as on a cluster of GPU worker
+machines (run34 in docs/performance.md compared warm actors there with cold trials).
 
 The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
 for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.

@@ -59,8 +59,8 @@ def main(debug: bool, verbose: bool) -> None:
 @click.option("--node-gpus", default=None, metavar="NxGB",
               help="With --dry-run: size each trial's GPUs for a node of N GPUs of GB each (e.g. 4x80GB).")
 @click.option("--warm-workers/--no-warm-workers", default=True, show_default=True,
-              help="Start processes that import torch, transformers and lm-eval while Ray starts (on this machine; "
-                   "on every node of a cluster joined with --address), and run the trials in them.")
+              help="Start processes on this machine that import torch, transformers and lm-eval while Ray starts, "
+                   "and run this machine's trials in them.")
 @_handle_errors
 def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max_concurrent, only, limit, retries,
            num_cpus, node_gpus, warm_workers):
@@ -115,7 +115,7 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
     p, notes = L.plan(study_file, results_dir, only, limit, gpus_per_trial, max_concurrent, with_tasks=False)
     if fresh:
         L.check_fresh(p.store)
-    pool = actors = None
+    pool = None
     with launch_lock(p.store.root) as lock:
         if not fresh and not p.pending:  # nothing to do: said without starting Ray or warm workers (about a second)
             for line in L.prepare_store(p.store, lock.token):  # a quarantined file makes its trial pending again
@@ -141,15 +141,10 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                 checking_tasks.wait()  # its child processes end before this process does
                 raise
             try:
-                share_for = (share_function(cluster.gpu_memory_bytes, int(cluster.node_gpus))
-                             if cluster.gpu_memory_bytes else None)
-                if warm_workers and address:  # a joined cluster: warm actors on its nodes, starting while we check
-                    actors = L.start_warm_actors(p, share_for, cluster.gpus, cluster.node_gpus, fresh, lock.token,
-                                                 pool_here=pool is not None)
-                    if actors is not None:
-                        click.echo(f"warm actors: {len(actors.actors)} starting on {len(actors.per_node)} node(s)")
                 checking_tasks.result()
                 check_inputs_visible(p.trials, address)  # every node that may run a trial sees its local inputs
+                share_for = (share_function(cluster.gpu_memory_bytes, int(cluster.node_gpus))
+                             if cluster.gpu_memory_bytes else None)
                 L.for_cluster(p, share_for, cluster.gpus, cluster.node_gpus)  # a trial that fits no node: refused here
             except UserError as e:
                 if not scheduler.disconnect():  # quietly: the task error stays the launch's one line
@@ -180,7 +175,6 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                 scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
                                      retries=retries, baselines_first=p.study.kl is not None,
                                      warm=pool.descriptor if pool is not None else None,
-                                     warm_actors=actors.descriptor if actors is not None else None,
                                      slots=L.concurrent_slots(pending, cluster.cpus, cluster.gpus,
                                                               p.study.resources.max_concurrent))
             except KeyboardInterrupt as e:
@@ -200,8 +194,6 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
             except BaseException:
                 scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
                 raise
-            if actors is not None:
-                actors.close(emit=lambda m: click.echo(m, err=True))
             ray_stopped = scheduler.disconnect(emit=lambda m: click.echo(m, err=True))
         finally:
             if pool is not None:

@@ -283,7 +283,7 @@ def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], addre
     from .resources import local_gpus, share_function
     from .warm_pool import WarmPool, worker_keys
 
-    if address and (address.startswith("ray://") or launching_node_warmth() == "actor"):
+    if address and address.startswith("ray://"):
         return None
     gpus = local_gpus()
     here = for_cluster(p, share_function(min(gpus.values()) * 2**20) if gpus else None, len(gpus))
@@ -297,31 +297,6 @@ def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], addre
         if emit is not None:
             emit(f"warning: warm workers not started ({e}); trials run in Ray's workers")
         return None
-
-
-LAUNCHING_NODE_ENV = "SWEEPER_WARM_LAUNCHING_NODE"  # on a joined cluster: "pool" (default) or "actor" (to measure)
-
-
-def launching_node_warmth() -> str:
-    """What warms the launching node's trials on a joined cluster (other nodes: warm actors): the socket pool, which
-    starts before Ray and so was ready for the first trial where a warm actor was not (docs/performance.md, "Warm
-    actors on every node": first trial 0.07-0.1 s against 1.4-2.5 s), or (``SWEEPER_WARM_LAUNCHING_NODE=actor``) a
-    warm actor like every other node's."""
-    return "actor" if os.environ.get(LAUNCHING_NODE_ENV) == "actor" else "pool"
-
-
-def start_warm_actors(p: Plan, share_for, cluster_gpus: float, node_gpus: float, fresh: bool, token: str,
-                      pool_here: bool):
-    """Start warm actors (sweeper/warm_actors.py) on every node of the joined cluster (but this one when the socket
-    pool serves it: ``pool_here``), one per trial a node can run at once; None when no node gets one."""
-    from .warm_actors import start
-
-    try:
-        here = for_cluster(p, share_for, cluster_gpus, node_gpus)
-    except UserError:  # a trial that fits no node: the launch refuses it with its own message
-        return None
-    return start(here.trials if fresh else here.pending, p.study.resources.max_concurrent,
-                 name=f"warm-registry-{token}", skip_launching_node=pool_here)
 
 
 def warm_logs_dir(store: ResultsStore, pool) -> Path | None:

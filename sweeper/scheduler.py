@@ -204,9 +204,7 @@ def _trainable(config: dict) -> None:
         attempt = (previous.attempt if previous is not None else 0) + 1
         extra = {"ray_node_id": node, "trainable_started_at": entered,
                  "ray_worker_started_at": process_started_at()}
-        # the socket pool's worker (launching machine, private instance), else a warm actor of this node
-        worker = _warm_worker(config.get("warm"), spec) or _warm_actor(config, spec, node)
-        outcome = None
+        worker = _warm_worker(config.get("warm"), spec)
         if worker is not None:
             try:
                 outcome = worker.run(spec, str(store.root), attempt, extra, token=store.token)
@@ -214,7 +212,7 @@ def _trainable(config: dict) -> None:
                 worker.close()
                 _WARM.clear()
                 raise
-        if outcome is None:  # none free, or a warm actor whose warm-up failed
+        else:
             from .runner import run_request
 
             outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
@@ -226,18 +224,9 @@ def _trainable(config: dict) -> None:
 WRITER_NAMESPACE = "sweeper"
 
 
-def _warm_actor(config: dict, spec: TrialSpec, node: str):
-    """A free warm actor of this node and this trial's GPU (or CPU) (sweeper/warm_actors.py); None: none."""
-    if not config.get("warm_actors"):
-        return None
-    from .warm_actors import acquire
-
-    return acquire(config["warm_actors"], spec, node)
-
-
 def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, entered: float) -> None:
-    """A Tune trial on a node other than the launching one: it may not see the results folder, so it runs in a warm
-    actor of this node (sweeper/warm_actors.py) or here, with a RemoteStore, and the launch's StoreWriter commits it."""
+    """A Tune trial on a node other than the launching one: it may not see the results folder, so it runs here (no
+    warm worker: those live on the launching node) with a RemoteStore, and the launch's StoreWriter commits it."""
     from ray import tune
 
     import ray
@@ -253,14 +242,11 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
             tune.report({"status": "skipped"})
             return
         attempt = (previous[1] if previous is not None else 0) + 1
-        extra = {"ray_node_id": node, "trainable_started_at": entered, "ray_worker_started_at": process_started_at()}
-        worker = _warm_actor(config, spec, node)
-        outcome = None if worker is None else worker.run(spec, config["store"], attempt, extra, config.get("token"),
-                                                         writer={**writer, "namespace": WRITER_NAMESPACE})
-        if outcome is None:  # none free, or its warm-up failed
-            outcome = run_request({"spec": spec.to_dict(), "store": config["store"], "attempt": attempt,
-                                   "extra": {**extra, "warm_worker": False}, "token": config.get("token")},
-                                  store=RemoteStore(actor, config["store"], config.get("token")))
+        extra = {"ray_node_id": node, "trainable_started_at": entered, "ray_worker_started_at": process_started_at(),
+                 "warm_worker": False}
+        outcome = run_request({"spec": spec.to_dict(), "store": config["store"], "attempt": attempt, "extra": extra,
+                               "token": config.get("token")},
+                              store=RemoteStore(actor, config["store"], config.get("token")))
     finally:
         ray.get(actor.release.remote(spec.trial_id))
     tune.report({"status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
@@ -361,11 +347,10 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
 
 def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str], None],
                max_concurrent: int | None = None, retries: int = 2, baselines_first: bool = True,
-               warm: dict | None = None, slots: int = 1, warm_actors: dict | None = None) -> Progress:
+               warm: dict | None = None, slots: int = 1) -> Progress:
     """Run ``trials`` (the pending ones) on the connected Ray cluster; results go to ``store``. ``warm``: the
-    launch's warm workers (:attr:`sweeper.warm_pool.WarmPool.descriptor`), or None; ``warm_actors``: its warm
-    actors (:attr:`sweeper.warm_actors.WarmActors.descriptor`), or None; ``slots``: how many trials the cluster runs
-    at once (for the estimate of the time left)."""
+    launch's warm workers (:attr:`sweeper.warm_pool.WarmPool.descriptor`), or None; ``slots``: how many trials the
+    cluster runs at once (for the estimate of the time left)."""
     progress = Progress(total=len(trials), labels={t.trial_id: t.cell for t in trials}, slots=slots)
     phases = [trials]
     if baselines_first:
@@ -383,16 +368,16 @@ def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str
     try:
         for i, phase in enumerate(phases):
             _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}", warm=warm,
-                       writer=writer, warm_actors=warm_actors)
+                       writer=writer)
             _retry_out_of_memory(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}",
-                                 warm=warm, writer=writer, warm_actors=warm_actors)
+                                 warm=warm, writer=writer)
     finally:
         ray.kill(actor)
     return progress
 
 
 def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries, name, warm=None,
-                         writer=None, warm_actors=None) -> None:
+                         writer=None) -> None:
     """Trials that ran out of memory on a GPU share run again with twice the share, up to a whole GPU."""
     shares = {t.trial_id: t.gpu_share for t in trials}
     round_ = 0
@@ -414,8 +399,7 @@ def _retry_out_of_memory(trials, store, progress, emit, max_concurrent, retries,
                                f"{shares[t.trial_id]:g}"))
         # the retried specs carry their doubled share, so the scheduler, the row and a WorkerDied record agree
         _run_phase([dataclasses.replace(t, gpu_share=shares[t.trial_id]) for t in again], store, progress, emit,
-                   max_concurrent, retries, name=f"{name}-oom{round_}", warm=warm, writer=writer,
-                   warm_actors=warm_actors)
+                   max_concurrent, retries, name=f"{name}-oom{round_}", warm=warm, writer=writer)
 
 
 def _trial_name(trial) -> str:
@@ -436,12 +420,12 @@ def trial_resources(config: dict):
 
 
 def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
-               warm: dict | None = None, writer: dict | None = None, warm_actors: dict | None = None):
+               warm: dict | None = None, writer: dict | None = None):
     from ray import tune
 
     specs = [t.to_dict() for t in trials]
     param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": store.loc.canonical,
-                   "warm": warm, "token": store.token, "writer": writer, "warm_actors": warm_actors}
+                   "warm": warm, "token": store.token, "writer": writer}
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(

@@ -61,18 +61,6 @@ def worker_keys(pending: list[TrialSpec], gpu_ids: list[str], cpus: int, max_con
     return [f"gpu:{g}" for g in gpu_ids for _ in range(per_gpu)]
 
 
-def warm_up_plan(trials: list[TrialSpec]) -> dict[str, Any]:
-    """What a warm process imports ahead for ``trials`` (the arguments of :func:`sweeper.warm_worker.warm_up`): the
-    quantization libraries, optional packages, local models' classes, and whether lm-eval's task index."""
-    from . import precisions
-
-    used = [precisions.get(t.precision) for t in trials]
-    return {"libraries": sorted({p.library for p in used} - {"torch"}),
-            "needed": sorted({m for p in used for m in p.requires}),
-            "models": sorted({t.model.id for t in trials if Path(t.model.id).is_dir()}),
-            "tasks": any(t.tasks for t in trials)}
-
-
 class WarmPool:
     """The warm workers of one launch: started by :meth:`start`, stopped (and their folder removed) by :meth:`close`."""
 
@@ -90,18 +78,23 @@ class WarmPool:
     @classmethod
     def start(cls, keys: list[str], trials: list[TrialSpec], env: dict[str, str] | None = None) -> "WarmPool":
         """Start one worker per key, preloading what ``trials`` use; returns at once (they warm up meanwhile)."""
+        from . import precisions
+
         _remove_stale_pools()
         folder = Path(tempfile.mkdtemp(prefix=_PREFIX))
         if len(str(folder / f"worker-{len(keys)}.sock").encode()) > _SOCKET_PATH_MAX:
             shutil.rmtree(folder, ignore_errors=True)  # a long TMPDIR: a short folder of the system's own /tmp
             folder = Path(tempfile.mkdtemp(prefix=_PREFIX, dir="/tmp"))
         _write_json(folder / "pool.json", {"pid": os.getpid(), "host": socket.gethostname()})
-        plan = warm_up_plan(trials)
+        used = [precisions.get(t.precision) for t in trials]
         args: list[str] = []
-        for flag, name in (("--library", "libraries"), ("--needed", "needed"), ("--model", "models")):
-            for value in plan[name]:
-                args += [flag, value]
-        if plan["tasks"]:
+        for library in sorted({p.library for p in used} - {"torch"}):
+            args += ["--library", library]
+        for needed in sorted({m for p in used for m in p.requires}):
+            args += ["--needed", needed]
+        for model in sorted({t.model.id for t in trials if Path(t.model.id).is_dir()}):
+            args += ["--model", model]
+        if any(t.tasks for t in trials):
             args.append("--tasks")
         base_env = {**os.environ, **(env or {})}
         package_root = str(Path(__file__).resolve().parents[1])  # this sweeper, wherever the launch imported it from

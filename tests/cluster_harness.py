@@ -296,18 +296,6 @@ class TwoNodeCluster:
                                f"{self.log_tail('worker')}")
         self.head_node_id, self.worker_node_id = nodes[HEAD_RESOURCE], nodes[WORKER_RESOURCE]
 
-    def worker_node_pids(self) -> list[int]:
-        """The live processes of the worker node (its mount namespace: the only one with the results folder's tmpfs)."""
-        return [pid for pid in members(self.base_port) if _tagged(pid, {str(self.results_root)})]
-
-    def kill_worker_node(self) -> list[int]:
-        """SIGKILL every process of the worker node, as when its machine dies; their pids."""
-        killed = self.worker_node_pids()
-        for pid in killed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return killed
-
     def log_tail(self, name: str, n: int = 2000) -> str:
         try:
             return (self.state_dir / f"{name}.log").read_text(errors="replace")[-n:]
