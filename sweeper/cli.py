@@ -145,7 +145,12 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                 check_inputs_visible(p.trials, address)  # every node that may run a trial sees its local inputs
                 share_for = (share_function(cluster.gpu_memory_bytes, int(cluster.node_gpus))
                              if cluster.gpu_memory_bytes else None)
-                L.for_cluster(p, share_for, cluster.gpus, cluster.node_gpus)  # a trial that fits no node: refused here
+                sized = L.for_cluster(p, share_for, cluster.gpus, cluster.node_gpus)  # a trial that fits no node: refused here
+                if pool is not None and not L.pool_serves_this_node(pool, sized, cluster, fresh):
+                    pool.close(emit=lambda m: click.echo(m, err=True))
+                    pool = None
+                    click.echo("warm workers: stopped, no trial can run on this machine (Ray gives it no "
+                               f"{'GPU' if cluster.gpus else 'CPU'}); the trials run in Ray's workers on the other nodes")
             except UserError as e:
                 if not scheduler.disconnect():  # quietly: the task error stays the launch's one line
                     click.echo(f"sweep: error: {e}", err=True)

@@ -299,6 +299,14 @@ def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], addre
         return None
 
 
+def pool_serves_this_node(pool, p: Plan, cluster, fresh: bool = False) -> bool:
+    """Whether the launch's warm workers can take any trial of ``p`` (sized for the cluster) on this machine, as Ray
+    counts this node's resources (``cluster``: :class:`sweeper.scheduler.ClusterInfo`)."""
+    from .warm_pool import serves_this_node
+
+    return serves_this_node(pool.keys, p.trials if fresh else p.pending, cluster.here_cpus, cluster.here_gpus)
+
+
 def warm_logs_dir(store: ResultsStore, pool) -> Path | None:
     """Where a launch keeps its warm workers' logs: ``<results>/_warm/<when the pool started>/``; None when the
     results folder does not exist (the launch stopped before it wrote anything: it creates no folder for logs)."""

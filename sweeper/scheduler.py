@@ -53,6 +53,8 @@ class ClusterInfo:
     gpus: float
     gpu_memory_bytes: float | None
     node_gpus: float = 0  # GPUs of the largest node: a trial's whole GPUs come from one node
+    here_cpus: float = 0  # this (the launching) node's CPUs and GPUs as Ray counts them (0 for a ray:// client)
+    here_gpus: float = 0
 
 
 def import_ray() -> None:
@@ -104,8 +106,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
         mem = (None if address else _local_gpu_memory_bytes()) or _gpu_memory_bytes()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     node_gpus = max((float(n.get("Resources", {}).get("GPU", 0)) for n in alive), default=0.0)
+    here = ray.get_runtime_context().get_node_id()
+    mine = next((n.get("Resources", {}) for n in alive if n.get("NodeID") == here), {})
     return ClusterInfo(address=address, nodes=len(alive), cpus=float(res.get("CPU", 0)), gpus=gpus,
-                       gpu_memory_bytes=mem, node_gpus=node_gpus)
+                       gpu_memory_bytes=mem, node_gpus=node_gpus, here_cpus=float(mine.get("CPU", 0)),
+                       here_gpus=float(mine.get("GPU", 0)))
 
 
 def _local_gpu_memory_bytes() -> float | None:

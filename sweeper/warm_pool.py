@@ -61,6 +61,16 @@ def worker_keys(pending: list[TrialSpec], gpu_ids: list[str], cpus: int, max_con
     return [f"gpu:{g}" for g in gpu_ids for _ in range(per_gpu)]
 
 
+def serves_this_node(keys: list[str], pending: list[TrialSpec], node_cpus: float, node_gpus: float) -> bool:
+    """Whether a worker of ``keys`` can take any of ``pending`` (their shares as sized for the cluster) on this
+    machine, given what Ray gives this node (``node_cpus``, ``node_gpus``). The pool is sized before Ray is up, from
+    this machine's own GPUs; a cluster's head often has none in Ray (or hides them), and then its GPU trials all run
+    on other nodes and no worker here would ever get one."""
+    gpu_keys, cpu_keys = any(k.startswith("gpu:") for k in keys), "cpu" in keys
+    return any((t.gpu_share > 0 and gpu_keys and node_gpus > 0) or (t.gpu_share == 0 and cpu_keys and node_cpus >= t.cpus)
+               for t in pending)
+
+
 class WarmPool:
     """The warm workers of one launch: started by :meth:`start`, stopped (and their folder removed) by :meth:`close`."""
 

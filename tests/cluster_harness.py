@@ -167,12 +167,14 @@ class TwoNodeCluster:
 
     def __init__(self, hidden: list[Path] | tuple[Path, ...] = (), base_port: int | None = None,
                  head_cpus: int = 1, worker_cpus: int = 1, join_timeout_s: float = 120.0,
-                 head_env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None):
+                 head_env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None,
+                 worker_gpus: int = 0):
         self.base_port = int(base_port or os.environ.get(PORT_BASE_ENV) or 6400)
         # a results folder outside /tmp, so that its own tmpfs (not /tmp's) is what hides it; emptied on start
         self.results_root = Path(f"/var/tmp/swh-{self.base_port}-results")
         self.hidden = [self.results_root, *(Path(h).resolve() for h in hidden)]
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
+        self.worker_gpus = worker_gpus  # GPUs the worker node declares to Ray (none there: ids only, for placement)
         self.join_timeout_s = join_timeout_s
         self.state_dir = Path(f"/tmp/swh-{self.base_port}")  # short: Ray's socket paths live under it
         self.head_node_id: str | None = None
@@ -220,7 +222,8 @@ class TwoNodeCluster:
                 "--include-dashboard=false", f"--dashboard-port={self.base_port + 7}", *self._ports(0),
                 f"--min-worker-port={self.base_port + 20}", f"--max-worker-port={self.base_port + 59}", *common]
         worker = [ray, "start", f"--address={self.address}", f"--node-ip-address={WORKER_IP}",
-                  f"--temp-dir=/tmp/swh-{self.base_port}-worker", f"--num-cpus={self.worker_cpus}", "--num-gpus=0",
+                  f"--temp-dir=/tmp/swh-{self.base_port}-worker", f"--num-cpus={self.worker_cpus}",
+                  f"--num-gpus={self.worker_gpus}",
                   f"--resources={json.dumps({WORKER_RESOURCE: 1000})}", *self._ports(10),
                   f"--min-worker-port={self.base_port + 60}", f"--max-worker-port={self.base_port + 99}", *common]
         head_tag = shlex.quote(f"/var/tmp/swh-{self.base_port}-head")

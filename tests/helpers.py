@@ -249,3 +249,22 @@ def served_bucket(scheme: str, name: str, monkeypatch, work: Path):
             monkeypatch.setenv(k, v)
         monkeypatch.delenv(profile, raising=False)  # no credentials of the real cloud reach the test
         yield bucket(name, env)
+
+
+def warm_worker_pids(parent: int | None = None) -> list[int]:
+    """Running warm-worker processes (the pool's parent and its workers) of the launch ``parent`` while it lives;
+    all of them with ``parent`` None."""
+    procs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"sweeper.warm_worker" in cmd and stat[0] != "Z":
+            procs[int(pid)] = int(stat[1])
+    if parent is None:
+        return list(procs)
+    out = [pid for pid, ppid in procs.items() if ppid == parent]
+    out += [pid for pid, ppid in procs.items() if ppid in out]  # the workers the pool's parent started
+    return out

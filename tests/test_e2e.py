@@ -11,7 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from helpers import committed_rows, fast_benchmark, fast_kl, read_metrics, read_trials, sweep, sweep_popen, write_study
+from helpers import (committed_rows, fast_benchmark, fast_kl, read_metrics, read_trials, sweep, sweep_popen,
+                     warm_worker_pids, write_study)
 
 PRECISIONS = ["fp32", "bf16", "int8", "nf4", "fp4"]
 
@@ -116,15 +117,15 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
         first = committed_rows(results)
         time.sleep(0.2)
     assert first, "no trial finished in time"
-    warm = _warm_worker_pids(parent=proc.pid)
+    warm = warm_worker_pids(parent=proc.pid)
     assert len(warm) >= 2, f"the launch started no warm workers: {warm}"  # the pool's parent and a worker
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # its warm workers die with it (they would otherwise keep a GPU's memory): none of them outlives the launch
     deadline = time.time() + 30
-    while time.time() < deadline and set(warm) & set(_warm_worker_pids()):
+    while time.time() < deadline and set(warm) & set(warm_worker_pids()):
         time.sleep(0.2)
-    assert not set(warm) & set(_warm_worker_pids())
+    assert not set(warm) & set(warm_worker_pids())
     snapshot = committed_rows(results)
     assert 1 <= len(snapshot) < 5
     r = sweep("launch", str(study_file), "--results", str(results))
@@ -139,25 +140,6 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
     st = sweep("status", str(study_file), "--results", str(results))
     assert st.returncode == 0 and "5 trials: 5 done, 0 failed, 0 pending" in st.stdout, st.stdout + st.stderr
     assert not list(results.rglob(".*.tmp")), "temporary files left visible"
-
-
-def _warm_worker_pids(parent: int | None = None) -> list[int]:
-    """Running warm-worker processes (the pool's parent and its workers) of the launch ``parent`` while it lives;
-    all of them with ``parent`` None."""
-    procs = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if b"sweeper.warm_worker" in cmd and stat[0] != "Z":
-            procs[int(pid)] = int(stat[1])
-    if parent is None:
-        return list(procs)
-    out = [pid for pid, ppid in procs.items() if ppid == parent]
-    out += [pid for pid, ppid in procs.items() if ppid in out]  # the workers the pool's parent started
-    return out
 
 
 def test_dry_run_prints_the_trial_table(study_file, tmp_path):

@@ -301,3 +301,51 @@ def test_a_claim_waits_for_an_idle_held_worker_but_not_for_a_running_one(tmp_pat
         assert claim(pool.descriptor, "cpu", busy_wait_s=60) is None
         assert time.monotonic() - t0 < 10
     runner.join(30)
+
+
+def test_serves_this_node_only_where_ray_gives_this_node_what_a_trial_needs():
+    import dataclasses
+
+    from sweeper.warm_pool import serves_this_node
+
+    base = expand(Study(name="k", models=["org/m"], precisions=["fp16", "int8"]))[0]
+    gpu = [dataclasses.replace(t, gpu_share=0.5) for t in base]
+    cpu = [dataclasses.replace(t, gpu_share=0.0) for t in base]
+    assert serves_this_node(["gpu:0", "gpu:0"], gpu, node_cpus=16, node_gpus=1)
+    assert not serves_this_node(["gpu:0"], gpu, node_cpus=16, node_gpus=0)  # a head started with --num-gpus=0
+    assert not serves_this_node(["cpu", "cpu"], gpu, node_cpus=16, node_gpus=0)  # sized as CPU trials: no GPU here
+    assert serves_this_node(["cpu"], cpu, node_cpus=1, node_gpus=0)
+    assert not serves_this_node(["cpu"], cpu, node_cpus=0, node_gpus=0)  # a head that runs no task
+    assert not serves_this_node(["gpu:0"], cpu, node_cpus=16, node_gpus=1)  # no CPU worker for CPU trials
+
+
+def test_warm_workers_of_a_machine_that_runs_no_trial_stop_once_the_cluster_is_known(tmp_path, real_model):
+    """A joined cluster whose GPUs are all on another node: the warm workers this machine started before Ray was up
+    (sized from this machine, which has no GPU: as CPU workers) can take none of the GPU trials, so the launch stops
+    them as soon as it knows the cluster instead of leaving them importing and idle for the whole sweep; the trials
+    run on the GPU node."""
+    from cluster_harness import TwoNodeCluster, namespace_unavailable
+    from helpers import small_study, sweep_popen, warm_worker_pids
+
+    why = namespace_unavailable()
+    if why:
+        pytest.skip(f"two-node cluster harness unavailable: {why}")
+    study = small_study(tmp_path / "s.py", real_model, ["fp32", "bf16"], name="gpu-node",
+                        extra="resources=Resources(gpus_per_trial=1, cpus_per_trial=1),")
+    with TwoNodeCluster(worker_gpus=1) as cluster:
+        results = cluster.results_root / "r"
+        proc = sweep_popen("launch", str(study), "--address", cluster.address, "--results", str(results))
+        lines, started, at_running = [], None, None
+        for line in proc.stdout:
+            lines.append(line)
+            if "starting on this machine" in line:
+                started = warm_worker_pids(parent=proc.pid)
+            if line.startswith("running ") and at_running is None:
+                at_running = warm_worker_pids(parent=proc.pid)
+        proc.wait(timeout=600)
+        out = "".join(lines)
+        assert started, f"the launch started no warm worker on this machine:\n{out}"
+        assert "warm workers: stopped, no trial can run on this machine" in out, out
+        assert at_running == [], f"warm workers {at_running} still ran when the trials began:\n{out}"
+        rows = read_trials(results)
+        assert rows.height == 2 and set(rows["ray_node_id"]) == {cluster.worker_node_id}, rows
