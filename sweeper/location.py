@@ -416,18 +416,16 @@ class S3Store(ObjectStore):
             raise UserError(f"results location {self.root}: needs boto3 (pip install 'sweeper[s3]')") from None
         return boto3.client("s3")
 
-    s3 = ObjectStore.client
-
     @_guard
     def is_real_dir(self, rel: str) -> bool:
-        r = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(rel).rstrip("/") + "/", MaxKeys=1)
+        r = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._list_prefix(rel), MaxKeys=1)
         return bool(r.get("KeyCount"))
 
     @_guard
     def list(self, rel: str) -> list[str]:
         prefix = self._list_prefix(rel)
         names = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
                                                                          Delimiter="/"):
             names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if o["Key"] != prefix]
             names += [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
@@ -435,7 +433,7 @@ class S3Store(ObjectStore):
 
     @_guard
     def write_new(self, rel: str, data: bytes, sync_dir: bool = True) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
 
     @_guard
     def put_if(self, rel: str, data: bytes, etag: str | None) -> str | None:
@@ -444,7 +442,7 @@ class S3Store(ObjectStore):
 
         cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         try:
-            return self.s3.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **cond)["ETag"]
+            return self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **cond)["ETag"]
         except ClientError as e:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                 return None
@@ -455,7 +453,7 @@ class S3Store(ObjectStore):
         from botocore.exceptions import ClientError
 
         try:
-            r = self.s3.get_object(Bucket=self.bucket, Key=self._key(rel))
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -466,7 +464,7 @@ class S3Store(ObjectStore):
     def delete(self, rel: str) -> None:
         # boto3, not pyarrow: pyarrow's delete_file leaves an empty "folder/" marker object behind (deleting a key
         # that does not exist is no error either way)
-        self.s3.delete_object(Bucket=self.bucket, Key=self._key(rel))
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
 
 
 class GcsStore(ObjectStore):
@@ -529,8 +527,7 @@ class GcsStore(ObjectStore):
 
     @_guard
     def is_real_dir(self, rel: str) -> bool:
-        it = self.client.list_blobs(self.bucket, prefix=self._key(rel).rstrip("/") + "/", max_results=1,
-                                    retry=self._retry)
+        it = self.client.list_blobs(self.bucket, prefix=self._list_prefix(rel), max_results=1, retry=self._retry)
         return any(True for _ in it)
 
     @_guard

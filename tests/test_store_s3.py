@@ -299,7 +299,7 @@ def test_s3_an_unreachable_location_is_an_error_never_damage(tmp_path, monkeypat
         def fail(**kw):
             raise EndpointConnectionError(endpoint_url=aws["AWS_ENDPOINT_URL"])
 
-        monkeypatch.setattr(store.loc.s3, "get_object", fail)
+        monkeypatch.setattr(store.loc.client, "get_object", fail)
         with pytest.raises(LocationError, match="Could not connect"):
             store.damaged_files(full=True)
         monkeypatch.undo()
@@ -351,8 +351,8 @@ def test_s3_a_server_that_ignores_conditional_writes_is_refused(bucket, monkeypa
     from sweeper.lock import LeaseLock
 
     lock = LeaseLock(f"s3://{BUCKET}/lax")
-    real = lock.loc.s3.put_object
-    monkeypatch.setattr(lock.loc.s3, "put_object", lambda **kw: real(**{k: v for k, v in kw.items()
+    real = lock.loc.client.put_object
+    monkeypatch.setattr(lock.loc.client, "put_object", lambda **kw: real(**{k: v for k, v in kw.items()
                                                                        if k != "IfNoneMatch"}))
     with pytest.raises(UserError, match="ignores conditional writes"):
         lock.acquire(heartbeat=False)

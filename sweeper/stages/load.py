@@ -156,6 +156,13 @@ def device_map(spec: TrialSpec, precision, gpu_memory_bytes: list[int]) -> dict[
     return dmap
 
 
+def _checkpoint_cache(store: Any) -> tuple[Any, Any]:
+    """Where a trial's calibrated / ONNX checkpoints are cached: (local folder, object-store mirror or None). A
+    results store gives its ``cache_dir`` and ``cache_mirror``; a store without them (a trial off the launching node
+    commits through a RemoteStore), its ``root``; no store, (None, None)."""
+    return getattr(store, "cache_dir", getattr(store, "root", None)), getattr(store, "cache_mirror", None)
+
+
 def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
     """Load the trial's model at its precision; metrics: load_s, footprint_bytes, allocated_bytes, weights_bytes.
 
@@ -189,9 +196,7 @@ def load_model(spec: TrialSpec, device: str, store: Any = None) -> LoadedModel:
         from ..quantize import calibrated
 
         opts = precision.resolve_options(spec.precision_options)
-        checkpoint, meta, hit = calibrated.ensure_checkpoint(spec, opts, device, tokenizer,
-                                                             getattr(store, "cache_dir", getattr(store, "root", None)),
-                                                             getattr(store, "cache_mirror", None))
+        checkpoint, meta, hit = calibrated.ensure_checkpoint(spec, opts, device, tokenizer, *_checkpoint_cache(store))
         metrics += [
             {"stage": "load", "metric": "calibration_s", "value": 0.0 if hit else float(meta["calibration_s"]),
              "n": 1, "unit": "s"},
@@ -248,9 +253,7 @@ def load_onnx(spec: TrialSpec, precision: precisions.Precision, device: str, sto
     from ..quantize import onnx_export
 
     tokenizer = load_tokenizer(spec)
-    folder, meta, metrics = onnx_export.ensure_model(spec, precision.onnx_int8,
-                                                     getattr(store, "cache_dir", getattr(store, "root", None)),
-                                                     getattr(store, "cache_mirror", None))
+    folder, meta, metrics = onnx_export.ensure_model(spec, precision.onnx_int8, *_checkpoint_cache(store))
     gc.collect()
     before = rss_bytes()
     t0 = time.perf_counter()
