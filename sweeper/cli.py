@@ -14,6 +14,7 @@ from .errors import UserError
 EXIT_TRIALS_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+INTERRUPTED_CHECK_S = 3.0  # after Ctrl-C as Ray starts, how long the task check may take to end
 INTERRUPTED_RAY_STOP_S = 6.0  # after Ctrl-C, how long Ray may take to stop (the launch promises to leave within 10 s)
 
 
@@ -66,6 +67,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
            num_cpus, node_gpus, warm_workers):
     """Run every trial of STUDY_FILE that is not done yet (resumes by default)."""
     from . import launch as L
+    from .interrupt import StopOnSigint
     from .query import format_frame as render
 
     verbose = click.get_current_context().find_root().params["verbose"]
@@ -90,7 +92,7 @@ def launch(study_file, address, results_dir, fresh, dry_run, gpus_per_trial, max
         raise UserError(f"--node-gpus {node_gpus}: only with --dry-run (a launch sizes trials for the cluster Ray "
                         "reports)")
     resume = L.resume_command(study_file, results_dir, only, limit)
-    with L.StopOnSigint():
+    with StopOnSigint():
         try:
             code, ray_stopped = _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurrent, only,
                                         limit, retries, num_cpus, warm_workers, verbose, resume)
@@ -137,8 +139,10 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
             try:
                 cluster = scheduler.connect(address, num_cpus=num_cpus, verbose=verbose,
                                             gpu_memory=p.study.resources.gpus_per_trial == "auto")
-            except BaseException:
-                checking_tasks.wait()  # its child processes end before this process does
+            except BaseException as e:
+                # its child processes end before this process does; after Ctrl-C only for a while, as a thread that
+                # an interrupted import left waiting on a lock never ends (sweeper/interrupt.py)
+                checking_tasks.wait(INTERRUPTED_CHECK_S if isinstance(e, KeyboardInterrupt) else None)
                 raise
             try:
                 checking_tasks.result()

@@ -9,7 +9,6 @@ import datetime as _dt
 import json
 import os
 import shlex
-import signal
 import socket
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import interrupt
 from .environment import scrub, scrub_argv, static_environment
 from .errors import UserError
 from .precisions import get as get_precision
@@ -173,33 +173,6 @@ def plan(study_path: str, results: str | None = None, only: tuple[str, ...] = ()
                 status=store.trial_status(skip_damaged=True)), notes
 
 
-class StopOnSigint:
-    """Ctrl-C (SIGINT) during a launch: the first raises KeyboardInterrupt in the main thread wherever it is (Ray
-    starting, a Tune phase, a write), so the launch stops, stops its running trials and starts no other; a second
-    leaves at once (exit 130). Installed whatever SIGINT's inherited disposition: a launch started in the background
-    of a shell script inherits SIGINT ignored, and `kill -INT` must stop it as Ctrl-C does. (Ray Tune's own handler,
-    which ends a phase quietly so that the next one starts, is kept off: scheduler.py sets
-    TUNE_DISABLE_SIGINT_HANDLER.)"""
-
-    def __init__(self):
-        self.at: float | None = None
-        self._previous = None
-
-    def __enter__(self) -> "StopOnSigint":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
-
-    def _handle(self, signum, frame) -> None:
-        if self.at is None:
-            self.at = time.time()
-            raise KeyboardInterrupt
-        os.write(2, b"sweep: second Ctrl-C: leaving without waiting for the clean-up\n")
-        os._exit(130)
-
-
 def resume_command(study_file: str, results: str | None, only: tuple[str, ...] = (), limit: float | None = None) -> str:
     """The `sweep launch` command that resumes this launch: the options that name its results (--results, --only,
     --limit, which changes trial ids) repeated."""
@@ -233,11 +206,16 @@ class Background:
         except BaseException as e:  # handed to the caller by result()
             self._error = e
 
-    def wait(self) -> None:
-        self._thread.join()
+    def wait(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
     def result(self) -> None:
-        self.wait()
+        """Wait for ``fn``; raise its exception, or KeyboardInterrupt if a Ctrl-C came meanwhile and its own
+        exception was lost (see sweeper/interrupt.py: the thread could be waiting for a lock it left held)."""
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            if interrupt.requested():
+                raise KeyboardInterrupt
         if self._error is not None:
             raise self._error
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
-# Ctrl-C is the launch's (launch.StopOnSigint): Tune's own handler ends a phase quietly, the next phase then starts,
+# Ctrl-C is the launch's (interrupt.StopOnSigint): Tune's own handler ends a phase quietly, the next phase then starts,
 # and it prints a Tuner.restore hint that sweeper does not use
 os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 # The legacy reporter honours verbose=0; the sweep prints its own progress lines.

@@ -149,7 +149,7 @@ def _calibration_identity(options: dict[str, Any]) -> str | None:
     """The content of the calibration text a calibrated precision will use (it changes the quantized weights)."""
     if "calib_data" not in options:
         return None
-    from .quantize.calibrated import calibration_file
+    from .calibration_data import calibration_file
 
     try:
         return file_fingerprint(str(calibration_file(options)))

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from .errors import WarmWorkerDied
 from .trials import TrialSpec
-from .warm_worker import MSG_BYTES, NOT_FORKED, NOT_READY, READY_TIMEOUT_S
+from .warm_worker import MSG_BYTES, NOT_FORKED, NOT_READY, READY_TIMEOUT_S, write_json
 
 _PREFIX = "sweeper-warm-"
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths end at 107 bytes on Linux (104 on macOS)
@@ -95,7 +95,7 @@ class WarmPool:
         if len(str(folder / f"worker-{len(keys)}.sock").encode()) > _SOCKET_PATH_MAX:
             shutil.rmtree(folder, ignore_errors=True)  # a long TMPDIR: a short folder of the system's own /tmp
             folder = Path(tempfile.mkdtemp(prefix=_PREFIX, dir="/tmp"))
-        _write_json(folder / "pool.json", {"pid": os.getpid(), "host": socket.gethostname()})
+        write_json(folder / "pool.json", {"pid": os.getpid(), "host": socket.gethostname()})
         used = [precisions.get(t.precision) for t in trials]
         args: list[str] = []
         for library in sorted({p.library for p in used} - {"torch"}):
@@ -126,7 +126,7 @@ class WarmPool:
         """The pool's parent process (sweeper/warm_pool_parent.py), which starts one worker per worker-N.json."""
         with open(folder / PARENT_LOG, "wb") as log:
             # its own session: a Ctrl-C at the terminal reaches the launch, which stops the workers itself
-            proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_worker", "--pool", str(folder),
+            proc = subprocess.Popen([sys.executable, "-m", "sweeper.warm_pool_parent", "--pool", str(folder),
                                      "--parent", str(os.getpid()), *args],
                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=base_env,
                                     cwd=os.getcwd(), start_new_session=True)
@@ -135,7 +135,7 @@ class WarmPool:
             for i, key in enumerate(keys):
                 paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "busy", "log")}
                 # the parent's pid until it has started the worker: a client waits while the parent lives
-                _write_json(folder / f"worker-{i}.json", {"key": key, "pid": proc.pid, "parent": proc.pid,
+                write_json(folder / f"worker-{i}.json", {"key": key, "pid": proc.pid, "parent": proc.pid,
                                                           "socket": paths["sock"], "lock": paths["lock"],
                                                           "busy": paths["busy"], "log": paths["log"]})
         finally:
@@ -203,12 +203,6 @@ def _remove_stale_pools() -> None:
         if (launch is not None and launch.get("host") == socket.gethostname() and not _alive(int(launch["pid"]))) \
                 or (launch is None and old):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)  # a reader never sees half a file
 
 
 # --------------------------------------------------------------------------------------------------- the trial's side

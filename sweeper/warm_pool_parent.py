@@ -1,4 +1,4 @@
-"""The parent process of one launch's warm workers (`python -m sweeper.warm_worker --pool DIR`). No Ray here.
+"""The parent process of one launch's warm workers (`python -m sweeper.warm_pool_parent --pool DIR`). No Ray here.
 
 It starts one worker per ``worker-N.json`` of the pool folder, in one of two ways:
 - **Forked (CPU workers):** it imports, once, what every trial needs (torch, transformers, sweeper's stages, the
@@ -34,8 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from .warm_pool import _write_json
-from .warm_worker import NOT_FORKED, _die_with_parent, _listen, _not_ready, _serve_forever, warm_up_device, warm_up_shared
+from .warm_worker import (NOT_FORKED, _die_with_parent, _listen, _not_ready, _serve_forever, parse_args, warm_up_device,
+                          warm_up_shared, write_json)
 
 FORK_ENV = "SWEEPER_WARM_FORK"  # "0": each worker its own process; "always": try forking GPU workers too (to measure)
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -96,7 +96,7 @@ def run_pool(args) -> None:
         # meanwhile runs the handler now, which knows this worker
         if stopping:  # a SIGTERM came while this worker was being spawned: the handler did not know it yet
             _signal(pid, signal.SIGTERM)
-        _write_json(path, {**info, "pid": pid})  # clients now watch the worker itself
+        write_json(path, {**info, "pid": pid})  # clients now watch the worker itself
         if go_write is not None:
             os.close(go_write)  # the forked worker listens once its file names it (see _fork_worker)
     while children:
@@ -226,3 +226,7 @@ def _how(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {os.WTERMSIG(status)}"
     return f"exit code {os.WEXITSTATUS(status)}"
+
+
+if __name__ == "__main__":
+    run_pool(parse_args(None, pool=True))

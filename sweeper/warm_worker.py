@@ -35,6 +35,13 @@ READY_TIMEOUT_S = 600.0  # what a client waits for a worker's imports before it 
 MSG_BYTES = 1 << 22  # the largest request or reply; trial specs are a few KB
 
 
+def write_json(path, doc: dict) -> None:
+    """``doc`` as ``path`` (a pathlib.Path), replaced whole: a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
 def _die_with_parent() -> None:
     """Linux: this process gets SIGKILL when the launch process that started it dies, even by SIGKILL."""
     try:
@@ -210,12 +217,16 @@ def _serve_forever(server: socket.socket, busy_path: str, ready: dict) -> None:
                 pass
 
 
-def _worker_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="python -m sweeper.warm_worker")
-    parser.add_argument("--pool", help="start every worker of this pool folder's worker-N.json (see below)")
-    parser.add_argument("--socket")
-    parser.add_argument("--busy", help="a file whose lock this process holds while it runs a trial")
-    parser.add_argument("--key", help="cpu, or gpu:<CUDA_VISIBLE_DEVICES> (set in this env)")
+def parse_args(argv: list[str] | None, pool: bool = False):
+    """The command line of a worker (``pool``: of the pool's parent, sweeper/warm_pool_parent.py): what to warm up,
+    and the process it ends with. Each then checks that this process's parent is still that one."""
+    parser = argparse.ArgumentParser(prog=f"python -m sweeper.{'warm_pool_parent' if pool else 'warm_worker'}")
+    if pool:
+        parser.add_argument("--pool", required=True, help="start every worker of this pool folder's worker-N.json")
+    else:
+        parser.add_argument("--socket", required=True)
+        parser.add_argument("--busy", required=True, help="a file whose lock this process holds while it runs a trial")
+        parser.add_argument("--key", required=True, help="cpu, or gpu:<CUDA_VISIBLE_DEVICES> (set in this env)")
     parser.add_argument("--parent", type=int, required=True,
                         help="the pid of the process that started this one (the launch, or the pool's parent): "
                              "this process ends with it")
@@ -224,21 +235,14 @@ def _worker_args(argv: list[str] | None):
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--tasks", action="store_true")
     args = parser.parse_args(argv)
-    if not args.pool and not (args.socket and args.busy and args.key):
-        parser.error("give --pool DIR, or --socket, --busy and --key")
+    _die_with_parent()
+    if os.getppid() != args.parent:  # the process that started this one died before the line above
+        os._exit(PARENT_GONE)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _worker_args(argv)
-    _die_with_parent()
-    if os.getppid() != args.parent:  # the launch died before the line above: nothing would end this process
-        os._exit(PARENT_GONE)
-    if args.pool:
-        from .warm_pool_parent import run_pool
-
-        run_pool(args)
-        return
+    args = parse_args(argv)
     # SIGTERM keeps its default action (end at once): a Python handler would wait for the main thread, which CUDA's
     # threads can leave blocked in accept() (the signal goes to one of them): 10 s to stop on the H100 (run26).
     t0 = time.perf_counter()

@@ -261,7 +261,7 @@ def warm_worker_pids(parent: int | None = None) -> list[int]:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if b"sweeper.warm_worker" in cmd and stat[0] != "Z":
+        if (b"sweeper.warm_worker" in cmd or b"sweeper.warm_pool_parent" in cmd) and stat[0] != "Z":
             procs[int(pid)] = int(stat[1])
     if parent is None:
         return list(procs)

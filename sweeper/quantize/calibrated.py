@@ -31,18 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..calibration_data import calibration_file
 from ..trials import file_fingerprint
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SWEEPER_QUANTIZED_CACHE"
-CALIB_ENV = "SWEEPER_CALIB_DATA"
-# WikiText-2 validation split (the test split is what perplexity is measured on): the workspace's full copy, else the
-# first articles the project ships in demo/data (10,794 llama-4m tokens: more than the default 16 x 512).
-_REPO = Path(__file__).resolve().parents[2]
-_DEFAULT_CALIB = next((p for p in (_REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt",
-                                   _REPO / "demo" / "data" / "wikitext-2" / "valid.txt") if p.is_file()),
-                      _REPO / "demo" / "data" / "wikitext-2" / "valid.txt")
 
 
 def cache_root(store_root: str | os.PathLike | None) -> Path:
@@ -52,14 +46,6 @@ def cache_root(store_root: str | os.PathLike | None) -> Path:
     if store_root is None:
         raise RuntimeError(f"a calibrated precision needs a cache folder: pass the results store or set {CACHE_ENV}")
     return Path(store_root) / "quantized"
-
-
-def calibration_file(opts: dict[str, Any]) -> Path:
-    path = Path(opts.get("calib_data") or os.environ.get(CALIB_ENV) or _DEFAULT_CALIB).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration text {str(path)!r} does not exist: set the precision option calib_data "
-                                f"or {CALIB_ENV} to a plain-text file (e.g. WikiText-2 valid.txt)")
-    return path
 
 
 def identity(spec: Any, opts: dict[str, Any], device: str) -> dict[str, Any]:
