@@ -74,7 +74,7 @@ def main() -> int:
         if outcome == "130":
             stop_s.append(took)
         print(f"launch {i}: {outcome} after {took:.2f}s" + ("" if outcome == "130" else
-                                                            "; last lines:\n  " + "\n  ".join(lines[-8:])), flush=True)
+                                                            "; its output:\n  " + "\n  ".join(lines[-60:])), flush=True)
     stop_s.sort()
     print(f"{args.launches} launches, SIGINT {args.delay}s after 'warm workers:': "
           + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()))

@@ -109,6 +109,7 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
     from . import launch as L
     from . import scheduler
     from .cluster_inputs import check_inputs_visible
+    from .interrupt import checkpoint
     from .lock import launch_lock
     from .query import format_frame as render
     from .resources import share_function
@@ -181,6 +182,7 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
             done_before = len(p.trials) - len(pending)
             click.echo(f"running {len(pending)} trial(s)" + (f" ({done_before} already done, skipped)" if done_before else ""))
             try:
+                checkpoint()  # a Ctrl-C whose exception a library caught on the way here: no trial starts
                 scheduler.run_trials(pending, p.store, emit=click.echo, max_concurrent=p.study.resources.max_concurrent,
                                      retries=retries, baselines_first=p.study.kl is not None,
                                      warm=pool.descriptor if pool is not None else None,

@@ -214,8 +214,8 @@ class Background:
         exception was lost (see sweeper/interrupt.py: the thread could be waiting for a lock it left held)."""
         while self._thread.is_alive():
             self._thread.join(0.1)
-            if interrupt.requested():
-                raise KeyboardInterrupt
+            interrupt.checkpoint()
+        interrupt.checkpoint()
         if self._error is not None:
             raise self._error
 

@@ -34,8 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from .warm_worker import (NOT_FORKED, _die_with_parent, _listen, _not_ready, _serve_forever, parse_args, warm_up_device,
-                          warm_up_shared, write_json)
+from .warm_worker import (NOT_FORKED, _die_with_parent, _listen, _not_ready, _serve_forever, end_with_parent,
+                          parse_args, warm_up_device, warm_up_shared, write_json)
 
 FORK_ENV = "SWEEPER_WARM_FORK"  # "0": each worker its own process; "always": try forking GPU workers too (to measure)
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -228,5 +228,11 @@ def _how(status: int) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv, pool=True)
+    end_with_parent(args.parent)
+    run_pool(args)
+
+
 if __name__ == "__main__":
-    run_pool(parse_args(None, pool=True))
+    main()

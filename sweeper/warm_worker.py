@@ -219,7 +219,7 @@ def _serve_forever(server: socket.socket, busy_path: str, ready: dict) -> None:
 
 def parse_args(argv: list[str] | None, pool: bool = False):
     """The command line of a worker (``pool``: of the pool's parent, sweeper/warm_pool_parent.py): what to warm up,
-    and the process it ends with. Each then checks that this process's parent is still that one."""
+    and the process it ends with (:func:`end_with_parent`)."""
     parser = argparse.ArgumentParser(prog=f"python -m sweeper.{'warm_pool_parent' if pool else 'warm_worker'}")
     if pool:
         parser.add_argument("--pool", required=True, help="start every worker of this pool folder's worker-N.json")
@@ -234,15 +234,19 @@ def parse_args(argv: list[str] | None, pool: bool = False):
     parser.add_argument("--needed", action="append", default=[], help="optional packages the trials need")
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--tasks", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def end_with_parent(parent: int) -> None:
+    """This process ends when ``parent``, the process that started it, does; at once if it already has."""
     _die_with_parent()
-    if os.getppid() != args.parent:  # the process that started this one died before the line above
+    if os.getppid() != parent:  # it died before the line above: nothing would end this process
         os._exit(PARENT_GONE)
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    end_with_parent(args.parent)
     # SIGTERM keeps its default action (end at once): a Python handler would wait for the main thread, which CUDA's
     # threads can leave blocked in accept() (the signal goes to one of them): 10 s to stop on the H100 (run26).
     t0 = time.perf_counter()

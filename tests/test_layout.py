@@ -29,7 +29,8 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            # `from pkg import name`: the submodule pkg.name where there is one, else pkg itself
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue
         out |= {t for t in targets if t in modules and t != name}
@@ -39,9 +40,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
 def _graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(paths)
-    # importing a.b.c runs a/__init__.py and a/b/__init__.py first, but those are plain markers here: edges to them
-    # are left out, so only the modules that hold code count
-    return {m: {t for t in _imports(p, modules) if paths[t].name != "__init__.py"} for m, p in paths.items()}
+    return {m: _imports(p, modules) for m, p in paths.items()}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -66,9 +65,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_graph_sees_imports_inside_functions():
+def test_the_graph_sees_imports_inside_functions_and_packages_with_code():
+    graph = _graph()
     # warm_worker imports runner inside a function only: the graph must see it, or a circle through it would pass
-    assert "sweeper.runner" in _graph()["sweeper.warm_worker"]
+    assert "sweeper.runner" in graph["sweeper.warm_worker"]
+    # taskdata's code is its __init__.py; `from . import precisions` is the submodule, not the package
+    assert "sweeper.taskdata" in graph["sweeper.trials"]
+    assert "sweeper" not in graph["sweeper.trials"]
 
 
 def test_no_import_circle_between_sweepers_modules():
