@@ -136,8 +136,8 @@ class WarmPool:
                 paths = {kind: str(folder / f"worker-{i}.{kind}") for kind in ("sock", "lock", "busy", "log")}
                 # the parent's pid until it has started the worker: a client waits while the parent lives
                 write_json(folder / f"worker-{i}.json", {"key": key, "pid": proc.pid, "parent": proc.pid,
-                                                          "socket": paths["sock"], "lock": paths["lock"],
-                                                          "busy": paths["busy"], "log": paths["log"]})
+                                                         "socket": paths["sock"], "lock": paths["lock"],
+                                                         "busy": paths["busy"], "log": paths["log"]})
         finally:
             proc.stdin.close()  # the parent reads the worker files once this is closed
 

