@@ -20,14 +20,16 @@ import psutil
 
 @functools.lru_cache(maxsize=1)
 def process_started_at() -> float | None:
-    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None. Read once."""
+    """When this process started (epoch seconds, to 10 ms), from /proc: Linux only, else None. Read once.
+
+    /proc gives the start in clock ticks since boot, rounded down; the time since boot is CLOCK_BOOTTIME's (exact),
+    not /proc/uptime's (rounded down to 10 ms, which put the start up to 10 ms late)."""
     from pathlib import Path
 
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):  # AttributeError: no CLOCK_BOOTTIME (not Linux)
         return None
 
 
