@@ -239,11 +239,17 @@ def two_node_cluster(tmp_path):
     subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", "--resources", '{"worker_node": 1}', *common],
                    check=True, env=env, capture_output=True, timeout=120)
     yield f"127.0.0.1:{port}"
-    for pid in _pids_matching(f":{port}") + _pids_matching("worker_node"):
+    # every process of both nodes names the GCS port (gcs_server as --gcs_server_port=PORT) or the worker node's
+    # resource; `ray stop` would also stop other Ray instances of this machine
+    def left() -> list[int]:
+        return sorted(set(_pids_matching(f":{port}") + _pids_matching(f"={port}") + _pids_matching("worker_node")))
+
+    for pid in left():
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    assert _wait_for(lambda: not left(), timeout=10), f"processes of the cluster outlived it: {left()}"
 
 
 def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker_node(tmp_path, tiny_model, two_node_cluster):
