@@ -1,11 +1,17 @@
-"""Can Ray give a trial actor a process that warmed up before the trial? Two probes (issue 22):
+"""Can Ray give a trial actor a process that warmed up before the trial? Three probes (issue 22):
 
 1. A local instance with a job runtime_env: two warm-up *tasks* pinned to the node, then an actor. Does the actor run
    in one of the tasks' processes (then tasks could warm processes up for Tune's actors)?
 2. The two-node harness (tests/cluster_harness.py) joined with a runtime_env whose worker_process_setup_hook marks the
    process: does Ray start any worker of the job before something asks for one (then the hook would warm ahead)?
+3. A node started by `ray start --head` (as cluster.yaml starts every node) with RAY_enable_worker_prestart=1 and
+   RAY_preload_python_modules naming a module that imports torch and marks its process: does the node start
+   preloaded idle workers before any driver joins, and does a joining driver's actor (with no runtime_env, then with
+   one) run in one of them? The time from the actor's creation to its first reply, the reply importing torch, says
+   what the preload saved.
 
-    SWEEPER_HARNESS_PORT_BASE=6600 python3 benchmarks/ray_prestart_probe.py > benchmarks/logs/ray_prestart_probe.txt
+    SWEEPER_HARNESS_PORT_BASE=6600 python3 benchmarks/ray_prestart_probe.py [--only 3] \
+        > benchmarks/logs/ray_prestart_probe.txt
 """
 from __future__ import annotations
 
@@ -69,7 +75,117 @@ def hook_prestart() -> None:
         ray.shutdown()
 
 
+def preload() -> None:
+    """The module the node of probe 3 preloads in its idle workers: torch, then a mark."""
+    import torch  # noqa: F401
+
+    mark()
+
+
+def node_prestart() -> None:
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    from helpers import free_port
+
+    import ray
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    for preload_env in ({}, {"RAY_enable_worker_prestart": "1", "RAY_preload_python_modules": "probe_preload"}):
+        MARKS.mkdir(parents=True, exist_ok=True)
+        for f in MARKS.iterdir():
+            f.unlink()
+        temp, port = Path(tempfile.mkdtemp(prefix="prestart-", dir="/var/tmp")), free_port()
+        (temp / "probe_preload.py").write_text("from ray_prestart_probe import preload\npreload()\n")
+        env = {**os.environ, **preload_env, "RAY_AUTH_MODE": "disabled",
+               "PYTHONPATH": os.pathsep.join([str(temp), str(REPO / "benchmarks"), str(REPO / "tests")])}
+        label = "with the preload" if preload_env else "as Ray comes"
+        try:
+            t0 = time.time()
+            subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            "--disable-usage-stats", f"--temp-dir={temp / 'ray'}"], env=env, check=True,
+                           capture_output=True, timeout=120)
+            seen = []
+            for _ in range(20):
+                time.sleep(1)
+                seen.append(len(list(MARKS.iterdir())))
+            print(f"3. node {label}: `ray start` took {time.time() - t0 - 20:.1f} s; processes that imported torch "
+                  f"and marked themselves, each second for 20 s after it, no driver yet: {seen}", flush=True)
+            for runtime_env in (None, {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}):
+                ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, logging_level="ERROR",
+                         runtime_env=runtime_env)
+
+                @ray.remote(num_cpus=1)
+                class Trial:
+                    def first(self) -> tuple[int, float]:
+                        t = time.perf_counter()
+                        import torch  # noqa: F401 - what a trial imports first
+
+                        return os.getpid(), time.perf_counter() - t
+
+                idle = {int(f.name) for f in MARKS.iterdir()}  # preloaded before the actor was asked for
+                t = time.perf_counter()
+                pid, import_s = ray.get(Trial.remote().first.remote())
+                took = time.perf_counter() - t
+                where = ("an idle worker preloaded before it was created" if pid in idle else
+                         "a process Ray started for it, " + ("which preloaded as it started"
+                                                             if (MARKS / str(pid)).exists() else "without the preload"))
+                print(f"   a joining driver, runtime_env {runtime_env}: its actor ran in {where}; "
+                      f"creation -> first reply {took:.2f} s, of which `import torch` {import_s:.2f} s", flush=True)
+                ray.shutdown()
+            if preload_env:
+                tune_trial(port)
+        finally:
+            for pid in os.listdir("/proc"):  # every process of this node names its temp folder
+                try:
+                    if pid.isdigit() and str(temp).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(1)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def tune_trial(port: int) -> None:
+    """A Tune trial on the preloading node, with Tune's actor runtime_env as it comes, then without it (what
+    sweeper/local_ray.py does on a private instance): does the trial actor get a preloaded idle worker?"""
+    import tempfile
+
+    import ray
+    from ray import tune
+    from ray.tune.execution import class_cache
+
+    def trial(config):
+        import os
+
+        tune.report({"pid": os.getpid()})
+
+    saved = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
+    for label, env in (("Tune's actor runtime_env", saved), ("no actor runtime_env", ({}, set()))):
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, logging_level="ERROR")
+        class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = env
+        try:
+            idle = {int(f.name) for f in MARKS.iterdir()}
+            with tempfile.TemporaryDirectory() as d:
+                result = tune.Tuner(trial, run_config=tune.RunConfig(storage_path=d, verbose=0)).fit()[0]
+            pid = result.metrics["pid"]
+            print(f"   a Tune trial, {label}: ran in "
+                  f"{'an idle worker preloaded before it' if pid in idle else 'a process Ray started for it'}",
+                  flush=True)
+        finally:
+            class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = saved
+            ray.shutdown()
+
+
 if __name__ == "__main__":
-    print(f"python {sys.version.split()[0]}", flush=True)
-    tasks_then_actor()
-    hook_prestart()
+    print(f"python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else "123"
+    if "1" in only:
+        tasks_then_actor()
+    if "2" in only:
+        hook_prestart()
+    if "3" in only:
+        node_prestart()
