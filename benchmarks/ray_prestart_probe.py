@@ -30,6 +30,15 @@ def mark() -> None:
     (MARKS / str(os.getpid())).touch()
 
 
+def marks_each_second(seconds: int) -> list[int]:
+    """How many processes have marked themselves, each second for ``seconds``."""
+    seen = []
+    for _ in range(seconds):
+        time.sleep(1)
+        seen.append(len(list(MARKS.iterdir())))
+    return seen
+
+
 def tasks_then_actor() -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -66,10 +75,7 @@ def hook_prestart() -> None:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "benchmarks")},
                               "worker_process_setup_hook": "ray_prestart_probe.mark"})
-        seen = []
-        for _ in range(10):
-            time.sleep(1)
-            seen.append(len(list(MARKS.iterdir())))
+        seen = marks_each_second(10)
         print(f"2. processes that ran the job's setup hook, each second for 10 s after ray.init with nothing "
               f"submitted: {seen}", flush=True)
         ray.shutdown()
@@ -107,11 +113,9 @@ def node_prestart() -> None:
             subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                             "--disable-usage-stats", f"--temp-dir={temp / 'ray'}"], env=env, check=True,
                            capture_output=True, timeout=120)
-            seen = []
-            for _ in range(20):
-                time.sleep(1)
-                seen.append(len(list(MARKS.iterdir())))
-            print(f"3. node {label}: `ray start` took {time.time() - t0 - 20:.1f} s; processes that imported torch "
+            started_s = time.time() - t0
+            seen = marks_each_second(20)
+            print(f"3. node {label}: `ray start` took {started_s:.1f} s; processes that imported torch "
                   f"and marked themselves, each second for 20 s after it, no driver yet: {seen}", flush=True)
             for runtime_env in (None, {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}):
                 ray.init(address=f"127.0.0.1:{port}", log_to_driver=False, logging_level="ERROR",
