@@ -9,6 +9,7 @@ import pytest
 
 from helpers import GcsBucket, fake_gcs, served_bucket, small_study, sweep
 from test_store_s3 import (  # noqa: F401 - collected here with this module's `bucket`
+    test_an_object_is_read_into_memory_arrow_owns,
     test_awq_checkpoint_lands_in_the_bucket,
     test_checkpoint_cache_is_published_to_and_filled_from_the_bucket,
     test_compaction_segments_and_checkpoint,

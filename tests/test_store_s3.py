@@ -314,6 +314,30 @@ def test_s3_an_unreachable_location_is_an_error_never_damage(tmp_path, monkeypat
     assert r.returncode == 2 and len(err) == 1 and f"results location {uri}: cannot use it" in err[0], r.stderr
 
 
+def test_an_object_is_read_into_memory_arrow_owns(bucket, monkeypatch):
+    """The Parquet reader gets a copy of an object in memory Arrow owns, never the Python bytes object: Arrow's pool
+    threads then free nothing that needs the GIL, which aborted `sweep results` (SIGABRT) when one did so as the
+    interpreter exited (4 and 2 exits of 80 on S3 and GCS with a damaged object: benchmarks/exit_abort_probe.py)."""
+    import io
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sweeper.store import ResultsStore
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"trial_id": ["a", "b"]}), buf)
+    bucket.put("own/x.parquet", buf.getvalue())
+    loc = ResultsStore(bucket.uri("own")).loc
+    data = loc.read_bytes("x.parquet")
+    monkeypatch.setattr(loc, "read_bytes", lambda rel: data)
+    held = sys.getrefcount(data)
+    reader = loc.open_regular("x.parquet")
+    assert sys.getrefcount(data) == held, "the reader keeps the Python bytes alive: Arrow's threads would free them"
+    assert pq.ParquetFile(reader).read(use_threads=True)["trial_id"].to_pylist() == ["a", "b"]
+
+
 def test_compaction_segments_and_checkpoint(bucket):
     """Past COMPACT_TAIL per-trial commits the owner merges them on the bucket (Polars reads the objects, the segment
     is one PutObject) and writes a checkpoint; a fresh reader starts from it and sees every trial's rows once."""
