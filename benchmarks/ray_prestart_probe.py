@@ -94,7 +94,7 @@ def node_prestart() -> None:
     import subprocess
     import tempfile
 
-    from helpers import free_port
+    from helpers import free_port, pids_matching
 
     import ray
 
@@ -142,10 +142,9 @@ def node_prestart() -> None:
             if preload_env:
                 tune_trial(port)
         finally:
-            for pid in os.listdir("/proc"):  # every process of this node names its temp folder
+            for pid in pids_matching(str(temp)):  # every process of this node names its temp folder
                 try:
-                    if pid.isdigit() and str(temp).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        os.kill(int(pid), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
             time.sleep(1)

@@ -251,6 +251,20 @@ def served_bucket(scheme: str, name: str, monkeypatch, work: Path):
         yield bucket(name, env)
 
 
+def pids_matching(*texts: str) -> list[int]:
+    """Live processes (no zombies) whose command line holds any of ``texts``, from one scan of /proc."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+            zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            continue
+        if not zombie and any(t in cmd for t in texts):
+            out.append(int(pid))
+    return out
+
+
 def warm_worker_pids(parent: int | None = None) -> list[int]:
     """Running warm-worker processes (the pool's parent and its workers) of the launch ``parent`` while it lives;
     all of them with ``parent`` None."""

@@ -14,7 +14,8 @@ import pytest
 
 from sweeper.results import open_results
 
-from helpers import committed_rows, fast_benchmark, free_port, read_trials, small_study, sweep, sweep_popen, write_study
+from helpers import (committed_rows, fast_benchmark, free_port, pids_matching, read_trials, small_study, sweep,
+                     sweep_popen, write_study)
 from helpers import wait_for as _wait_for
 
 SECRET = "hf_sweeper_test_secret_value_123"
@@ -214,18 +215,6 @@ def test_no_secrets_in_results(tmp_path, tiny_model):
 
 # ----- a real two-node Ray cluster on this machine -------------------------------------------------------------
 
-def _pids_matching(text: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if text in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
-                    out.append(int(pid))
-            except OSError:
-                pass
-    return out
-
-
 @pytest.fixture()
 def two_node_cluster(tmp_path):
     import subprocess
@@ -242,7 +231,7 @@ def two_node_cluster(tmp_path):
     # every process of both nodes names the GCS port (gcs_server as --gcs_server_port=PORT) or the worker node's
     # resource; `ray stop` would also stop other Ray instances of this machine
     def left() -> list[int]:
-        return sorted(set(_pids_matching(f":{port}") + _pids_matching(f"={port}") + _pids_matching("worker_node")))
+        return pids_matching(f":{port}", f"={port}", "worker_node")
 
     for pid in left():
         try:
@@ -269,7 +258,7 @@ def test_two_node_cluster_spreads_trials_and_survives_a_dead_worker_node(tmp_pat
     assert len(nodes_seen()) == 2, "trials did not spread over both nodes"
     assert len(_rows(results)) < 5, "the sweep ended before the worker node could be killed mid-sweep"
     killed_at, killed = time.time(), []
-    for pid in _pids_matching("worker_node"):
+    for pid in pids_matching("worker_node"):
         if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore"):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
