@@ -18,7 +18,8 @@ tmp = tempfile.TemporaryDirectory()
 store = ResultsStore(tmp.name)
 store.take_over("tok")
 t0 = time.perf_counter()
-actor = start_writer(store, "w", "sweeper")
+actor = start_writer("w", "sweeper")
+actor.open.remote(str(store.root), store.token)
 call = time.perf_counter() - t0
 ray.get(actor.release.remote("x"))
 ready = time.perf_counter() - t0

@@ -25,7 +25,8 @@ two sides fit in separate device calls; the report says which cells were reused.
 `ray stop` after the table, neither counted; `sweep launch --address auto`): what a user who keeps a head running on the machine sees, without the
 seconds `sweep launch` spends starting a private Ray instance. With `--gpu-node` the head has no GPU and a second
 node started on the same host has them all: every trial runs off the launching node, as on a cluster of GPU worker
-machines (run34 in docs/performance.md compared warm actors there with cold trials).
+machines (run34 in docs/performance.md compared warm actors there with cold trials). `--node-preload` starts those
+nodes as cluster.yaml does (Ray's idle workers preload sweeper.node_preload) and waits for their preload first.
 
 The sweep starts with a cold lm-eval task index cache (its own SWEEPER_TASK_INDEX_CACHE folder, emptied), so it pays
 for building lm-eval's task index once, as on a fresh machine; each naive run builds it too, as lm-eval always does.
@@ -206,8 +207,8 @@ STAGE_COLUMNS = ("stage_load_s", "stage_benchmark_s", "timing_wait_s", "stage_pe
                  "stage_write_s", "duration_s")
 
 
-START_COLUMNS = ("ray_worker_started_at", "process_started_at", "warm_worker_ready_at", "trainable_started_at",
-                 "load_started_at")
+START_COLUMNS = ("ray_worker_started_at", "process_started_at", "warm_worker_ready_at", "ray_worker_preloaded_at",
+                 "trainable_started_at", "load_started_at")
 LOAD_METRICS = ("load_s", "library_import_s")
 
 
@@ -230,12 +231,12 @@ def trial_times(root: Path, launched_at: float) -> list[dict]:
                for c in START_COLUMNS},
             **{c: r.get(c) for c in STAGE_COLUMNS}, **{c: None for c in LOAD_METRICS},
             **load_metrics(r["trial_id"])} for r in rows]
-    say("  trial start-up (s since launch): cell ray_worker process warm_ready trainable load | load_s "
+    say("  trial start-up (s since launch): cell ray_worker process warm_ready preloaded trainable load | load_s "
         "library_import_s | warm worker")
     for r in out:
         say(f"    {r['cell']:10s} " + " ".join("-" if r[c] is None else f"{r[c]:.1f}"
                                              for c in ("ray_worker_at_s", "process_at_s", "warm_worker_ready_at_s",
-                                                       "trainable_at_s", "load_at_s"))
+                                                       "ray_worker_preloaded_at_s", "trainable_at_s", "load_at_s"))
             + " | " + " ".join("-" if r[c] is None else f"{r[c]:.2f}" for c in LOAD_METRICS)
             + f" | {'yes' if r['warm_worker'] else 'no'}")
     say("  trial stage times (s): cell " + " ".join(c.removesuffix("_s").removeprefix("stage_") for c in STAGE_COLUMNS))
@@ -266,6 +267,21 @@ def warm_pool_logs(root: Path, launched_at: float, say) -> dict:
     return out
 
 
+def wait_preloaded(want: int, timeout_s: float = 180.0) -> dict:
+    """Until ``want`` idle workers of this machine's Ray session (one per CPU of each node) have logged the end of
+    their preload, or ``timeout_s``: how many did, and when."""
+    t0 = time.perf_counter()
+    logs = Path("/tmp/ray/session_latest/logs")
+    ready = 0
+    while time.perf_counter() - t0 < timeout_s:
+        ready = sum("sweeper.node_preload: ready" in f.read_text(errors="replace")
+                    for f in logs.glob("worker-*-ffffffff-*.err"))
+        if ready >= want:
+            break
+        time.sleep(1)
+    return {"ready": ready, "wanted": want, "waited_s": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a local model folder (fp16 or fp32 weights, with a tokenizer)")
@@ -289,6 +305,9 @@ def main() -> None:
     ap.add_argument("--gpu-node", action="store_true",
                     help="with --ray-head: the head has no GPU and a second node on this host has them all, so every "
                          "trial runs on a node other than the launching one (as on a cluster of GPU worker machines)")
+    ap.add_argument("--node-preload", action="store_true",
+                    help="with --ray-head: start the Ray node(s) as cluster.yaml does (idle workers that preload "
+                         "sweeper.node_preload, the sweeper-preload label) and wait, uncounted, for their preload")
     ap.add_argument("--no-warm-workers", action="store_true",
                     help="launch the sweep with --no-warm-workers (every trial runs in a fresh Ray worker)")
     ap.add_argument("--ray-as-is", action="store_true",
@@ -327,13 +346,21 @@ def main() -> None:
         ray_cli = [py, "-m", "ray.scripts.scripts"]
         if a.ray_head:
             t0 = time.perf_counter()
+            node_env, preload = env, []
+            if a.node_preload:  # as cluster.yaml's start commands (docs/cluster.md)
+                node_env = {**env, "RAY_enable_worker_prestart": "1", "RAY_preload_python_modules": "sweeper.node_preload",
+                            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
+                preload = ["--labels=sweeper-preload=1"]
             head = subprocess.run(ray_cli + ["start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
-                                  + (["--num-gpus=0"] if a.gpu_node else []),
-                                  cwd=REPO, env=env, capture_output=True, text=True)
+                                  + (["--num-gpus=0"] if a.gpu_node else []) + preload,
+                                  cwd=REPO, env=node_env, capture_output=True, text=True)
             if head.returncode == 0 and a.gpu_node:  # a second node on this host, with the GPUs: ports of its own
                 head = subprocess.run(ray_cli + ["start", "--address=127.0.0.1:6379", "--disable-usage-stats"]
-                                      + [f"--{k}={v}" for k, v in GPU_NODE_PORTS.items()],
-                                      cwd=REPO, env=env, capture_output=True, text=True)
+                                      + [f"--{k}={v}" for k, v in GPU_NODE_PORTS.items()] + preload,
+                                      cwd=REPO, env=node_env, capture_output=True, text=True)
+            if head.returncode == 0 and a.node_preload:
+                report["node_preload"] = wait_preloaded((2 if a.gpu_node else 1) * (os.cpu_count() or 1))
+                say(f"idle workers preloaded (not counted): {report['node_preload']}")
             report["ray_head_start_s"] = time.perf_counter() - t0
             say(f"ray head{' and GPU node' if a.gpu_node else ''} started (not counted): "
                 f"{report['ray_head_start_s']:.1f}s, rc {head.returncode}")
@@ -360,7 +387,7 @@ def main() -> None:
                       sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head, gpu_node=a.gpu_node,
                       warm_pool=warm_pool_logs(work / "sweep", launched_at, say),
                       warm_workers=not a.no_warm_workers, ray_as_is=a.ray_as_is,
-                      warm_fork=not a.no_warm_fork)
+                      warm_fork=not a.no_warm_fork, node_preload=report.get("node_preload"))
         say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
 
     # ---------------------------------------------------------------- the naive way

@@ -1,7 +1,7 @@
 """Per-trial start-up on each node of the two-node harness (tests/cluster_harness.py): the launching (head) node
 against a worker node that shares neither /tmp nor the results folder with it.
 
-    SWEEPER_HARNESS_PORT_BASE=6600 python3 benchmarks/warm_nodes.py --rounds 2 [-- --no-warm-workers]
+    SWEEPER_HARNESS_PORT_BASE=6600 python3 benchmarks/warm_nodes.py --rounds 2 [--preload] [-- --no-warm-workers]
 
 The study: ../shared/data/models/llama-4m x fp32, bf16, fp16, int8, nf4, fp4 x compute fp32, bf16, fp16 (the fast test
 benchmark, no KL, one CPU a trial; each node has one CPU, so one trial at a time runs on each). Per launch it prints,
@@ -41,11 +41,13 @@ def one_launch(cluster, study: Path, name: str, extra: list[str]) -> None:
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    scheduled = {}
+    scheduled, fits = {}, []
     for line in (results / "_tune" / "events.jsonl").read_text().splitlines():
         e = json.loads(line)
         if e["event"] == "scheduled":
             scheduled[e["trial_id"]] = e["at"]
+        elif e["event"] == "fit":
+            fits.append(e["at"])
     rows = open_results(str(results)).trials.collect().to_dicts()
     print(f"{name}: wall {wall:.1f}s, {len(rows)} trials", flush=True)
     for label, node in (("head  ", cluster.head_node_id), ("worker", cluster.worker_node_id)):
@@ -58,7 +60,11 @@ def one_launch(cluster, study: Path, name: str, extra: list[str]) -> None:
         # the load's own imports (transformers' model classes, ...) fall after load_started_at in a cold process
         loaded = [r["load_started_at"] + r["stage_load_s"] - scheduled[r["trial_id"]] for r in mine
                   if r["worker_trial_index"] == 0]
+        # a process Ray started before Tune began: one the node (or the launch's connect) started ahead, not for a trial
+        ahead = {r["ray_worker_started_at"] < min(fits) for r in mine}
         print(f"  {label}: {len(mine)} trials, {sum(bool(r['warm_worker']) for r in mine)} warm, "
+              f"{sum(r.get('ray_worker_preloaded_at') is not None for r in mine)} preloaded, "
+              f"Ray processes started before Tune: {sorted(ahead)}, "
               f"{len({r['worker_pid'] for r in mine})} processes; scheduled -> load start median "
               f"{statistics.median(startup):.3f}s (max {max(startup):.3f}s), first trial of a process median "
               f"{statistics.median(first):.3f}s (to the load's end {statistics.median(loaded):.3f}s)", flush=True)
@@ -68,12 +74,16 @@ def one_launch(cluster, study: Path, name: str, extra: list[str]) -> None:
                   f"{r['load_started_at'] - r['trainable_started_at']:.3f}s; its process started "
                   f"{scheduled[r['trial_id']] - r['process_started_at']:.3f}s before it was scheduled"
                   + ("" if r.get("warm_worker_ready_at") is None else
-                     f", warmed up in {r['warm_worker_ready_at'] - r['process_started_at']:.3f}s"), flush=True)
+                     f", warmed up in {r['warm_worker_ready_at'] - r['process_started_at']:.3f}s")
+                  + ("" if r.get("ray_worker_preloaded_at") is None else
+                     f", preloaded in {r['ray_worker_preloaded_at'] - r['ray_worker_started_at']:.3f}s"), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--preload", action="store_true",
+                    help="start both nodes as cluster.yaml does: idle workers that preload sweeper.node_preload")
     args, extra = ap.parse_known_args()
     extra = [a for a in extra if a != "--"]
     from cluster_harness import TwoNodeCluster
@@ -81,8 +91,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="warm-nodes-"))
     study = work / "study.py"
     study.write_text(STUDY.format(model=str(MODEL)))
-    print(f"python {sys.version.split()[0]}; two-node harness, 1 CPU a node; launch args: {extra}", flush=True)
-    with TwoNodeCluster() as cluster:
+    print(f"python {sys.version.split()[0]}; two-node harness, 1 CPU a node, preload {args.preload}; launch args: "
+          f"{extra}", flush=True)
+    with TwoNodeCluster(preload=args.preload) as cluster:
         for r in range(args.rounds):
             one_launch(cluster, study, f"round{r + 1}", extra)
 

@@ -146,6 +146,7 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                 checking_tasks.wait(INTERRUPTED_CHECK_S if isinstance(e, KeyboardInterrupt) else None)
                 raise
             try:
+                store_writer = scheduler.start_store_writer()  # its process starts while the checks run
                 checking_tasks.result()
                 check_inputs_visible(p.trials, address)  # every node that may run a trial sees its local inputs
                 share_for = (share_function(cluster.gpu_memory_bytes, int(cluster.node_gpus))
@@ -173,7 +174,8 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
             p = L.for_cluster(p, share_for, cluster.gpus, cluster.node_gpus)
             _print_plan(p, notes, render)
             click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
-                       + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else ""))
+                       + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else "")
+                       + (L.preload_note(cluster.preloading_nodes, cluster.nodes) if address else ""))
             L.record_launch(p, sys.argv, address)
             pending = p.pending
             if not pending:
@@ -187,7 +189,8 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                                      retries=retries, baselines_first=p.study.kl is not None,
                                      warm=pool.descriptor if pool is not None else None,
                                      slots=L.concurrent_slots(pending, cluster.cpus, cluster.gpus,
-                                                              p.study.resources.max_concurrent))
+                                                              p.study.resources.max_concurrent),
+                                     store_writer=store_writer)
             except KeyboardInterrupt as e:
                 # the warm workers (and their running trials) and Ray stop side by side: Ctrl-C leaves within seconds,
                 # and a Ray that does not stop in time is left to die with this process

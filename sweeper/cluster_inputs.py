@@ -82,7 +82,9 @@ def check_inputs_visible(trials: list[TrialSpec], address: str | None) -> None:
     if not nodes:
         return
     paths = [p for _, p in inputs]
-    probe = ray.remote(num_cpus=0, max_retries=0)(_missing)
+    from .local_ray import not_a_trial
+
+    probe = ray.remote(num_cpus=0, max_retries=0, **not_a_trial())(_missing)
     refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths):
             n for n in nodes}
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=ANSWER_TIMEOUT_S)

@@ -251,6 +251,16 @@ def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0, node_gpus:
     return dataclasses.replace(p, trials=trials, status=status, estimates=estimates)
 
 
+def preload_note(preloading: int, nodes: int) -> str:
+    """The launch's word on a joined cluster's preloading nodes (sweeper/node_preload.py, docs/cluster.md)."""
+    if preloading == nodes:
+        return f"; trials start in processes every node preloaded ({nodes} of {nodes})"
+    if preloading:
+        return (f"; {preloading} of {nodes} nodes preload trial processes, so none is used (every node needs the "
+                "sweeper-preload label and settings: docs/cluster.md)")
+    return ""
+
+
 def start_warm_workers(p: Plan, num_cpus: int | None, env: dict[str, str], address: str | None = None,
                        fresh: bool = False, emit=None):
     """Start warm workers (sweeper/warm_pool.py) on this machine, one per trial that can run here at once, sized with

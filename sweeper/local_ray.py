@@ -31,6 +31,11 @@ TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
 # imported by the idle worker processes ahead: what unpickling a Tune trial imports (Tune's trainable wrapper, and
 # the scheduler module that holds the trial function)
 WORKER_PRELOAD = ("ray.tune", "sweeper.scheduler")
+# the node label (`ray start --labels=sweeper-preload=1`) by which a node of a cluster says that its Ray workers
+# preload PRELOAD_MODULE (docs/cluster.md)
+PRELOAD_LABEL = "sweeper-preload"
+PRELOAD_MODULE = "sweeper.node_preload"
+PRELOAD_SKIP_ENV = "SWEEPER_NODE_PRELOAD"  # "0" in a worker's environment: it does not preload (not_a_trial)
 # Ray prestarts one worker per CPU; each preloading one holds more memory (benchmarks/ray_idle_workers.py --memory)
 # and all import at once while the launch starts: on bigger machines the workers import when their first trial comes
 PRELOAD_MAX_CPUS = 32
@@ -38,6 +43,9 @@ PRELOAD_MAX_CPUS = 32
 # the instance this process started (its GCS address) and the environment it inherited; None: none started, or a
 # cluster was joined
 _started: tuple[str, dict[str, str]] | None = None
+# a joined cluster (its GCS address) whose every node preloads sweeper (sweeper/node_preload.py, which also sets what
+# Tune's runtime_env would); None: none joined, or some node does not
+_joined_preloading: str | None = None
 
 
 def as_is() -> bool:
@@ -84,9 +92,29 @@ def starting(kwargs: dict[str, Any], worker_env: dict[str, str]) -> Iterator[Non
 
 
 def forget() -> None:
-    """The instance stopped (or a cluster was joined): Tune's actors keep their runtime_env from now on."""
-    global _started
+    """The instance stopped (or a cluster was joined or left): Tune's actors keep their runtime_env from now on."""
+    global _started, _joined_preloading
     _started = None
+    _joined_preloading = None
+
+
+def not_a_trial() -> dict[str, Any]:
+    """Options for the launch's own tasks and actors (the input check, the GPU probe, the StoreWriter) on a cluster
+    that preloads: a runtime_env that keeps them out of the idle workers the nodes preloaded for trials (Ray gives an
+    actor no process that ran a task, nor one an actor held) and their process from preloading."""
+    if _joined_preloading is None:
+        return {}
+    return {"runtime_env": {"env_vars": {PRELOAD_SKIP_ENV: "0"}}}
+
+
+def joined(preloading: bool) -> None:
+    """A cluster was joined (after ``ray.init``); ``preloading``: every node of it carries PRELOAD_LABEL, so Tune's
+    trial actors go without their runtime_env there (the nodes' preload sets its variables)."""
+    global _joined_preloading
+    import ray
+
+    forget()
+    _joined_preloading = ray.get_runtime_context().gcs_address if preloading else None
 
 
 @contextlib.contextmanager
@@ -110,9 +138,11 @@ def _without_api_server() -> Iterator[None]:
 
 @contextlib.contextmanager
 def tune_actors_without_runtime_env() -> Iterator[bool]:
-    """While Tune runs: its trial actors without the runtime_env Tune gives them, where that changes nothing (each
-    value equals the one the instance inherited); kept on a joined cluster, with SWEEPER_RAY_AS_IS=1, or when Tune's
-    internals are not where this expects them. Yields whether it dropped it."""
+    """While Tune runs: its trial actors without the runtime_env Tune gives them, where that changes nothing: on a
+    private instance, each value equals the one the instance inherited; on a joined cluster, every node preloads
+    sweeper.node_preload (which sets Tune's own variables; the AWS_* ones Tune would copy from this process are then
+    the nodes' own, as docs/cluster.md asks). Kept on any other joined cluster, with SWEEPER_RAY_AS_IS=1, or when
+    Tune's internals are not where this expects them. Yields whether it dropped it."""
     try:
         from ray.tune.execution import class_cache
         default, propagate = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
@@ -122,10 +152,12 @@ def tune_actors_without_runtime_env() -> Iterator[bool]:
     import ray
 
     wanted = {**default, **{k: os.environ[k] for k in propagate if k in os.environ}}
+    ours = ray.get_runtime_context().gcs_address if ray.is_initialized() and not as_is() else None
     started = _started
-    if (started is None or as_is() or not ray.is_initialized()
-            or ray.get_runtime_context().gcs_address != started[0]  # Ray restarted behind this module's back
-            or any(started[1].get(k) != v for k, v in wanted.items())):
+    preloading = ours is not None and ours == _joined_preloading
+    inherited = (ours is not None and started is not None and ours == started[0]  # not restarted behind our back
+                 and all(started[1].get(k) == v for k, v in wanted.items()))
+    if not (preloading or inherited):
         yield False
         return
     class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = {}, set()

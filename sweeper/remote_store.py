@@ -30,11 +30,26 @@ class StoreWriterImpl:
     """The actor's body (plain class: ``ray.remote`` wraps it in :func:`start_writer`). Threaded: a claim that waits
     for an orphan's flock must not hold up other trials' commits."""
 
-    def __init__(self, root: str, token: str | None):
-        self.store = ResultsStore(root, token=token)
+    def __init__(self, root: str | None = None, token: str | None = None):
+        self._store: ResultsStore | None = None
+        self._opened = threading.Event()
         self._lock = threading.Lock()  # ResultsStore caches its state: one commit at a time in this process
         self._claims: dict[str, TrialClaim] = {}
         self._claiming = threading.Lock()
+        if root is not None:
+            self.open(root, token)
+
+    def open(self, root: str, token: str | None) -> None:
+        """The results location to write, once the launch has prepared it (the actor's process starts earlier, while
+        the launch checks its inputs: start_writer); a call before this waits for it."""
+        self._store = ResultsStore(root, token=token)
+        self._opened.set()
+
+    @property
+    def store(self) -> ResultsStore:
+        self._opened.wait()
+        assert self._store is not None
+        return self._store
 
     def claim(self, trial_id: str) -> tuple[str, int] | None:
         """Take ``trial_id``'s claim (the same flock a local trial takes) and return its committed (status, attempt),
@@ -72,17 +87,19 @@ class StoreWriterImpl:
             self.store.write_trial(row, metrics, samples)
 
 
-def start_writer(store: ResultsStore, name: str, namespace: str):
-    """The launch's StoreWriter actor, on this (the driver's) node and nowhere else; trials find it by ``name``."""
+def start_writer(name: str, namespace: str):
+    """The launch's StoreWriter actor, on this (the driver's) node and nowhere else; trials find it by ``name``. Not
+    waited for, and not given its location yet (StoreWriterImpl.open): its process starts while the launch goes on."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from .local_ray import not_a_trial
+
     node = ray.get_runtime_context().get_node_id()
-    actor = ray.remote(StoreWriterImpl).options(
-        name=name, namespace=namespace, num_cpus=0, max_concurrency=256, max_restarts=0,
+    return ray.remote(StoreWriterImpl).options(
+        name=name, namespace=namespace, num_cpus=0, max_concurrency=256, max_restarts=0, **not_a_trial(),
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-    ).remote(store.loc.canonical, store.token)
-    return actor  # not waited for: it starts while Tune does (a trial off this node waits in its first call)
+    ).remote()
 
 
 def node_local_dir(root: str) -> Path:

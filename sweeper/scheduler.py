@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class ClusterInfo:
     node_gpus: float = 0  # GPUs of the largest node: a trial's whole GPUs come from one node
     here_cpus: float = 0  # this (the launching) node's CPUs and GPUs as Ray counts them (0 for a ray:// client)
     here_gpus: float = 0
+    preloading_nodes: int = 0  # nodes labelled local_ray.PRELOAD_LABEL (a joined cluster's; 0 on a private instance)
 
 
 def import_ray() -> None:
@@ -82,8 +84,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose, ignore_reinit_error=True,
                                   logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
+        # no job runtime_env: an actor with one never runs in the idle workers a node started (and, with
+        # sweeper/node_preload.py, preloaded) ahead; each trial sets WORKER_ENV itself (_trainable)
         kwargs["address"] = address
-        kwargs["runtime_env"] = {"env_vars": dict(WORKER_ENV)}
         starting = contextlib.nullcontext()
         local_ray.forget()
     else:
@@ -99,18 +102,22 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot connect to the Ray cluster at {kwargs['address']!r}: {str(e).splitlines()[0]}; "
                         "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    preloading = 0
+    if address:  # first: the GPU probe below is one of the launch's own tasks (local_ray.not_a_trial)
+        preloading = sum(1 for n in alive if (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1")
+        local_ray.joined(preloading=preloading == len(alive))
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
     mem = None
     if gpus > 0 and gpu_memory:  # this machine's nvidia-smi when Ray is local (fast), else a probe task on a GPU worker
         mem = (None if address else _local_gpu_memory_bytes()) or _gpu_memory_bytes()
-    alive = [n for n in ray.nodes() if n.get("Alive")]
     node_gpus = max((float(n.get("Resources", {}).get("GPU", 0)) for n in alive), default=0.0)
     here = ray.get_runtime_context().get_node_id()
     mine = next((n.get("Resources", {}) for n in alive if n.get("NodeID") == here), {})
     return ClusterInfo(address=address, nodes=len(alive), cpus=float(res.get("CPU", 0)), gpus=gpus,
                        gpu_memory_bytes=mem, node_gpus=node_gpus, here_cpus=float(mine.get("CPU", 0)),
-                       here_gpus=float(mine.get("GPU", 0)))
+                       here_gpus=float(mine.get("GPU", 0)), preloading_nodes=preloading)
 
 
 def _local_gpu_memory_bytes() -> float | None:
@@ -126,7 +133,7 @@ def _gpu_memory_bytes() -> float:
     """Memory of the cluster's smallest GPU, read by a tiny task on a GPU worker."""
     import ray
 
-    @ray.remote(num_gpus=0.01, num_cpus=0)
+    @ray.remote(num_gpus=0.01, num_cpus=0, **local_ray.not_a_trial())
     def probe():
         import torch
 
@@ -177,17 +184,28 @@ def _warm_worker(descriptor: dict | None, spec: TrialSpec):
     return worker
 
 
+def _process_facts() -> dict[str, Any]:
+    """This Ray worker's start-up facts for the trial's row: when the process started, and when its node's preload
+    (sweeper/node_preload.py) finished in it, None where the node does not preload."""
+    from .measure import process_started_at
+
+    preload = sys.modules.get(local_ray.PRELOAD_MODULE)  # read, never imported: importing it runs the preload
+    return {"ray_worker_started_at": process_started_at(),
+            "ray_worker_preloaded_at": getattr(preload, "preloaded_at", None)}
+
+
 def _trainable(config: dict) -> None:
     """A Tune trial: run one sweeper trial unless the store says it is done. Runs on a Ray worker; the trial itself
     runs in a warm worker of this machine when there is a free one, else here."""
     # where a trial's start-up goes: worker process start -> this call -> the row's load_started_at
     entered = time.time()
+    for k, v in WORKER_ENV.items():  # no runtime_env set them on a joined cluster (connect)
+        os.environ.setdefault(k, v)
     from ray import tune
 
     import ray
 
     from .lock import TrialClaim
-    from .measure import process_started_at
 
     case = config["case"]
     spec = TrialSpec.from_dict(case["spec"])
@@ -207,8 +225,7 @@ def _trainable(config: dict) -> None:
             tune.report({"status": "skipped"})
             return
         attempt = (previous.attempt if previous is not None else 0) + 1
-        extra = {"ray_node_id": node, "trainable_started_at": entered,
-                 "ray_worker_started_at": process_started_at()}
+        extra = {"ray_node_id": node, "trainable_started_at": entered, **_process_facts()}
         worker = _warm_worker(config.get("warm"), spec)
         if worker is not None:
             try:
@@ -230,13 +247,13 @@ WRITER_NAMESPACE = "sweeper"
 
 
 def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, entered: float) -> None:
-    """A Tune trial on a node other than the launching one: it may not see the results folder, so it runs here (no
-    warm worker: those live on the launching node) with a RemoteStore, and the launch's StoreWriter commits it."""
+    """A Tune trial on a node other than the launching one: it may not see the results folder, so it runs here (in a
+    process the node preloaded, where it does: sweeper/node_preload.py; the warm workers live on the launching node)
+    with a RemoteStore, and the launch's StoreWriter commits it."""
     from ray import tune
 
     import ray
 
-    from .measure import process_started_at
     from .remote_store import RemoteStore
     from .runner import run_request
 
@@ -247,8 +264,7 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
             tune.report({"status": "skipped"})
             return
         attempt = (previous[1] if previous is not None else 0) + 1
-        extra = {"ray_node_id": node, "trainable_started_at": entered, "ray_worker_started_at": process_started_at(),
-                 "warm_worker": False}
+        extra = {"ray_node_id": node, "trainable_started_at": entered, **_process_facts(), "warm_worker": False}
         outcome = run_request({"spec": spec.to_dict(), "store": config["store"], "attempt": attempt, "extra": extra,
                                "token": config.get("token")},
                               store=RemoteStore(actor, config["store"], config.get("token")))
@@ -350,12 +366,31 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
     return ProgressCallback()
 
 
+@dataclass
+class StoreWriter:
+    """The launch's StoreWriter actor (sweeper/remote_store.py) and the name trials find it by."""
+
+    name: str
+    actor: Any
+
+
+def start_store_writer() -> StoreWriter:
+    """Start the StoreWriter as soon as Ray is up, so that its process start (seconds on a busy head: a new process,
+    local_ray.not_a_trial) overlaps the launch's checks instead of holding up the first trial off this node;
+    :func:`run_trials` gives it the results location."""
+    from .remote_store import start_writer
+
+    name = f"store-writer-{os.getpid()}-{time.time_ns()}"
+    return StoreWriter(name, start_writer(name, WRITER_NAMESPACE))
+
+
 def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str], None],
                max_concurrent: int | None = None, retries: int = 2, baselines_first: bool = True,
-               warm: dict | None = None, slots: int = 1) -> Progress:
+               warm: dict | None = None, slots: int = 1, store_writer: StoreWriter | None = None) -> Progress:
     """Run ``trials`` (the pending ones) on the connected Ray cluster; results go to ``store``. ``warm``: the
     launch's warm workers (:attr:`sweeper.warm_pool.WarmPool.descriptor`), or None; ``slots``: how many trials the
-    cluster runs at once (for the estimate of the time left)."""
+    cluster runs at once (for the estimate of the time left); ``store_writer``: one started ahead
+    (:func:`start_store_writer`), else it is started here."""
     progress = Progress(total=len(trials), labels={t.trial_id: t.cell for t in trials}, slots=slots)
     phases = [trials]
     if baselines_first:
@@ -364,11 +399,10 @@ def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str
         phases = [p for p in (base, rest) if p]
     import ray
 
-    from .remote_store import start_writer
-
     # the launching node is the only writer: trials on other nodes commit through this actor (sweeper/remote_store.py)
-    name = f"store-writer-{store.token or os.getpid()}"
-    actor = start_writer(store, name, WRITER_NAMESPACE)
+    store_writer = store_writer or start_store_writer()
+    name, actor = store_writer.name, store_writer.actor
+    actor.open.remote(store.loc.canonical, store.token)  # its other calls wait for this one
     writer = {"name": name, "node": ray.get_runtime_context().get_node_id()}
     try:
         for i, phase in enumerate(phases):

@@ -68,7 +68,7 @@ TRIALS_SCHEMA = pa.schema([
     ("status", _S), ("error_stage", _S), ("error_type", _S), ("error", _S), ("error_traceback", _S), ("attempt", _I),
     ("started_at", _S), ("finished_at", _S), ("duration_s", _F), ("process_started_at", _F),
     ("ray_worker_started_at", _F), ("trainable_started_at", _F), ("load_started_at", _F),
-    ("warm_worker_ready_at", _F),
+    ("warm_worker_ready_at", _F), ("ray_worker_preloaded_at", _F),
     ("stage_load_s", _F), ("stage_benchmark_s", _F), ("stage_perplexity_s", _F), ("stage_kl_s", _F),
     ("stage_tasks_s", _F), ("stage_write_s", _F), ("stage_order", _S),
     # measurement facts

@@ -37,6 +37,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from sweeper.local_ray import PRELOAD_LABEL, PRELOAD_MODULE  # as cluster.yaml starts nodes
+
 PORT_BASE_ENV = "SWEEPER_HARNESS_PORT_BASE"
 HEAD_RESOURCE = "harness_head"
 WORKER_RESOURCE = "harness_worker"
@@ -168,7 +170,7 @@ class TwoNodeCluster:
     def __init__(self, hidden: list[Path] | tuple[Path, ...] = (), base_port: int | None = None,
                  head_cpus: int = 1, worker_cpus: int = 1, join_timeout_s: float = 120.0,
                  head_env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None,
-                 worker_gpus: int = 0):
+                 worker_gpus: int = 0, preload: bool = False):
         self.base_port = int(base_port or os.environ.get(PORT_BASE_ENV) or 6400)
         # a results folder outside /tmp, so that its own tmpfs (not /tmp's) is what hides it; emptied on start
         self.results_root = Path(f"/var/tmp/swh-{self.base_port}-results")
@@ -182,6 +184,9 @@ class TwoNodeCluster:
         self._procs: list[subprocess.Popen] = []
         # variables for one node only (its raylet, hence its Ray workers): e.g. a bucket's credentials on the head
         self.node_env = {"head": dict(head_env or {}), "worker": dict(worker_env or {})}
+        # preload: both nodes started as cluster.yaml starts them, with idle workers that preload sweeper
+        # (sweeper/node_preload.py) and the label that tells a launch so
+        self.preload = preload
 
     @property
     def address(self) -> str:
@@ -198,7 +203,9 @@ class TwoNodeCluster:
         # and token authentication as the drivers have it (`ray start` turns it on by itself once ~/.ray/auth_token
         # exists, while a driver without RAY_AUTH_MODE does not use the token)
         return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+                "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                **({"RAY_enable_worker_prestart": "1", "RAY_preload_python_modules": PRELOAD_MODULE}
+                   if self.preload else {})}
 
     def start(self) -> "TwoNodeCluster":
         why = namespace_unavailable()
@@ -216,7 +223,8 @@ class TwoNodeCluster:
         (self.state_dir / "harness.json").write_text(json.dumps({"owner": os.getpid(),
                                                                  "owner_started": _started(os.getpid())}))
         ray = str(Path(sys.executable).parent / "ray")
-        common = ["--object-store-memory=100000000", "--disable-usage-stats", "--block"]
+        common = ["--object-store-memory=100000000", "--disable-usage-stats", "--block",
+                  *([f"--labels={PRELOAD_LABEL}=1"] if self.preload else [])]
         head = [ray, "start", "--head", f"--port={self.base_port}", f"--temp-dir={self.state_dir / 'ray'}",
                 f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--resources={json.dumps({HEAD_RESOURCE: 1000})}",
                 "--include-dashboard=false", f"--dashboard-port={self.base_port + 7}", *self._ports(0),
@@ -234,6 +242,8 @@ class TwoNodeCluster:
             self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c", self._namespace_script(worker)],
                         "worker")
             self._wait_joined()
+            if self.preload:
+                self._wait_preloaded()
         except BaseException:
             self.stop()
             raise
@@ -298,6 +308,43 @@ class TwoNodeCluster:
             raise RuntimeError(f"nodes alive after {self.join_timeout_s:g}s: {sorted(nodes)}; worker node log: "
                                f"{self.log_tail('worker')}")
         self.head_node_id, self.worker_node_id = nodes[HEAD_RESOURCE], nodes[WORKER_RESOURCE]
+
+    def kill_worker_node(self) -> list[int]:
+        """SIGKILL every process of the worker node (its mount namespace holds the tmpfs over results_root), as a
+        machine that dies; the processes killed."""
+        mark, killed = {str(self.results_root)}, []
+        for pid in members(self.base_port):
+            if _tagged(pid, mark):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        return killed
+
+    def _wait_preloaded(self, timeout_s: float = 180.0) -> None:
+        """Until each node's idle workers (one per CPU) have finished their preload, as on a cluster whose nodes came
+        up before the launch: a launch sooner finds them still importing and Ray starts other processes for its
+        trials. Read from their logs (the worker node's through its raylet's view of its own /tmp)."""
+        raylets = {name: next((pid for pid in members(self.base_port) if _tagged(pid, mark)
+                               and b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()), None)
+                   for name, mark in (("head", {f"/var/tmp/swh-{self.base_port}-head"}),
+                                      ("worker", {str(self.results_root)}))}
+        def worker_logs() -> Path:  # session_latest is an absolute link: followed inside the worker's view
+            root = Path(f"/proc/{raylets['worker']}/root")
+            latest = root / f"tmp/swh-{self.base_port}-worker/session_latest"
+            return root / os.readlink(latest).lstrip("/") / "logs" if latest.is_symlink() else latest
+
+        logs = {"head": lambda: self.state_dir / "ray" / "session_latest" / "logs", "worker": worker_logs}
+        want = {"head": self.head_cpus, "worker": self.worker_cpus}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = {name: sum("sweeper.node_preload: ready" in f.read_text(errors="replace")
+                               for f in logs[name]().glob("worker-*-ffffffff-*.err")) for name in want}
+            if all(ready[n] >= want[n] for n in want):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"idle workers preloaded after {timeout_s:g}s: {ready}, wanted {want} "
+                                   f"(raylets {raylets})")
+            time.sleep(0.5)
 
     def log_tail(self, name: str, n: int = 2000) -> str:
         try:

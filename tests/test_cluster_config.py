@@ -22,3 +22,19 @@ def test_cluster_config_passes_rays_validation(name):
     # installed, and `ray job submit` beside `ray attach` where both are shown
     assert "--address auto" in text and "--results s3://my-bucket/" in text and "[torchao,hqq,s3]" in text
     assert "ray job submit" in text
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-aws.yaml"])
+def test_every_node_starts_with_preloaded_idle_workers_and_says_so(name):
+    """Each `ray start` of the config sets Ray's two settings for sweeper.node_preload and the label the launch reads
+    (sweeper/local_ray.py): without them a node's trials start in new processes."""
+    from sweeper.local_ray import PRELOAD_LABEL, PRELOAD_MODULE
+
+    config = yaml.safe_load((REPO / name).read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if "ray start" in c]
+    assert len(starts) == 2, starts
+    for command in starts:
+        assert f"RAY_preload_python_modules={PRELOAD_MODULE} " in command, command
+        assert "RAY_enable_worker_prestart=1 " in command, command
+        assert f"--labels={PRELOAD_LABEL}=1" in command, command

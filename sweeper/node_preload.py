@@ -1,0 +1,60 @@
+"""What a Ray node that runs sweeper trials imports into its worker processes before any trial comes.
+
+A node started with Ray's own two settings (cluster.yaml's start commands; docs/cluster.md)::
+
+    RAY_enable_worker_prestart=1 RAY_preload_python_modules=sweeper.node_preload \\
+        ray start ... --labels=sweeper-preload=1
+
+starts one idle worker process per CPU as it comes up, before any launch, and each imports this module (importing it
+anywhere else does the same, so nothing else does): torch, transformers, sweeper's stages, lm-eval and its task
+index, Ray Tune and the scheduler, which a trial's first seconds otherwise go to. A Tune trial actor with no
+runtime_env runs in one of them. The label (local_ray.PRELOAD_LABEL) tells `sweep launch` that the node does this, so
+it gives Tune's trial actors no runtime_env there (scheduler.connect, local_ray.tune_actors_without_runtime_env) and
+Ray's placement alone decides where a trial runs, on every node alike. Nothing here touches a GPU: Ray gives a trial
+its GPU (``CUDA_VISIBLE_DEVICES``) when the trial arrives, before torch first asks CUDA.
+
+Ray runs it in every Python worker the node starts; an error never reaches Ray (a worker whose preload raised would
+die): it is logged, and the trial then imports what is missing itself. No Ray import here beyond what the worker has.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+# what the runtime_envs a trial actor no longer gets would have set (scheduler.WORKER_ENV, Tune's own
+# class_cache.DEFAULT_ENV_VARS, and RAY_CHDIR_TO_TRIAL_DIR, which the launch sets for Tune to copy)
+NODE_ENV = {"TOKENIZERS_PARALLELISM": "false", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "PL_DISABLE_FORK": "1",
+            "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+preloaded_at: float | None = None  # epoch seconds at which the preload below finished in this process
+steps: dict[str, float] = {}  # seconds per step, for the worker's log
+
+
+def preload() -> None:
+    global preloaded_at
+    from .local_ray import PRELOAD_SKIP_ENV
+
+    if os.environ.get(PRELOAD_SKIP_ENV) == "0":  # a process for the launch's own tasks and actors
+        return
+    for k, v in NODE_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        from .warm_worker import warm_up_shared
+
+        t0 = time.perf_counter()
+        steps.update(warm_up_shared([], tasks=True, needed=[]))
+        t = time.perf_counter()
+        import ray.tune  # noqa: F401 - what unpickling a Tune trial imports
+
+        from . import scheduler  # noqa: F401
+        steps["tune"] = round(time.perf_counter() - t, 3)
+        steps["total"] = round(time.perf_counter() - t0, 3)
+        preloaded_at = time.time()
+        print(f"sweeper.node_preload: ready in {steps['total']:.2f}s {steps}", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - never into Ray's worker start-up
+        print(f"sweeper.node_preload: failed, trials import for themselves: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+
+
+preload()

@@ -1,0 +1,105 @@
+"""Warm trial processes on every node, through Ray (issue 22): nodes started as cluster.yaml starts them
+(``RAY_enable_worker_prestart=1``, ``RAY_preload_python_modules=sweeper.node_preload``, the ``sweeper-preload``
+label) have idle worker processes that imported what a trial needs before any launch, and a launch that joins them
+runs its Tune trials in those processes on every node, the worker node of the two-node harness (its own mount
+namespace: no /tmp, no results folder of the launching machine) included."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import pytest
+
+from helpers import read_trials, sweep_popen, wait_for, write_study
+
+# trials of 2-4 s here: with shorter ones the head's reused process can run every trial before Tune has started one on
+# the worker node
+STUDY = """
+    study = Study(name="preload", models=[{model!r}], precisions=["fp32", "bf16", "fp16", "int8", "nf4", "fp4"],
+                  compute_dtypes=["fp32", "bf16"], kl=False, resources=Resources(cpus_per_trial=1),
+                  benchmark=Benchmark(prompt_tokens=16, new_tokens={new_tokens}, batch_sizes=(1,), repeats=2,
+                                      warmup=0))
+"""
+
+
+@pytest.fixture
+def preloading_cluster():
+    from cluster_harness import TwoNodeCluster, namespace_unavailable
+
+    why = namespace_unavailable()
+    if why:
+        pytest.skip(f"two-node cluster harness unavailable: {why}")
+    with TwoNodeCluster(preload=True) as cluster:
+        yield cluster
+
+
+def _scheduled(results) -> dict[str, float]:
+    """When the launch saw each trial's Tune trial start (the driver's events), by trial id."""
+    events = [json.loads(line) for line in (results / "_tune" / "events.jsonl").read_text().splitlines()]
+    return {e["trial_id"]: e["at"] for e in events if e["event"] == "scheduled"}
+
+
+def _launch(cluster, study, results):
+    # two trials at a time, one CPU a trial and a node: one runs on each node
+    return sweep_popen("launch", str(study), "--address", cluster.address, "--results", str(results),
+                       "--max-concurrent", "2", cwd=study.parent)
+
+
+def test_trials_on_every_node_start_in_processes_the_node_preloaded(preloading_cluster, real_model, tmp_path):
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400))
+    results = c.results_root / "preload"
+    proc = _launch(c, study, results)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "trials start in processes every node preloaded (2 of 2)" in out, out[-3000:]
+    rows = read_trials(results).to_dicts()
+    assert len(rows) == 9 and {r["status"] for r in rows} == {"done"}
+    fits = [json.loads(line) for line in (results / "_tune" / "events.jsonl").read_text().splitlines()
+            if '"fit"' in line]
+    assert fits and not any(f["actor_runtime_env"] for f in fits), fits  # Tune's trial actors got no runtime_env
+
+    scheduled = _scheduled(results)
+    by_node = {node: [r for r in rows if r["ray_node_id"] == node] for node in (c.head_node_id, c.worker_node_id)}
+    assert all(len(v) >= 2 for v in by_node.values()), {k: len(v) for k, v in by_node.items()}
+    for node, mine in by_node.items():
+        for r in mine:
+            # the Tune trial's process had finished the node's preload before the trial's code ran (a process Ray
+            # started with the node, most often, or one it started for the trial: docs/performance.md, run35)
+            assert r["ray_worker_preloaded_at"] is not None, (node, r["trial_id"])
+            assert r["ray_worker_preloaded_at"] <= r["trainable_started_at"], (node, r)
+    worker = [r for r in by_node[c.worker_node_id]]
+    assert not any(r["warm_worker"] for r in worker)  # the launch's own warm workers live on the head only
+    # per-trial start-up, the launch's "scheduled" -> the load's start: the worker node's median within 1.5x of the
+    # head's (whose trials run in the launch's warm workers), or both under 0.5 s
+    startup = {node: statistics.median(r["load_started_at"] - scheduled[r["trial_id"]] for r in mine)
+               for node, mine in by_node.items()}
+    head, work = startup[c.head_node_id], startup[c.worker_node_id]
+    assert work <= 1.5 * head or max(head, work) < 0.5, startup
+
+
+def test_a_sweep_survives_the_death_of_a_preloading_worker_node(preloading_cluster, real_model, tmp_path):
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400))
+    results = c.results_root / "dies"
+    proc = _launch(c, study, results)
+
+    def worker_rows() -> int:
+        try:
+            return sum(r["ray_node_id"] == c.worker_node_id for r in read_trials(results).to_dicts())
+        except Exception:  # noqa: BLE001 - no store yet
+            return 0
+
+    assert wait_for(lambda: worker_rows() >= 1 or proc.poll() is not None, timeout=600)
+    assert proc.poll() is None, "the sweep ended before the worker node could be killed"
+    assert worker_rows() >= 1 and len(read_trials(results)) < 9
+    killed_at = time.time()
+    assert c.kill_worker_node(), "no process of the worker node to kill"
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    rows = read_trials(results)
+    assert rows.height == 9 and set(rows["status"]) == {"done"}, rows.select("precision", "status", "error")
+    ended = (rows["load_started_at"] + rows["duration_s"]).to_list()
+    assert max(ended) > killed_at, "the sweep had finished before the node was killed"
+    assert "summary: 9/9 done, 0 failed, 0 pending" in out, out[-2000:]
