@@ -253,8 +253,11 @@ def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0, node_gpus:
 
 def preload_note(preloading: int, nodes: int) -> str:
     """The launch's word on a joined cluster's preloading nodes (sweeper/node_preload.py, docs/cluster.md)."""
+    if preloading < 0:
+        return ("; the nodes preload trial processes, but this job's runtime_env keeps its trials out of them "
+                "(docs/cluster.md)")
     if preloading == nodes:
-        return f"; trials start in processes every node preloaded ({nodes} of {nodes})"
+        return f"; every node preloads trial processes ({nodes} of {nodes})"
     if preloading:
         return (f"; {preloading} of {nodes} nodes preload trial processes, so none is used (every node needs the "
                 "sweeper-preload label and settings: docs/cluster.md)")

@@ -15,7 +15,8 @@ So the instance inherits the trials' environment from this process (every Ray pr
 through a runtime_env, Tune's actors go without theirs when every value in it is the inherited one, its idle workers
 import Ray Tune and the scheduler ahead (on machines of up to PRELOAD_MAX_CPUS CPUs), and its head skips the API
 server. SWEEPER_RAY_AS_IS=1 starts Ray as it comes (benchmarks/ray_idle_workers.py compares the two). A joined
-cluster (--address) is left as it is.
+cluster (--address) is started by its own `ray start` commands: when every node says (PRELOAD_LABEL) that its idle
+workers preload sweeper (sweeper/node_preload.py), Tune's actors go without their runtime_env there too.
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ WORKER_PRELOAD = ("ray.tune", "sweeper.scheduler")
 # preload PRELOAD_MODULE (docs/cluster.md)
 PRELOAD_LABEL = "sweeper-preload"
 PRELOAD_MODULE = "sweeper.node_preload"
-PRELOAD_SKIP_ENV = "SWEEPER_NODE_PRELOAD"  # "0" in a worker's environment: it does not preload (not_a_trial)
 # Ray prestarts one worker per CPU; each preloading one holds more memory (benchmarks/ray_idle_workers.py --memory)
 # and all import at once while the launch starts: on bigger machines the workers import when their first trial comes
 PRELOAD_MAX_CPUS = 32
@@ -104,7 +104,7 @@ def not_a_trial() -> dict[str, Any]:
     actor no process that ran a task, nor one an actor held) and their process from preloading."""
     if _joined_preloading is None:
         return {}
-    return {"runtime_env": {"env_vars": {PRELOAD_SKIP_ENV: "0"}}}
+    return {"runtime_env": {"env_vars": {"SWEEPER_NOT_A_TRIAL": "1"}}}  # any runtime_env does; node_preload skips it
 
 
 def joined(preloading: bool) -> None:

@@ -13,7 +13,8 @@ it gives Tune's trial actors no runtime_env there (scheduler.connect, local_ray.
 Ray's placement alone decides where a trial runs, on every node alike. Nothing here touches a GPU: Ray gives a trial
 its GPU (``CUDA_VISIBLE_DEVICES``) when the trial arrives, before torch first asks CUDA.
 
-Ray runs it in every Python worker the node starts; an error never reaches Ray (a worker whose preload raised would
+Ray runs it in every Python worker the node starts; it does its work only in those started for no runtime_env (the
+ones a Tune trial actor of a launch on a preloading cluster lands in). An error never reaches Ray (a worker whose preload raised would
 die): it is logged, and the trial then imports what is missing itself. No Ray import here beyond what the worker has.
 """
 from __future__ import annotations
@@ -33,10 +34,8 @@ steps: dict[str, float] = {}  # seconds per step, for the worker's log
 
 def preload() -> None:
     global preloaded_at
-    from .local_ray import PRELOAD_SKIP_ENV
-
-    if os.environ.get(PRELOAD_SKIP_ENV) == "0":  # a process for the launch's own tasks and actors
-        return
+    if _runtime_env_hash() != 0:  # a process for some runtime_env: never a trial's (Ray's job supervisor, the
+        return                    # launch's own tasks and actors: local_ray.not_a_trial)
     for k, v in NODE_ENV.items():
         os.environ.setdefault(k, v)
     try:
@@ -55,6 +54,17 @@ def preload() -> None:
     except Exception as e:  # noqa: BLE001 - never into Ray's worker start-up
         print(f"sweeper.node_preload: failed, trials import for themselves: {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
+
+
+def _runtime_env_hash() -> int:
+    """The runtime_env hash Ray started this worker process for (default_worker's ``--runtime-env-hash``; 0: none)."""
+    for arg in sys.argv:
+        if arg.startswith("--runtime-env-hash="):
+            try:
+                return int(arg.split("=", 1)[1])
+            except ValueError:
+                return -1
+    return 0
 
 
 preload()

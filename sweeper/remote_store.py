@@ -32,6 +32,7 @@ class StoreWriterImpl:
 
     def __init__(self, root: str | None = None, token: str | None = None):
         self._store: ResultsStore | None = None
+        self._failed: BaseException | None = None
         self._opened = threading.Event()
         self._lock = threading.Lock()  # ResultsStore caches its state: one commit at a time in this process
         self._claims: dict[str, TrialClaim] = {}
@@ -41,14 +42,21 @@ class StoreWriterImpl:
 
     def open(self, root: str, token: str | None) -> None:
         """The results location to write, once the launch has prepared it (the actor's process starts earlier, while
-        the launch checks its inputs: start_writer); a call before this waits for it."""
-        self._store = ResultsStore(root, token=token)
-        self._opened.set()
+        the launch checks its inputs: start_writer); a call before this waits for it, and one after a failed open
+        raises its error (never waits for good)."""
+        try:
+            self._store = ResultsStore(root, token=token)
+        except BaseException as e:
+            self._failed = e
+            raise
+        finally:
+            self._opened.set()
 
     @property
     def store(self) -> ResultsStore:
         self._opened.wait()
-        assert self._store is not None
+        if self._store is None:
+            raise RuntimeError(f"the launch's StoreWriter could not open the results location: {self._failed!r}")
         return self._store
 
     def claim(self, trial_id: str) -> tuple[str, int] | None:

@@ -41,8 +41,8 @@ logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERRO
 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-# the environment of every process that runs trials (Ray's workers, through the job's runtime_env or, on a Ray
-# instance this launch starts, by inheritance: sweeper/local_ray.py; and warm workers)
+# the environment of every process that runs trials (on a Ray instance this launch starts, Ray's workers inherit it:
+# sweeper/local_ray.py; on a joined cluster each trial sets it itself, _trainable; warm workers get it at start)
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
@@ -56,7 +56,8 @@ class ClusterInfo:
     node_gpus: float = 0  # GPUs of the largest node: a trial's whole GPUs come from one node
     here_cpus: float = 0  # this (the launching) node's CPUs and GPUs as Ray counts them (0 for a ray:// client)
     here_gpus: float = 0
-    preloading_nodes: int = 0  # nodes labelled local_ray.PRELOAD_LABEL (a joined cluster's; 0 on a private instance)
+    preloading_nodes: int = 0  # nodes labelled local_ray.PRELOAD_LABEL (a joined cluster's; 0 on a private instance;
+    # -1: labelled, but the job's own runtime_env keeps the trials out of their preloaded processes)
 
 
 def import_ray() -> None:
@@ -106,7 +107,12 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     preloading = 0
     if address:  # first: the GPU probe below is one of the launch's own tasks (local_ray.not_a_trial)
         preloading = sum(1 for n in alive if (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1")
-        local_ray.joined(preloading=preloading == len(alive))
+        # a job runtime_env (`ray job submit --runtime-env`, `--working-dir`) reaches every trial actor: Ray then
+        # starts processes of that runtime_env for them, never the preloaded ones
+        job_env = bool(ray.get_runtime_context().runtime_env)
+        local_ray.joined(preloading=preloading == len(alive) and not job_env)
+        if job_env and preloading:
+            preloading = -1
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
     mem = None

@@ -324,8 +324,14 @@ class TwoNodeCluster:
         """Until each node's idle workers (one per CPU) have finished their preload, as on a cluster whose nodes came
         up before the launch: a launch sooner finds them still importing and Ray starts other processes for its
         trials. Read from their logs (the worker node's through its raylet's view of its own /tmp)."""
+        def cmdline(pid: int) -> bytes:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # it ended meanwhile
+                return b""
+
         raylets = {name: next((pid for pid in members(self.base_port) if _tagged(pid, mark)
-                               and b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()), None)
+                               and b"raylet/raylet" in cmdline(pid)), None)
                    for name, mark in (("head", {f"/var/tmp/swh-{self.base_port}-head"}),
                                       ("worker", {str(self.results_root)}))}
         def worker_logs() -> Path:  # session_latest is an absolute link: followed inside the worker's view

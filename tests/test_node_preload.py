@@ -53,7 +53,7 @@ def test_trials_on_every_node_start_in_processes_the_node_preloaded(preloading_c
     proc = _launch(c, study, results)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
-    assert "trials start in processes every node preloaded (2 of 2)" in out, out[-3000:]
+    assert "every node preloads trial processes (2 of 2)" in out, out[-3000:]
     rows = read_trials(results).to_dicts()
     assert len(rows) == 9 and {r["status"] for r in rows} == {"done"}
     fits = [json.loads(line) for line in (results / "_tune" / "events.jsonl").read_text().splitlines()
@@ -103,3 +103,74 @@ def test_a_sweep_survives_the_death_of_a_preloading_worker_node(preloading_clust
     ended = (rows["load_started_at"] + rows["duration_s"]).to_list()
     assert max(ended) > killed_at, "the sweep had finished before the node was killed"
     assert "summary: 9/9 done, 0 failed, 0 pending" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("hash_arg, preloads", [(None, True), ("--runtime-env-hash=0", True),
+                                                ("--runtime-env-hash=-1619862153", False)])
+def test_the_preload_runs_only_in_processes_for_no_runtime_env(hash_arg, preloads):
+    """Ray's worker processes get ``--runtime-env-hash``; one started for a runtime_env (Ray's job supervisor, the
+    launch's own tasks: local_ray.not_a_trial) never runs a trial of a preloading cluster, so it imports nothing."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['default_worker.py'] + sys.argv[1:]; import sweeper.node_preload as p; "
+            "print(p.preloaded_at is not None, 'torch' in sys.modules, 'lm_eval' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *([hash_arg] if hash_arg else [])], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(preloads)] * 3, (r.stdout, r.stderr[-2000:])
+
+
+def test_a_store_writer_whose_location_failed_to_open_says_so_instead_of_waiting():
+    """The StoreWriter starts before it knows the location (scheduler.start_store_writer); a trial that calls it
+    after the location failed to open gets the error, never waits for good."""
+    import threading
+
+    from sweeper.errors import UserError
+    from sweeper.remote_store import StoreWriterImpl
+
+    writer = StoreWriterImpl()
+    answered: list[BaseException] = []
+
+    def claim() -> None:  # a trial's first call, made before the launch opens the location
+        try:
+            writer.claim("t1")
+        except BaseException as e:  # noqa: BLE001 - what the trial would get
+            answered.append(e)
+
+    waiting = threading.Thread(target=claim, daemon=True)
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive(), "a call before open() must wait for it"
+    with pytest.raises(UserError):
+        writer.open("ftp://nowhere/results", "launch-A")
+    waiting.join(10)
+    assert not waiting.is_alive() and answered and "could not open" in str(answered[0]), answered
+    with pytest.raises(RuntimeError, match="could not open"):
+        writer.reference("r1")
+
+
+def test_a_job_runtime_env_keeps_the_trials_out_of_the_preloaded_processes_and_the_launch_says_so(
+        preloading_cluster, real_model, tmp_path):
+    """`ray job submit --runtime-env-json` / `--working-dir` give the launch's job a runtime_env (Ray passes it to the
+    driver as RAY_JOB_CONFIG_JSON_ENV_VAR), which every actor of the job inherits: the launch must not claim the
+    preloaded processes then, and Tune's actors keep their own runtime_env."""
+    from helpers import sweep
+
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", f"""
+        study = Study(name="job-env", models=[{str(real_model)!r}], precisions=["fp32", "fp16"], kl=False,
+                      benchmark=Benchmark(prompt_tokens=16, new_tokens=4, batch_sizes=(1,), repeats=2, warmup=0))
+    """)
+    results = c.results_root / "job-env"
+    job = json.dumps({"runtime_env": {"env_vars": {"SWEEPER_TEST_JOB_ENV": "1"}}})
+    r = sweep("launch", str(study), "--address", c.address, "--results", str(results), cwd=tmp_path, timeout=600,
+              env={"RAY_JOB_CONFIG_JSON_ENV_VAR": job})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "this job's runtime_env keeps its trials out of them" in out, out[-3000:]
+    assert "every node preloads" not in out
+    fits = [json.loads(line) for line in (results / "_tune" / "events.jsonl").read_text().splitlines()
+            if '"fit"' in line]
+    assert fits and all(f["actor_runtime_env"] for f in fits), fits
+    assert set(read_trials(results)["status"]) == {"done"}
