@@ -270,12 +270,12 @@ def warm_pool_logs(root: Path, launched_at: float, say) -> dict:
 def wait_preloaded(want: int, timeout_s: float = 180.0) -> dict:
     """Until ``want`` idle workers of this machine's Ray session (one per CPU of each node) have logged the end of
     their preload, or ``timeout_s``: how many did, and when."""
+    from sweeper.local_ray import preloaded_idle_workers
+
     t0 = time.perf_counter()
-    logs = Path("/tmp/ray/session_latest/logs")
     ready = 0
     while time.perf_counter() - t0 < timeout_s:
-        ready = sum("sweeper.node_preload: ready" in f.read_text(errors="replace")
-                    for f in logs.glob("worker-*-ffffffff-*.err"))
+        ready = preloaded_idle_workers(Path("/tmp/ray/session_latest/logs"))  # both nodes of this host log there
         if ready >= want:
             break
         time.sleep(1)

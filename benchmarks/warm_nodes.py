@@ -79,6 +79,22 @@ def one_launch(cluster, study: Path, name: str, extra: list[str]) -> None:
                      f", preloaded in {r['ray_worker_preloaded_at'] - r['ray_worker_started_at']:.3f}s"), flush=True)
 
 
+def idle_rss_mb(cluster) -> list[int]:
+    """Resident memory of the cluster's idle Ray worker processes (`ray::IDLE`), in MB."""
+    from cluster_harness import members
+
+    out = []
+    for pid in members(cluster.base_port):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::IDLE"):
+                rss = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:"))
+                out.append(int(rss.split()[1]) // 1000)
+        except (OSError, StopIteration):
+            continue
+    return sorted(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -94,6 +110,8 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}; two-node harness, 1 CPU a node, preload {args.preload}; launch args: "
           f"{extra}", flush=True)
     with TwoNodeCluster(preload=args.preload) as cluster:
+        if args.preload:  # what the preloaded idle processes hold, before any launch
+            print(f"idle Ray processes of the two nodes, resident MB: {idle_rss_mb(cluster)}", flush=True)
         for r in range(args.rounds):
             one_launch(cluster, study, f"round{r + 1}", extra)
 

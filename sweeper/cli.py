@@ -175,7 +175,8 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
             _print_plan(p, notes, render)
             click.echo(f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs"
                        + (f" of {cluster.gpu_memory_bytes / 2**30:.0f} GiB" if cluster.gpu_memory_bytes else "")
-                       + (L.preload_note(cluster.preloading_nodes, cluster.nodes) if address else ""))
+                       + (L.preload_note(cluster.preloading_nodes, cluster.nodes, cluster.job_runtime_env) if address
+                          else ""))
             L.record_launch(p, sys.argv, address)
             pending = p.pending
             if not pending:

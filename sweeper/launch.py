@@ -251,9 +251,9 @@ def for_cluster(p: Plan, gpu_share_for=None, cluster_gpus: float = 0, node_gpus:
     return dataclasses.replace(p, trials=trials, status=status, estimates=estimates)
 
 
-def preload_note(preloading: int, nodes: int) -> str:
+def preload_note(preloading: int, nodes: int, job_runtime_env: bool = False) -> str:
     """The launch's word on a joined cluster's preloading nodes (sweeper/node_preload.py, docs/cluster.md)."""
-    if preloading < 0:
+    if preloading and job_runtime_env:
         return ("; the nodes preload trial processes, but this job's runtime_env keeps its trials out of them "
                 "(docs/cluster.md)")
     if preloading == nodes:

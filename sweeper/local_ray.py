@@ -36,6 +36,7 @@ WORKER_PRELOAD = ("ray.tune", "sweeper.scheduler")
 # preload PRELOAD_MODULE (docs/cluster.md)
 PRELOAD_LABEL = "sweeper-preload"
 PRELOAD_MODULE = "sweeper.node_preload"
+PRELOAD_READY = "sweeper.node_preload: ready"  # what a worker logs once its preload is done
 # Ray prestarts one worker per CPU; each preloading one holds more memory (benchmarks/ray_idle_workers.py --memory)
 # and all import at once while the launch starts: on bigger machines the workers import when their first trial comes
 PRELOAD_MAX_CPUS = 32
@@ -96,6 +97,13 @@ def forget() -> None:
     global _started, _joined_preloading
     _started = None
     _joined_preloading = None
+
+
+def preloaded_idle_workers(logs: Path) -> int:
+    """How many worker processes a node started before any job (Ray names their logs ``worker-*-ffffffff-*``) have
+    logged the end of their preload, in the node's session log folder ``logs`` (for harnesses and benchmarks that
+    wait for a node to be ready, as a cluster's nodes are long before a launch)."""
+    return sum(PRELOAD_READY in f.read_text(errors="replace") for f in logs.glob("worker-*-ffffffff-*.err"))
 
 
 def not_a_trial() -> dict[str, Any]:

@@ -23,11 +23,6 @@ import os
 import sys
 import time
 
-# what the runtime_envs a trial actor no longer gets would have set (scheduler.WORKER_ENV, Tune's own
-# class_cache.DEFAULT_ENV_VARS, and RAY_CHDIR_TO_TRIAL_DIR, which the launch sets for Tune to copy)
-NODE_ENV = {"TOKENIZERS_PARALLELISM": "false", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "PL_DISABLE_FORK": "1",
-            "RAY_CHDIR_TO_TRIAL_DIR": "0"}
-
 preloaded_at: float | None = None  # epoch seconds at which the preload below finished in this process
 steps: dict[str, float] = {}  # seconds per step, for the worker's log
 
@@ -36,21 +31,22 @@ def preload() -> None:
     global preloaded_at
     if _runtime_env_hash() != 0:  # a process for some runtime_env: never a trial's (Ray's job supervisor, the
         return                    # launch's own tasks and actors: local_ray.not_a_trial)
-    for k, v in NODE_ENV.items():
-        os.environ.setdefault(k, v)
     try:
-        from .warm_worker import warm_up_shared
-
         t0 = time.perf_counter()
-        steps.update(warm_up_shared([], tasks=True, needed=[]))
-        t = time.perf_counter()
         import ray.tune  # noqa: F401 - what unpickling a Tune trial imports
 
-        from . import scheduler  # noqa: F401
-        steps["tune"] = round(time.perf_counter() - t, 3)
+        # the scheduler sets Tune's variables as it is imported (RAY_CHDIR_TO_TRIAL_DIR among them); the rest is what
+        # the runtime_envs a trial actor no longer gets would have set, before transformers reads any of it
+        from . import local_ray, scheduler
+        for k, v in {**scheduler.WORKER_ENV, **local_ray.TUNE_ACTOR_ENV}.items():
+            os.environ.setdefault(k, v)
+        steps["tune"] = round(time.perf_counter() - t0, 3)
+        from .warm_worker import warm_up_shared
+
+        steps.update(warm_up_shared([], tasks=True, needed=[]))
         steps["total"] = round(time.perf_counter() - t0, 3)
         preloaded_at = time.time()
-        print(f"sweeper.node_preload: ready in {steps['total']:.2f}s {steps}", file=sys.stderr, flush=True)
+        print(f"{local_ray.PRELOAD_READY} in {steps['total']:.2f}s {steps}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - never into Ray's worker start-up
         print(f"sweeper.node_preload: failed, trials import for themselves: {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)

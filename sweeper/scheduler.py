@@ -56,8 +56,8 @@ class ClusterInfo:
     node_gpus: float = 0  # GPUs of the largest node: a trial's whole GPUs come from one node
     here_cpus: float = 0  # this (the launching) node's CPUs and GPUs as Ray counts them (0 for a ray:// client)
     here_gpus: float = 0
-    preloading_nodes: int = 0  # nodes labelled local_ray.PRELOAD_LABEL (a joined cluster's; 0 on a private instance;
-    # -1: labelled, but the job's own runtime_env keeps the trials out of their preloaded processes)
+    preloading_nodes: int = 0  # nodes labelled local_ray.PRELOAD_LABEL (a joined cluster's; 0 on a private instance)
+    job_runtime_env: bool = False  # the job has a runtime_env of its own, which keeps trials out of preloaded processes
 
 
 def import_ray() -> None:
@@ -104,15 +104,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
         raise UserError(f"cannot connect to the Ray cluster at {kwargs['address']!r}: {str(e).splitlines()[0]}; "
                         "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    preloading = 0
+    preloading, job_env = 0, False
     if address:  # first: the GPU probe below is one of the launch's own tasks (local_ray.not_a_trial)
         preloading = sum(1 for n in alive if (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1")
         # a job runtime_env (`ray job submit --runtime-env`, `--working-dir`) reaches every trial actor: Ray then
         # starts processes of that runtime_env for them, never the preloaded ones
         job_env = bool(ray.get_runtime_context().runtime_env)
         local_ray.joined(preloading=preloading == len(alive) and not job_env)
-        if job_env and preloading:
-            preloading = -1
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
     mem = None
@@ -123,7 +121,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     mine = next((n.get("Resources", {}) for n in alive if n.get("NodeID") == here), {})
     return ClusterInfo(address=address, nodes=len(alive), cpus=float(res.get("CPU", 0)), gpus=gpus,
                        gpu_memory_bytes=mem, node_gpus=node_gpus, here_cpus=float(mine.get("CPU", 0)),
-                       here_gpus=float(mine.get("GPU", 0)), preloading_nodes=preloading)
+                       here_gpus=float(mine.get("GPU", 0)), preloading_nodes=preloading, job_runtime_env=job_env)
 
 
 def _local_gpu_memory_bytes() -> float | None:

@@ -37,7 +37,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from sweeper.local_ray import PRELOAD_LABEL, PRELOAD_MODULE  # as cluster.yaml starts nodes
+from sweeper.local_ray import PRELOAD_LABEL, PRELOAD_MODULE, preloaded_idle_workers  # as cluster.yaml starts nodes
 
 PORT_BASE_ENV = "SWEEPER_HARNESS_PORT_BASE"
 HEAD_RESOURCE = "harness_head"
@@ -143,6 +143,13 @@ def _end_stale(state_dir: Path, port: int) -> None:
         raise RuntimeError(f"ports {port}-{port + 99} are held by the cluster harness of process {pid}; "
                            f"set {PORT_BASE_ENV} to another range")
     _end(port)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
 
 
 def _alive(pid: int) -> bool:
@@ -323,33 +330,21 @@ class TwoNodeCluster:
     def _wait_preloaded(self, timeout_s: float = 180.0) -> None:
         """Until each node's idle workers (one per CPU) have finished their preload, as on a cluster whose nodes came
         up before the launch: a launch sooner finds them still importing and Ray starts other processes for its
-        trials. Read from their logs (the worker node's through its raylet's view of its own /tmp)."""
-        def cmdline(pid: int) -> bytes:
-            try:
-                return Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:  # it ended meanwhile
-                return b""
-
-        raylets = {name: next((pid for pid in members(self.base_port) if _tagged(pid, mark)
-                               and b"raylet/raylet" in cmdline(pid)), None)
-                   for name, mark in (("head", {f"/var/tmp/swh-{self.base_port}-head"}),
-                                      ("worker", {str(self.results_root)}))}
-        def worker_logs() -> Path:  # session_latest is an absolute link: followed inside the worker's view
-            root = Path(f"/proc/{raylets['worker']}/root")
-            latest = root / f"tmp/swh-{self.base_port}-worker/session_latest"
-            return root / os.readlink(latest).lstrip("/") / "logs" if latest.is_symlink() else latest
-
-        logs = {"head": lambda: self.state_dir / "ray" / "session_latest" / "logs", "worker": worker_logs}
+        trials. Read from their logs, the worker node's through its raylet's view of its own /tmp."""
+        raylet = next(pid for pid in members(self.base_port) if _tagged(pid, {str(self.results_root)})
+                      and b"raylet/raylet" in _cmdline(pid))
+        root = Path(f"/proc/{raylet}/root")
+        latest = root / f"tmp/swh-{self.base_port}-worker/session_latest"  # an absolute link, in the worker's view
+        logs = {"head": self.state_dir / "ray" / "session_latest" / "logs",
+                "worker": root / os.readlink(latest).lstrip("/") / "logs"}
         want = {"head": self.head_cpus, "worker": self.worker_cpus}
         deadline = time.monotonic() + timeout_s
         while True:
-            ready = {name: sum("sweeper.node_preload: ready" in f.read_text(errors="replace")
-                               for f in logs[name]().glob("worker-*-ffffffff-*.err")) for name in want}
+            ready = {n: preloaded_idle_workers(logs[n]) for n in want}
             if all(ready[n] >= want[n] for n in want):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"idle workers preloaded after {timeout_s:g}s: {ready}, wanted {want} "
-                                   f"(raylets {raylets})")
+                raise RuntimeError(f"idle workers preloaded after {timeout_s:g}s: {ready}, wanted {want}")
             time.sleep(0.5)
 
     def log_tail(self, name: str, n: int = 2000) -> str:

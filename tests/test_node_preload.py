@@ -69,8 +69,7 @@ def test_trials_on_every_node_start_in_processes_the_node_preloaded(preloading_c
             # started with the node, most often, or one it started for the trial: docs/performance.md, run35)
             assert r["ray_worker_preloaded_at"] is not None, (node, r["trial_id"])
             assert r["ray_worker_preloaded_at"] <= r["trainable_started_at"], (node, r)
-    worker = [r for r in by_node[c.worker_node_id]]
-    assert not any(r["warm_worker"] for r in worker)  # the launch's own warm workers live on the head only
+    assert not any(r["warm_worker"] for r in by_node[c.worker_node_id])  # the launch's own warm workers live on the head only
     # per-trial start-up, the launch's "scheduled" -> the load's start: the worker node's median within 1.5x of the
     # head's (whose trials run in the launch's warm workers), or both under 0.5 s
     startup = {node: statistics.median(r["load_started_at"] - scheduled[r["trial_id"]] for r in mine)
