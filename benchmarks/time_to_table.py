@@ -308,6 +308,10 @@ def main() -> None:
     ap.add_argument("--node-preload", action="store_true",
                     help="with --ray-head: start the Ray node(s) as cluster.yaml does (idle workers that preload "
                          "sweeper.node_preload, the sweeper-preload label) and wait, uncounted, for their preload")
+    ap.add_argument("--launches", type=int, default=1,
+                    help="launch the study this many times on the same Ray (each into its own results folder; with "
+                         "--node-preload, each next one once the nodes preloaded again); the first is the one timed "
+                         "against the naive loop")
     ap.add_argument("--no-warm-workers", action="store_true",
                     help="launch the sweep with --no-warm-workers (every trial runs in a fresh Ray worker)")
     ap.add_argument("--ray-as-is", action="store_true",
@@ -366,29 +370,43 @@ def main() -> None:
                 f"{report['ray_head_start_s']:.1f}s, rc {head.returncode}")
             if head.returncode != 0:
                 raise SystemExit(f"`ray start` failed:\n{head.stdout[-1500:]}{head.stderr[-1500:]}")
-        t0, launched_at = time.perf_counter(), time.time()
+        launches = []
         try:
-            rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / "sweep"), "--fresh"]
-                        + (["--address", "auto"] if a.ray_head else [])
-                        + (["--no-warm-workers"] if a.no_warm_workers else []),
-                        {**env, "SWEEPER_RAY_AS_IS": "1" if a.ray_as_is else "0",
-                         "SWEEPER_WARM_FORK": "0" if a.no_warm_fork else "1",
-                         # --gpu-node: the launching machine has no GPU (as a cluster's head), so no warm worker here
-                         **({"CUDA_VISIBLE_DEVICES": ""} if a.gpu_node else {})}, t0)
-            t_launch = time.perf_counter() - t0
-            tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / "sweep"), "--format", "csv"],
-                                 cwd=REPO, env=env, capture_output=True, text=True)
-            t_sweep = time.perf_counter() - t0
+            for i in range(a.launches):
+                name = "sweep" if i == 0 else f"sweep{i + 1}"
+                if i and a.node_preload:  # a next launch comes once the nodes preloaded again (sweeper/node_refill.py)
+                    refill = wait_preloaded(report["node_preload"]["wanted"] * (i + 1))
+                    say(f"nodes preloaded again (not counted): {refill}")
+                t0, launched_at = time.perf_counter(), time.time()
+                rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / name), "--fresh"]
+                            + (["--address", "auto"] if a.ray_head else [])
+                            + (["--no-warm-workers"] if a.no_warm_workers else []),
+                            {**env, "SWEEPER_RAY_AS_IS": "1" if a.ray_as_is else "0",
+                             "SWEEPER_WARM_FORK": "0" if a.no_warm_fork else "1",
+                             # --gpu-node: the launching machine has no GPU (as a cluster's head), so no warm worker here
+                             **({"CUDA_VISIBLE_DEVICES": ""} if a.gpu_node else {})}, t0)
+                t_launch = time.perf_counter() - t0
+                tab = subprocess.run([py, "-m", "sweeper.cli", "results", str(work / name), "--format", "csv"],
+                                     cwd=REPO, env=env, capture_output=True, text=True)
+                t_sweep = time.perf_counter() - t0
+                launches.append(dict(name=name, sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc,
+                                     sweep_table=tab.stdout, sweep_trials=trial_times(work / name, launched_at),
+                                     warm_pool=warm_pool_logs(work / name, launched_at, say),
+                                     refill=refill if i and a.node_preload else None))
+                say(tab.stdout[-3000:])
+                say(f"{name}: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
         finally:  # the head was up before the clock and is stopped after it (its stop is not the sweep's time)
             if a.ray_head:
                 subprocess.run(ray_cli + ["stop"], cwd=REPO, env=env, capture_output=True, text=True)
-        say(tab.stdout[-3000:])
-        report.update(sweep_s=t_sweep, sweep_launch_s=t_launch, sweep_rc=rc, sweep_table=tab.stdout,
-                      sweep_trials=trial_times(work / "sweep", launched_at), ray_head=a.ray_head, gpu_node=a.gpu_node,
-                      warm_pool=warm_pool_logs(work / "sweep", launched_at, say),
-                      warm_workers=not a.no_warm_workers, ray_as_is=a.ray_as_is,
+        first = launches[0]
+        report.update({k: v for k, v in first.items() if k not in ("name", "refill")}, ray_head=a.ray_head,
+                      gpu_node=a.gpu_node, warm_workers=not a.no_warm_workers, ray_as_is=a.ray_as_is,
                       warm_fork=not a.no_warm_fork, node_preload=report.get("node_preload"))
-        say(f"sweep: {t_sweep:.1f}s to the table (launch {t_launch:.1f}s, rc {rc})")
+        t_sweep = first["sweep_s"]
+        for later in launches[1:]:  # the same study again: the same values as the first launch's
+            later["same_values_as_first"] = read_sweep(work / later["name"])[0] == read_sweep(work / "sweep")[0]
+            say(f"{later['name']}: same values as the first launch: {later['same_values_as_first']}")
+        report["later_launches"] = launches[1:]
 
     # ---------------------------------------------------------------- the naive way
     if not a.skip_naive:

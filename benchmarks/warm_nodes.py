@@ -7,7 +7,9 @@ The study: ../shared/data/models/llama-4m x fp32, bf16, fp16, int8, nf4, fp4 x c
 benchmark, no KL, one CPU a trial; each node has one CPU, so one trial at a time runs on each). Per launch it prints,
 per node: the trials it ran, how many ran in a process warmed before the trial (``warm_worker``), and the medians of
 the driver's "scheduled" event (``_tune/events.jsonl``) -> the row's ``load_started_at`` and of the first trial of
-each process; and the launch's wall time. Arguments after ``--`` go to `sweep launch`.
+each process; and the launch's wall time. With --preload, each next launch starts once every node has its preloaded
+processes again (sweeper/node_refill.py), as a user's next launch a while later finds them. Arguments after ``--`` go
+to `sweep launch`.
 """
 from __future__ import annotations
 
@@ -113,7 +115,13 @@ def main() -> None:
         if args.preload:  # what the preloaded idle processes hold, before any launch
             print(f"idle Ray processes of the two nodes, resident MB: {idle_rss_mb(cluster)}", flush=True)
         for r in range(args.rounds):
+            before = cluster.preloaded_counts() if args.preload else None
             one_launch(cluster, study, f"round{r + 1}", extra)
+            if args.preload and r + 1 < args.rounds:  # the next launch comes once the nodes preloaded again
+                t0 = time.monotonic()
+                counts = cluster.wait_preloaded(before=before, timeout_s=90)
+                print(f"  nodes preloaded again {time.monotonic() - t0:.1f}s after the launch ended: {counts}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,11 @@ def joined(preloading: bool) -> None:
     _joined_preloading = ray.get_runtime_context().gcs_address if preloading else None
 
 
+def joined_preloading() -> bool:
+    """This process joined a cluster whose every node preloads sweeper (joined), and has not left it."""
+    return _joined_preloading is not None
+
+
 @contextlib.contextmanager
 def _without_api_server() -> Iterator[None]:
     try:

@@ -153,11 +153,18 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
 
     import ray
 
+    refill = local_ray.joined_preloading()
     local_ray.forget()
     if not ray.is_initialized():
         return True
+
+    def leave() -> None:
+        if refill:  # the nodes' preloaded processes this job took end with it: the next launch's, started now
+            _refill_preloading_nodes(emit or (lambda m: None))
+        ray.shutdown()
+
     t0 = time.perf_counter()
-    worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    worker = threading.Thread(target=leave, name="ray-shutdown", daemon=True)
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive() and emit is not None:
@@ -165,6 +172,22 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     elif emit is not None and time.perf_counter() - t0 > 5:
         emit(f"Ray stopped in {time.perf_counter() - t0:.1f}s")
     return not worker.is_alive()
+
+
+def _refill_preloading_nodes(emit: Callable[[str], None]) -> None:
+    """Every preloading node starts the preloaded processes a next launch finds (sweeper/node_refill.py)."""
+    import ray
+
+    from . import node_refill
+
+    why = node_refill.unsupported()
+    if why:
+        emit(f"note: the nodes' preloaded trial processes are not restarted for the next launch: {why}; its trials "
+             "preload as they start")
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1"]
+    for problem in node_refill.refill(nodes):
+        emit(f"warning: preloaded trial processes not restarted on {problem}")
 
 
 # this Ray worker's warm worker (sweeper/warm_pool.py), kept for the next trial Tune runs in this process

@@ -250,7 +250,7 @@ class TwoNodeCluster:
                         "worker")
             self._wait_joined()
             if self.preload:
-                self._wait_preloaded()
+                self.wait_preloaded()
         except BaseException:
             self.stop()
             raise
@@ -327,22 +327,28 @@ class TwoNodeCluster:
                     killed.append(pid)
         return killed
 
-    def _wait_preloaded(self, timeout_s: float = 180.0) -> None:
-        """Until each node's idle workers (one per CPU) have finished their preload, as on a cluster whose nodes came
-        up before the launch: a launch sooner finds them still importing and Ray starts other processes for its
-        trials. Read from their logs, the worker node's through its raylet's view of its own /tmp."""
+    def preloaded_counts(self) -> dict[str, int]:
+        """How many processes started for no job have finished their preload so far, per node ("head", "worker"):
+        read from their logs, the worker node's through its raylet's view of its own /tmp."""
         raylet = next(pid for pid in members(self.base_port) if _tagged(pid, {str(self.results_root)})
                       and b"raylet/raylet" in _cmdline(pid))
         root = Path(f"/proc/{raylet}/root")
         latest = root / f"tmp/swh-{self.base_port}-worker/session_latest"  # an absolute link, in the worker's view
         logs = {"head": self.state_dir / "ray" / "session_latest" / "logs",
                 "worker": root / os.readlink(latest).lstrip("/") / "logs"}
+        return {n: preloaded_idle_workers(logs[n]) for n in logs}
+
+    def wait_preloaded(self, before: dict[str, int] | None = None, timeout_s: float = 180.0) -> dict[str, int]:
+        """Until each node has one preloaded process per CPU more than ``before`` (preloaded_counts; None: as it
+        started), as on a cluster whose nodes came up (or whose last launch ended) well before the next launch: a
+        launch sooner finds them still importing and Ray starts other processes for its trials."""
         want = {"head": self.head_cpus, "worker": self.worker_cpus}
+        want = {n: k + (before or {}).get(n, 0) for n, k in want.items()}
         deadline = time.monotonic() + timeout_s
         while True:
-            ready = {n: preloaded_idle_workers(logs[n]) for n in want}
+            ready = self.preloaded_counts()
             if all(ready[n] >= want[n] for n in want):
-                return
+                return ready
             if time.monotonic() > deadline:
                 raise RuntimeError(f"idle workers preloaded after {timeout_s:g}s: {ready}, wanted {want}")
             time.sleep(0.5)

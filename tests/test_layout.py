@@ -10,7 +10,7 @@ import sweeper
 PACKAGE = Path(sweeper.__file__).resolve().parent
 # node_preload runs only inside Ray's own worker processes (a node's preload), where it imports Ray Tune ahead
 RAY_IMPORTERS = {"sweeper.scheduler", "sweeper.local_ray", "sweeper.remote_store", "sweeper.cluster_inputs",
-                 "sweeper.node_preload"}
+                 "sweeper.node_preload", "sweeper.node_refill"}
 
 
 def _module_name(path: Path) -> str:

@@ -104,6 +104,62 @@ def test_a_sweep_survives_the_death_of_a_preloading_worker_node(preloading_clust
     assert "summary: 9/9 done, 0 failed, 0 pending" in out, out[-2000:]
 
 
+def test_the_next_launch_finds_every_node_preloaded_again(preloading_cluster, real_model, tmp_path):
+    """Ray ends a job's processes with the job, the preloaded ones its trials took included, and a node prestarts
+    only as it starts: a launch that leaves the cluster has each node start its preloaded processes again
+    (sweeper/node_refill.py), so the next launch's trials run in processes preloaded before it began."""
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400).replace(
+        '"int8", "nf4", "fp4"]', '"int8"]').replace('["fp32", "bf16"]', '["fp32"]'))
+    began = c.preloaded_counts()
+    first = c.results_root / "first"
+    out, _ = (p := _launch(c, study, first)).communicate(timeout=900)
+    assert p.returncode == 0, out[-4000:]
+    assert "not restarted" not in out, out[-3000:]
+    rows = read_trials(first).to_dicts()
+    # one CPU a node and two trials at a time: both nodes' preloaded processes ran trials of this launch, and ended
+    # with it
+    assert {r["ray_node_id"] for r in rows} == {c.head_node_id, c.worker_node_id}, rows
+    c.wait_preloaded(before=began, timeout_s=90)  # as they are when a user's next launch comes, a while later
+
+    second = c.results_root / "second"
+    started = time.time()
+    out, _ = (p := _launch(c, study, second)).communicate(timeout=900)
+    assert p.returncode == 0, out[-4000:]
+    rows = read_trials(second).to_dicts()
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}, rows
+    assert {r["ray_node_id"] for r in rows} == {c.head_node_id, c.worker_node_id}, rows
+    for r in rows:  # without the refill, processes Ray started for this launch, which preloaded after it began
+        assert r["ray_worker_preloaded_at"] is not None and r["ray_worker_preloaded_at"] < started, (r, started)
+
+
+def test_refilling_is_gated_on_the_ray_versions_it_was_tested_with(monkeypatch):
+    import ray
+
+    from sweeper import node_refill
+
+    assert node_refill.unsupported() is None  # this environment's Ray (pyproject's grpcio installed)
+    monkeypatch.setattr(ray, "__version__", "2.99.0")
+    assert "Ray 2.99.0" in node_refill.unsupported()
+
+
+def test_a_node_that_cannot_be_asked_to_refill_is_named_not_raised():
+    import socket
+
+    from sweeper import node_refill
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    problems = node_refill.refill([{"NodeID": "ab12cd34ef", "NodeManagerAddress": "127.0.0.1",
+                                    "NodeManagerPort": port, "Resources": {"CPU": 2.0}},
+                                   {"NodeID": "no-cpus", "NodeManagerAddress": "127.0.0.1",
+                                    "NodeManagerPort": port, "Resources": {"GPU": 1.0}}])  # asked for nothing
+    assert len(problems) == 1 and problems[0].startswith("node 127.0.0.1 (ab12cd34)"), problems
+    assert time.monotonic() - t0 < node_refill.RPC_TIMEOUT_S + 5
+
+
 @pytest.mark.parametrize("hash_arg, preloads", [(None, True), ("--runtime-env-hash=0", True),
                                                 ("--runtime-env-hash=-1619862153", False)])
 def test_the_preload_runs_only_in_processes_for_no_runtime_env(hash_arg, preloads):
