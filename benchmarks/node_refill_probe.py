@@ -5,8 +5,10 @@
 Starts `ray start --head --num-cpus=2` with the node settings of cluster.yaml, then runs three jobs of two actors
 (no runtime_env) each, timing their start and reading whether their processes had preloaded sweeper: the first on
 the processes the node prestarted, the second after the first ended (none left), the third after
-node_refill.refill. Last, it refills a node that already has its processes (kept alive 60 s), with a 5 s
-keep-alive, and counts the idle Ray processes as Ray ends the extra ones.
+node_refill.refill. Then it refills a node that already has its processes (kept alive 60 s), with a 5 s
+keep-alive, and counts the idle Ray processes as Ray ends the extra ones. Last, it changes the modification time of
+one of sweeper's files, counts the idle processes as they end (sweeper/node_preload.py's watch), and runs a fourth
+job.
 """
 from __future__ import annotations
 
@@ -105,6 +107,17 @@ def main() -> None:
                 print(f"  {time.monotonic() - refilled_at:.0f}s after a refill of a full node: {n} idle", flush=True)
                 seen = n
             time.sleep(1)
+        # sweeper's code changes on the node: its untaken preloaded processes end (node_preload's watch), and a
+        # job then runs in processes that import the new code
+        changed = REPO / "sweeper" / "trials.py"
+        st = changed.stat()
+        os.utime(changed, ns=(st.st_atime_ns, time.time_ns()))
+        t0 = time.monotonic()
+        while idle_processes() and time.monotonic() - t0 < 30:
+            time.sleep(0.5)
+        print(f"after a change of sweeper/trials.py: {idle_processes()} idle processes "
+              f"{time.monotonic() - t0:.1f}s later", flush=True)
+        job("job 4, after the code changed")
     finally:
         subprocess.run(["ray", "stop"], env=env, capture_output=True)
 

@@ -16,15 +16,25 @@ its GPU (``CUDA_VISIBLE_DEVICES``) when the trial arrives, before torch first as
 Ray runs it in every Python worker the node starts; it does its work only in those started for no runtime_env (the
 ones a Tune trial actor of a launch on a preloading cluster lands in). An error never reaches Ray (a worker whose preload raised would
 die): it is logged, and the trial then imports what is missing itself. No Ray import here beyond what the worker has.
+
+A preloaded process keeps the code it imported, for as long as the node runs. So until a trial takes it
+(scheduler._trainable sets ``taken``), a thread looks at sweeper's files every WATCH_S seconds, and once any has
+changed (an upgrade, a `git pull` on the node) it ends the process: the next launch's trials then run in processes
+that import the new code (and that launch refills the node with such processes as it ends: sweeper/node_refill.py).
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 
 preloaded_at: float | None = None  # epoch seconds at which the preload below finished in this process
 steps: dict[str, float] = {}  # seconds per step, for the worker's log
+taken = False  # a trial runs in this process (scheduler._trainable): its code stays until its job ends the process
+WATCH_S = 5.0  # how often an untaken preloaded process looks at sweeper's files (~100 stat calls)
+CHANGED = "sweeper.node_preload: sweeper's code changed on disk since this process imported it; ending it"
 
 
 def preload() -> None:
@@ -33,6 +43,7 @@ def preload() -> None:
         return                    # launch's own tasks and actors: local_ray.not_a_trial)
     try:
         t0 = time.perf_counter()
+        stamp = code_stamp()  # before the imports: a file changed while they run counts as changed
         import ray.tune  # noqa: F401 - what unpickling a Tune trial imports
 
         # the scheduler sets Tune's variables as it is imported (RAY_CHDIR_TO_TRIAL_DIR among them); the rest is what
@@ -47,9 +58,32 @@ def preload() -> None:
         steps["total"] = round(time.perf_counter() - t0, 3)
         preloaded_at = time.time()
         print(f"{local_ray.PRELOAD_READY} in {steps['total']:.2f}s {steps}", file=sys.stderr, flush=True)
+        threading.Thread(target=_end_when_code_changes, args=(stamp,), name="sweeper-code-watch", daemon=True).start()
     except Exception as e:  # noqa: BLE001 - never into Ray's worker start-up
         print(f"sweeper.node_preload: failed, trials import for themselves: {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
+
+
+def code_stamp() -> tuple:
+    """What sweeper's code on disk is now: each .py file of the package with its modification time and size."""
+    stamp = []
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        try:
+            st = path.stat()
+        except OSError:  # removed while listed
+            continue
+        stamp.append((str(path), st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
+
+
+def _end_when_code_changes(stamp: tuple) -> None:
+    while True:
+        time.sleep(WATCH_S)
+        if taken:
+            return
+        if code_stamp() != stamp:
+            print(CHANGED, file=sys.stderr, flush=True)
+            os._exit(0)  # an idle Ray worker that exits is dropped from the node's pool; nothing of a trial is lost
 
 
 def _runtime_env_hash() -> int:

@@ -226,6 +226,9 @@ def _trainable(config: dict) -> None:
     runs in a warm worker of this machine when there is a free one, else here."""
     # where a trial's start-up goes: worker process start -> this call -> the row's load_started_at
     entered = time.time()
+    preload = sys.modules.get(local_ray.PRELOAD_MODULE)  # read, never imported: importing it runs the preload
+    if preload is not None:
+        preload.taken = True  # its code watch ends here: the process stays for this launch's trials
     for k, v in WORKER_ENV.items():  # no runtime_env set them on a joined cluster (connect)
         os.environ.setdefault(k, v)
     from ray import tune

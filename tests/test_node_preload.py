@@ -160,6 +160,47 @@ def test_a_node_that_cannot_be_asked_to_refill_is_named_not_raised():
     assert time.monotonic() - t0 < node_refill.RPC_TIMEOUT_S + 5
 
 
+@pytest.mark.parametrize("taken", [False, True])
+def test_a_preloaded_process_ends_when_sweepers_code_changes_unless_a_trial_took_it(taken, tmp_path):
+    """A node's preloaded processes keep the code they imported; one no trial has taken ends once a file of the
+    package changes on disk (so the next launch's trials import the new code), one a trial took stays for its job."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sweeper
+    from sweeper import node_preload
+
+    package = tmp_path / "sweeper"  # a copy: the change below must not touch the checkout other tests run
+    shutil.copytree(Path(sweeper.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys, time; sys.argv = ['default_worker.py']; import sweeper.node_preload as p; "
+            f"assert p.preloaded_at is not None, 'no preload'; p.taken = {taken}; print(p.__file__, flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        ready = proc.stdout.readline().strip()  # the copy's module (`-c` puts the cwd first on sys.path)
+        assert ready == str(package / "node_preload.py"), (ready, proc.poll() is not None and proc.stderr.read())
+        changed = package / "trials.py"
+        st = changed.stat()
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as an upgrade or a `git pull` would
+        try:
+            proc.wait(timeout=node_preload.WATCH_S * 2 + 5)
+        except subprocess.TimeoutExpired:
+            pass
+        if taken:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+        else:
+            assert proc.poll() == 0, "the process outlived the change of sweeper's code"
+            assert node_preload.CHANGED in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.parametrize("hash_arg, preloads", [(None, True), ("--runtime-env-hash=0", True),
                                                 ("--runtime-env-hash=-1619862153", False)])
 def test_the_preload_runs_only_in_processes_for_no_runtime_env(hash_arg, preloads):
