@@ -7,13 +7,14 @@ Starts `ray start --head --num-cpus=2` with the node settings of cluster.yaml, t
 the processes the node prestarted, the second after the first ended (none left), the third after
 node_refill.refill. Then it refills a node that already has its processes (kept alive 60 s), with a 5 s
 keep-alive, and counts the idle Ray processes as Ray ends the extra ones. Last, it changes the modification time of
-one of sweeper's files, counts the idle processes as they end (sweeper/node_preload.py's watch), and runs a fourth
+one of sweeper's files (of the copy the node runs), counts the idle processes as they end (sweeper/node_preload.py's watch), and runs a fourth
 job.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,32 +58,37 @@ def main() -> None:
 
     from sweeper import local_ray, node_refill
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_enable_worker_prestart": "1",
-           "RAY_preload_python_modules": local_ray.PRELOAD_MODULE, "PYTHONPATH": str(REPO)}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     tmp = tempfile.mkdtemp(prefix="refill-probe-")
+    code = Path(tmp) / "code"  # the node runs a copy of sweeper: the code change below must touch no checkout
+    shutil.copytree(REPO / "sweeper", code / "sweeper", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_enable_worker_prestart": "1",
+           "RAY_preload_python_modules": local_ray.PRELOAD_MODULE, "PYTHONPATH": str(code)}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     print(f"ray {ray.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
-    subprocess.run(["ray", "start", "--head", f"--port={a.port}", "--num-cpus=2", "--num-gpus=0",
-                    "--include-dashboard=false", f"--temp-dir={tmp}", f"--labels={local_ray.PRELOAD_LABEL}=1",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    # --block: ending this process ends the node's, and no other Ray of the machine (`ray stop` would)
+    node = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={a.port}", "--num-cpus=2", "--num-gpus=0",
+                             "--include-dashboard=false", f"--temp-dir={tmp}", f"--labels={local_ray.PRELOAD_LABEL}=1",
+                             "--disable-usage-stats"], env=env, cwd=tmp, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     logs = Path(tmp) / "session_latest" / "logs"
 
     def wait_ready(n: int) -> float:
         t0 = time.monotonic()
-        while local_ray.preloaded_idle_workers(logs) < n and time.monotonic() - t0 < 120:
+        while (not logs.exists() or local_ray.preloaded_idle_workers(logs) < n) and time.monotonic() - t0 < 120:
             time.sleep(0.2)
         return time.monotonic() - t0
 
     def job(label: str) -> None:
-        r = subprocess.run([sys.executable, "-c", JOB.format(port=a.port, started=time.time())], env=env,
+        r = subprocess.run([sys.executable, "-c", JOB.format(port=a.port, started=time.time())], env=env, cwd=tmp,
                            capture_output=True, text=True)
         print(f"{label}: {r.stdout.strip() or r.stderr[-500:]}", flush=True)
 
     def refill(keep_alive: int) -> None:
         node_refill.KEEP_ALIVE_S = keep_alive
         ray.init(address=f"127.0.0.1:{a.port}", logging_level="ERROR")
-        print(f"  refill: {node_refill.refill([n for n in ray.nodes() if n['Alive']]) or 'asked'}", flush=True)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
         ray.shutdown()
+        print(f"  refill: {node_refill.refill(nodes, {n['NodeID']: 2 for n in nodes}) or 'asked'}", flush=True)
 
     try:
         print(f"node prestarted and preloaded 2 processes in {wait_ready(2):.1f}s", flush=True)
@@ -109,7 +115,7 @@ def main() -> None:
             time.sleep(1)
         # sweeper's code changes on the node: its untaken preloaded processes end (node_preload's watch), and a
         # job then runs in processes that import the new code
-        changed = REPO / "sweeper" / "trials.py"
+        changed = code / "sweeper" / "trials.py"
         st = changed.stat()
         os.utime(changed, ns=(st.st_atime_ns, time.time_ns()))
         t0 = time.monotonic()
@@ -119,7 +125,8 @@ def main() -> None:
               f"{time.monotonic() - t0:.1f}s later", flush=True)
         job("job 4, after the code changed")
     finally:
-        subprocess.run(["ray", "stop"], env=env, capture_output=True)
+        node.terminate()
+        node.wait(60)
 
 
 if __name__ == "__main__":

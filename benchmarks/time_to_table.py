@@ -267,6 +267,14 @@ def warm_pool_logs(root: Path, launched_at: float, say) -> dict:
     return out
 
 
+def processes_taken(root: Path) -> int:
+    """How many Ray processes a launch's trials ran in, on all nodes (the refill starts as many again)."""
+    from sweeper.results import open_results
+
+    rows = open_results(str(root)).trials.collect()
+    return rows.select("ray_node_id", "ray_worker_started_at").unique().height
+
+
 def wait_preloaded(want: int, timeout_s: float = 180.0) -> dict:
     """Until ``want`` idle workers of this machine's Ray session (one per CPU of each node) have logged the end of
     their preload, or ``timeout_s``: how many did, and when."""
@@ -308,7 +316,7 @@ def main() -> None:
     ap.add_argument("--node-preload", action="store_true",
                     help="with --ray-head: start the Ray node(s) as cluster.yaml does (idle workers that preload "
                          "sweeper.node_preload, the sweeper-preload label) and wait, uncounted, for their preload")
-    ap.add_argument("--launches", type=int, default=1,
+    ap.add_argument("--launches", type=int, default=1, choices=range(1, 10), metavar="1-9",
                     help="launch the study this many times on the same Ray (each into its own results folder; with "
                          "--node-preload, each next one once the nodes preloaded again); the first is the one timed "
                          "against the naive loop")
@@ -347,6 +355,8 @@ def main() -> None:
 
     # ---------------------------------------------------------------- the sweep
     if not a.skip_sweep:
+        from sweeper.local_ray import preloaded_idle_workers
+
         ray_cli = [py, "-m", "ray.scripts.scripts"]
         if a.ray_head:
             t0 = time.perf_counter()
@@ -375,8 +385,11 @@ def main() -> None:
             for i in range(a.launches):
                 name = "sweep" if i == 0 else f"sweep{i + 1}"
                 if i and a.node_preload:  # a next launch comes once the nodes preloaded again (sweeper/node_refill.py)
-                    refill = wait_preloaded(report["node_preload"]["wanted"] * (i + 1))
+                    refill = wait_preloaded(ready + processes_taken(work / launches[-1]["name"]))
                     say(f"nodes preloaded again (not counted): {refill}")
+                    if refill["ready"] < refill["wanted"]:
+                        raise SystemExit(f"the nodes did not preload again: {refill}")
+                ready = preloaded_idle_workers(Path("/tmp/ray/session_latest/logs")) if a.node_preload else 0
                 t0, launched_at = time.perf_counter(), time.time()
                 rc = stream([py, "-m", "sweeper.cli", "launch", str(study), "--results", str(work / name), "--fresh"]
                             + (["--address", "auto"] if a.ray_head else [])

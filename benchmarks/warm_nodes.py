@@ -8,7 +8,8 @@ benchmark, no KL, one CPU a trial; each node has one CPU, so one trial at a time
 per node: the trials it ran, how many ran in a process warmed before the trial (``warm_worker``), and the medians of
 the driver's "scheduled" event (``_tune/events.jsonl``) -> the row's ``load_started_at`` and of the first trial of
 each process; and the launch's wall time. With --preload, each next launch starts once every node has its preloaded
-processes again (sweeper/node_refill.py), as a user's next launch a while later finds them. Arguments after ``--`` go
+processes again (as many as the launch's trials took there: sweeper/node_refill.py), as a user's next launch a while
+later finds them. Arguments after ``--`` go
 to `sweep launch`.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ study = Study(name="warm-nodes", models=[{model!r}], precisions=["fp32", "bf16",
 '''
 
 
-def one_launch(cluster, study: Path, name: str, extra: list[str]) -> None:
+def one_launch(cluster, study: Path, name: str, extra: list[str]) -> dict[str, int]:
+    """One launch, printed; returns how many Ray processes its trials ran in on each node ("head", "worker")."""
     from sweeper.results import open_results
 
     results = cluster.results_root / name
@@ -52,6 +54,8 @@ def one_launch(cluster, study: Path, name: str, extra: list[str]) -> None:
             fits.append(e["at"])
     rows = open_results(str(results)).trials.collect().to_dicts()
     print(f"{name}: wall {wall:.1f}s, {len(rows)} trials", flush=True)
+    took = {label: len({r["ray_worker_started_at"] for r in rows if r["ray_node_id"] == node})
+            for label, node in (("head", cluster.head_node_id), ("worker", cluster.worker_node_id))}
     for label, node in (("head  ", cluster.head_node_id), ("worker", cluster.worker_node_id)):
         mine = [r for r in rows if r["ray_node_id"] == node]
         if not mine:
@@ -79,6 +83,7 @@ def one_launch(cluster, study: Path, name: str, extra: list[str]) -> None:
                      f", warmed up in {r['warm_worker_ready_at'] - r['process_started_at']:.3f}s")
                   + ("" if r.get("ray_worker_preloaded_at") is None else
                      f", preloaded in {r['ray_worker_preloaded_at'] - r['ray_worker_started_at']:.3f}s"), flush=True)
+    return took
 
 
 def idle_rss_mb(cluster) -> list[int]:
@@ -116,10 +121,10 @@ def main() -> None:
             print(f"idle Ray processes of the two nodes, resident MB: {idle_rss_mb(cluster)}", flush=True)
         for r in range(args.rounds):
             before = cluster.preloaded_counts() if args.preload else None
-            one_launch(cluster, study, f"round{r + 1}", extra)
+            took = one_launch(cluster, study, f"round{r + 1}", extra)
             if args.preload and r + 1 < args.rounds:  # the next launch comes once the nodes preloaded again
                 t0 = time.monotonic()
-                counts = cluster.wait_preloaded(before=before, timeout_s=90)
+                counts = cluster.wait_preloaded(before=before, more=took, timeout_s=90)
                 print(f"  nodes preloaded again {time.monotonic() - t0:.1f}s after the launch ended: {counts}",
                       flush=True)
 

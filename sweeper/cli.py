@@ -201,7 +201,7 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                         emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool)))
                     closing.start()
                     pool = None
-                e.ray_stopped = scheduler.disconnect(timeout_s=INTERRUPTED_RAY_STOP_S,
+                e.ray_stopped = scheduler.disconnect(timeout_s=INTERRUPTED_RAY_STOP_S, refill=False,
                                                      emit=lambda m: click.echo(m, err=True))
                 if closing is not None:
                     closing.join()

@@ -47,6 +47,7 @@ _started: tuple[str, dict[str, str]] | None = None
 # a joined cluster (its GCS address) whose every node preloads sweeper (sweeper/node_preload.py, which also sets what
 # Tune's runtime_env would); None: none joined, or some node does not
 _joined_preloading: str | None = None
+_through_client = False  # that cluster was joined through a Ray client (ray://)
 
 
 def as_is() -> bool:
@@ -94,9 +95,10 @@ def starting(kwargs: dict[str, Any], worker_env: dict[str, str]) -> Iterator[Non
 
 def forget() -> None:
     """The instance stopped (or a cluster was joined or left): Tune's actors keep their runtime_env from now on."""
-    global _started, _joined_preloading
+    global _started, _joined_preloading, _through_client
     _started = None
     _joined_preloading = None
+    _through_client = False
 
 
 def preloaded_idle_workers(logs: Path) -> int:
@@ -115,19 +117,22 @@ def not_a_trial() -> dict[str, Any]:
     return {"runtime_env": {"env_vars": {"SWEEPER_NOT_A_TRIAL": "1"}}}  # any runtime_env does; node_preload skips it
 
 
-def joined(preloading: bool) -> None:
+def joined(preloading: bool, client: bool = False) -> None:
     """A cluster was joined (after ``ray.init``); ``preloading``: every node of it carries PRELOAD_LABEL, so Tune's
-    trial actors go without their runtime_env there (the nodes' preload sets its variables)."""
-    global _joined_preloading
+    trial actors go without their runtime_env there (the nodes' preload sets its variables); ``client``: through a
+    Ray client (``ray://``)."""
+    global _joined_preloading, _through_client
     import ray
 
     forget()
     _joined_preloading = ray.get_runtime_context().gcs_address if preloading else None
+    _through_client = client
 
 
-def joined_preloading() -> bool:
-    """This process joined a cluster whose every node preloads sweeper (joined), and has not left it."""
-    return _joined_preloading is not None
+def refills_nodes_on_leave() -> bool:
+    """This process joined, not through a Ray client, a cluster whose every node preloads sweeper (joined): its
+    nodes start again the processes a launch took as it leaves (sweeper/node_refill.py)."""
+    return _joined_preloading is not None and not _through_client
 
 
 @contextlib.contextmanager

@@ -17,9 +17,9 @@ Ray runs it in every Python worker the node starts; it does its work only in tho
 ones a Tune trial actor of a launch on a preloading cluster lands in). An error never reaches Ray (a worker whose preload raised would
 die): it is logged, and the trial then imports what is missing itself. No Ray import here beyond what the worker has.
 
-A preloaded process keeps the code it imported, for as long as the node runs. So until a trial takes it
-(scheduler._trainable sets ``taken``), a thread looks at sweeper's files every WATCH_S seconds, and once any has
-changed (an upgrade, a `git pull` on the node) it ends the process: the next launch's trials then run in processes
+A preloaded process keeps the code it imported, for as long as the node runs. So until a job takes it (a trial:
+scheduler._trainable sets ``taken``; any job: Ray's current job id), a thread looks at sweeper's files every WATCH_S
+seconds, and once any has changed (an upgrade, a `git pull` on the node) it ends the process: the next launch's trials then run in processes
 that import the new code (and that launch refills the node with such processes as it ends: sweeper/node_refill.py).
 """
 from __future__ import annotations
@@ -76,10 +76,22 @@ def code_stamp() -> tuple:
     return tuple(stamp)
 
 
+def _in_use() -> bool:
+    """A trial took this process, or a job did (a process started for no job serves whichever job Ray gives it
+    to, a trial or another user's task): its code stays until that job ends it."""
+    if taken:
+        return True
+    worker = getattr(sys.modules.get("ray._private.worker"), "global_worker", None)
+    try:
+        return worker is not None and not worker.current_job_id.is_nil()
+    except Exception:  # noqa: BLE001 - cannot tell: keep the process
+        return True
+
+
 def _end_when_code_changes(stamp: tuple) -> None:
     while True:
         time.sleep(WATCH_S)
-        if taken:
+        if _in_use():
             return
         if code_stamp() != stamp:
             print(CHANGED, file=sys.stderr, flush=True)

@@ -7,9 +7,11 @@ processes Ray started for them, which preloaded first (slower than cold on 2 CPU
 
 Ray's raylet can start more (``NodeManagerService.PrestartWorkers``: how many, for no job, kept alive how long), but
 Ray 2.60's Python API does not expose it, so this calls it over gRPC as `ray memory` calls its raylets, through
-Ray's own channel helper (its TLS and token settings). Processes started for no job serve whichever job comes next;
-once KEEP_ALIVE_S has passed, Ray ends the idle ones beyond one per CPU, so launches never pile them up. Only on the
-Ray versions this was tested with (TESTED_RAY): elsewhere the launch says it left the nodes as they are.
+Ray's own channel helper (its TLS and token settings). Processes started for no job serve whichever job comes next.
+A node gets back as many as the launch's trials took there (one per CPU at most); should it still have its own,
+Ray ends the idle ones beyond one per CPU once KEEP_ALIVE_S has passed. Only on the Ray versions this was tested with
+(TESTED_RAY): elsewhere the launch says it left the nodes as they are. Not after Ctrl-C (the launch leaves at once)
+nor through a Ray client (``ray://``: the raylets' addresses are the cluster's own, seldom reachable from there).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ TESTED_RAY = ("2.60.",)
 # long enough that a refilled process outlives the end of the job that asked for it (Ray trims idle processes beyond
 # one per CPU, and the job's own ones still count until they are ended)
 KEEP_ALIVE_S = 60
-RPC_TIMEOUT_S = 5.0
+RPC_TIMEOUT_S = 5.0  # for all nodes at once
 
 
 def unsupported() -> str | None:
@@ -32,33 +34,44 @@ def unsupported() -> str | None:
         import grpc  # noqa: F401 - Ray's raylet channel
         from ray.core.generated import node_manager_pb2
     except ImportError as e:
-        return f"{e.name} is not installed"
+        return f"{e.name or 'grpcio'} is not installed"
     fields = node_manager_pb2.PrestartWorkersRequest.DESCRIPTOR.fields_by_name
     if not {"num_workers", "keep_alive_duration_secs", "job_id"} <= set(fields):
         return "this Ray's raylet takes no PrestartWorkers request"
     return None
 
 
-def refill(nodes: list[dict[str, Any]]) -> list[str]:
-    """Ask each node (``ray.nodes()`` entries) to start, for no job, one preloading process per CPU it has; returns a
-    line per node that could not be asked. Ray starts them in the background: this returns at once."""
+def refill(nodes: list[dict[str, Any]], taken: dict[str, int]) -> list[str]:
+    """Ask each node (``ray.nodes()`` entries) to start, for no job, as many preloading processes as this launch's
+    trials took there (``taken``, by node id; at most one per CPU), all at once and within RPC_TIMEOUT_S; returns a
+    line per node that could not be asked. Ray starts them in the background. Needs no connection to Ray."""
+    from ray._common.network_utils import build_address
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
 
-    problems = []
+    def name(node: dict[str, Any]) -> str:
+        return f"node {node.get('NodeManagerAddress')} ({str(node.get('NodeID'))[:8]})"
+
+    problems, asked, channels = [], [], []
     for node in nodes:
-        count = int(node.get("Resources", {}).get("CPU", 0))
+        count = min(int(node.get("Resources", {}).get("CPU", 0)), taken.get(node.get("NodeID"), 0))
         if count < 1:
             continue
-        channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
         try:
-            node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
+            channel = init_grpc_channel(build_address(node["NodeManagerAddress"], node["NodeManagerPort"]))
+            channels.append(channel)
+            asked.append((node, node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers.future(
                 node_manager_pb2.PrestartWorkersRequest(language=common_pb2.PYTHON, num_workers=count,
                                                         keep_alive_duration_secs=KEEP_ALIVE_S),
-                timeout=RPC_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - grpc.RpcError and channel errors: the node stays as it is
-            problems.append(f"node {node.get('NodeManagerAddress')} ({str(node.get('NodeID'))[:8]}): "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        finally:
-            channel.close()
+                timeout=RPC_TIMEOUT_S)))
+        except Exception as e:  # noqa: BLE001 - TLS files, addresses: the node stays as it is
+            problems.append(f"{name(node)}: {type(e).__name__}: {e}")
+    for node, call in asked:
+        try:
+            call.result()
+        except Exception as e:  # noqa: BLE001 - grpc.RpcError (unreachable, deadline): the node stays as it is
+            detail = getattr(e, "details", lambda: None)() or str(e)
+            problems.append(f"{name(node)}: {type(e).__name__}: {detail.splitlines()[0] if detail else ''}")
+    for channel in channels:
+        channel.close()
     return problems

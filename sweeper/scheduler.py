@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -110,7 +111,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
         # a job runtime_env (`ray job submit --runtime-env`, `--working-dir`) reaches every trial actor: Ray then
         # starts processes of that runtime_env for them, never the preloaded ones
         job_env = bool(ray.get_runtime_context().runtime_env)
-        local_ray.joined(preloading=preloading == len(alive) and not job_env)
+        local_ray.joined(preloading=preloading == len(alive) and not job_env, client=address.startswith("ray://"))
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
     mem = None
@@ -146,22 +147,33 @@ def _gpu_memory_bytes() -> float:
     return float(ray.get(probe.remote()))
 
 
-def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = None) -> bool:
+def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = None, refill: bool = True) -> bool:
     """Stop (or leave) Ray; False if it did not stop. Results are already on disk, so a shutdown that hangs is
-    reported and given up on after ``timeout_s`` rather than holding the command open."""
+    reported and given up on after ``timeout_s`` rather than holding the command open. ``refill``: the preloading
+    nodes of a joined cluster start again the processes this launch's trials took (sweeper/node_refill.py)."""
     import threading
 
     import ray
 
-    refill = local_ray.joined_preloading()
+    say = emit or (lambda m: None)
+    taken = Counter(node for node, _ in _TRIAL_PROCESSES)
+    _TRIAL_PROCESSES.clear()
+    refill = refill and bool(taken) and local_ray.refills_nodes_on_leave()
     local_ray.forget()
     if not ray.is_initialized():
         return True
 
     def leave() -> None:
-        if refill:  # the nodes' preloaded processes this job took end with it: the next launch's, started now
-            _refill_preloading_nodes(emit or (lambda m: None))
-        ray.shutdown()
+        nodes = []
+        if refill:
+            try:
+                nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeID") in taken
+                         and (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1"]
+            except Exception as e:  # noqa: BLE001 - Ray going away: leave the nodes as they are
+                say(f"warning: preloaded trial processes not restarted: the nodes could not be listed: {e}")
+        ray.shutdown()  # first: the job, and the processes its trials took, end; the new ones serve no job
+        if nodes:
+            _refill_preloading_nodes(nodes, taken, say)
 
     t0 = time.perf_counter()
     worker = threading.Thread(target=leave, name="ray-shutdown", daemon=True)
@@ -174,10 +186,8 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     return not worker.is_alive()
 
 
-def _refill_preloading_nodes(emit: Callable[[str], None]) -> None:
-    """Every preloading node starts the preloaded processes a next launch finds (sweeper/node_refill.py)."""
-    import ray
-
+def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[str], None]) -> None:
+    """The preloading nodes start again the preloaded processes this launch took (sweeper/node_refill.py)."""
     from . import node_refill
 
     why = node_refill.unsupported()
@@ -185,9 +195,18 @@ def _refill_preloading_nodes(emit: Callable[[str], None]) -> None:
         emit(f"note: the nodes' preloaded trial processes are not restarted for the next launch: {why}; its trials "
              "preload as they start")
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive") and (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1"]
-    for problem in node_refill.refill(nodes):
+    for problem in node_refill.refill(nodes, taken):
         emit(f"warning: preloaded trial processes not restarted on {problem}")
+
+
+# (node id, pid) of each Ray process this launch's trials ran in, from their reports: what the nodes start again as
+# the launch leaves (disconnect)
+_TRIAL_PROCESSES: set[tuple[str, int]] = set()
+
+
+def _where(node: str) -> dict[str, Any]:
+    """What a trial's report says of the process it ran in (for _TRIAL_PROCESSES)."""
+    return {"ray_node_id": node, "ray_pid": os.getpid()}
 
 
 # this Ray worker's warm worker (sweeper/warm_pool.py), kept for the next trial Tune runs in this process
@@ -252,7 +271,7 @@ def _trainable(config: dict) -> None:
     with claim:
         previous = store.committed(spec.trial_id)
         if previous is not None and previous.status == "done":
-            tune.report({"status": "skipped"})
+            tune.report({"status": "skipped", **_where(node)})
             return
         attempt = (previous.attempt if previous is not None else 0) + 1
         extra = {"ray_node_id": node, "trainable_started_at": entered, **_process_facts()}
@@ -269,7 +288,7 @@ def _trainable(config: dict) -> None:
 
             outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
                                    "extra": {**extra, "warm_worker": False}, "token": store.token})
-    tune.report({"status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
+    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
                  "trial_seconds": outcome["duration_s"]})
 
 
@@ -291,7 +310,7 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
     try:
         previous = ray.get(actor.claim.remote(spec.trial_id))
         if previous is not None and previous[0] == "done":
-            tune.report({"status": "skipped"})
+            tune.report({"status": "skipped", **_where(node)})
             return
         attempt = (previous[1] if previous is not None else 0) + 1
         extra = {"ray_node_id": node, "trainable_started_at": entered, **_process_facts(), "warm_worker": False}
@@ -300,7 +319,7 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
                               store=RemoteStore(actor, config["store"], config.get("token")))
     finally:
         ray.get(actor.release.remote(spec.trial_id))
-    tune.report({"status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
+    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
                  "trial_seconds": outcome["duration_s"]})
 
 
@@ -376,6 +395,8 @@ def _progress_callback(progress: Progress, emit: Callable[[str], None], events_p
                 store.compact()  # every COMPACT_TAIL trials: later reads open a few files, not one per trial
             t = tid(trial)
             progress.running.discard(t)
+            if result.get("ray_node_id"):
+                _TRIAL_PROCESSES.add((result["ray_node_id"], result["ray_pid"]))
             status = result.get("status")
             if status != "skipped" and t in progress.began:
                 progress.durations.append(time.time() - progress.began[t])

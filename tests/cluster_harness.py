@@ -338,12 +338,13 @@ class TwoNodeCluster:
                 "worker": root / os.readlink(latest).lstrip("/") / "logs"}
         return {n: preloaded_idle_workers(logs[n]) for n in logs}
 
-    def wait_preloaded(self, before: dict[str, int] | None = None, timeout_s: float = 180.0) -> dict[str, int]:
-        """Until each node has one preloaded process per CPU more than ``before`` (preloaded_counts; None: as it
-        started), as on a cluster whose nodes came up (or whose last launch ended) well before the next launch: a
-        launch sooner finds them still importing and Ray starts other processes for its trials."""
-        want = {"head": self.head_cpus, "worker": self.worker_cpus}
-        want = {n: k + (before or {}).get(n, 0) for n, k in want.items()}
+    def wait_preloaded(self, before: dict[str, int] | None = None, more: dict[str, int] | None = None,
+                       timeout_s: float = 180.0) -> dict[str, int]:
+        """Until each node has ``more`` preloaded processes (by node; None: one per CPU) than ``before``
+        (preloaded_counts; None: as it started), as on a cluster whose nodes came up (or whose last launch ended)
+        well before the next launch: a launch sooner finds them still importing and Ray starts other processes."""
+        more = more if more is not None else {"head": self.head_cpus, "worker": self.worker_cpus}
+        want = {n: (before or {}).get(n, 0) + more.get(n, 0) for n in ("head", "worker")}
         deadline = time.monotonic() + timeout_s
         while True:
             ready = self.preloaded_counts()

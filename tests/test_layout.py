@@ -8,7 +8,8 @@ from pathlib import Path
 import sweeper
 
 PACKAGE = Path(sweeper.__file__).resolve().parent
-# node_preload runs only inside Ray's own worker processes (a node's preload), where it imports Ray Tune ahead
+# node_preload runs only inside Ray's own worker processes (a node's preload), where it imports Ray Tune ahead;
+# node_refill calls the nodes' raylets through Ray's gRPC helpers as a launch leaves the cluster
 RAY_IMPORTERS = {"sweeper.scheduler", "sweeper.local_ray", "sweeper.remote_store", "sweeper.cluster_inputs",
                  "sweeper.node_preload", "sweeper.node_refill"}
 

@@ -133,11 +133,42 @@ def test_the_next_launch_finds_every_node_preloaded_again(preloading_cluster, re
         assert r["ray_worker_preloaded_at"] is not None and r["ray_worker_preloaded_at"] < started, (r, started)
 
 
+def test_a_code_change_mid_launch_leaves_the_processes_its_trials_took(preloading_cluster, real_model, tmp_path):
+    """node_preload ends an idle preloaded process once sweeper's files change; the ones a launch's trials took stay
+    until the launch ends, so its trials run on (each once, in the process the node preloaded)."""
+    import os
+
+    import sweeper
+
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400).replace(
+        '"int8", "nf4", "fp4"]', '"int8"]').replace('["fp32", "bf16"]', '["fp32"]'))
+    results = c.results_root / "changed"
+    proc = _launch(c, study, results)
+    assert wait_for(lambda: (results / "_tune" / "events.jsonl").exists()
+                    and sum('"scheduled"' in line for line in (results / "_tune" / "events.jsonl").open()) >= 2
+                    or proc.poll() is not None, timeout=600)
+    changed = os.path.join(os.path.dirname(sweeper.__file__), "trials.py")  # the file both nodes' processes imported
+    st = os.stat(changed)
+    try:
+        os.utime(changed, ns=(st.st_atime_ns, time.time_ns()))
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert proc.returncode == 0, out[-4000:]
+    rows = read_trials(results).to_dicts()
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}, rows
+    assert all(r["attempt"] == 1 and r["ray_worker_preloaded_at"] is not None for r in rows), rows
+    assert "died" not in out, out[-3000:]
+
+
 def test_refilling_is_gated_on_the_ray_versions_it_was_tested_with(monkeypatch):
     import ray
 
     from sweeper import node_refill
 
+    if not ray.__version__.startswith(node_refill.TESTED_RAY):
+        pytest.skip(f"Ray {ray.__version__}: refilling is gated off")
     assert node_refill.unsupported() is None  # this environment's Ray (pyproject's grpcio installed)
     monkeypatch.setattr(ray, "__version__", "2.99.0")
     assert "Ray 2.99.0" in node_refill.unsupported()
@@ -152,10 +183,10 @@ def test_a_node_that_cannot_be_asked_to_refill_is_named_not_raised():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.monotonic()
-    problems = node_refill.refill([{"NodeID": "ab12cd34ef", "NodeManagerAddress": "127.0.0.1",
-                                    "NodeManagerPort": port, "Resources": {"CPU": 2.0}},
-                                   {"NodeID": "no-cpus", "NodeManagerAddress": "127.0.0.1",
-                                    "NodeManagerPort": port, "Resources": {"GPU": 1.0}}])  # asked for nothing
+    nodes = [{"NodeID": node, "NodeManagerAddress": "127.0.0.1", "NodeManagerPort": port, "Resources": res}
+             for node, res in [("ab12cd34ef", {"CPU": 2.0}), ("no-cpus", {"GPU": 1.0}), ("untaken", {"CPU": 2.0})]]
+    # the launch's trials took one process on the first node; the others are asked for nothing
+    problems = node_refill.refill(nodes, {"ab12cd34ef": 1, "no-cpus": 1})
     assert len(problems) == 1 and problems[0].startswith("node 127.0.0.1 (ab12cd34)"), problems
     assert time.monotonic() - t0 < node_refill.RPC_TIMEOUT_S + 5
 
