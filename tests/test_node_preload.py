@@ -213,6 +213,9 @@ def test_a_preloaded_process_ends_when_sweepers_code_changes_unless_a_trial_took
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     try:
+        import select
+
+        assert select.select([proc.stdout], [], [], 240)[0], "the preloading process printed nothing in 240 s"
         ready = proc.stdout.readline().strip()  # the copy's module (`-c` puts the cwd first on sys.path)
         assert ready == str(package / "node_preload.py"), (ready, proc.poll() is not None and proc.stderr.read())
         changed = package / "trials.py"
