@@ -101,6 +101,11 @@ def forget() -> None:
     _through_client = False
 
 
+def preloads(node: dict[str, Any]) -> bool:
+    """A ``ray.nodes()`` entry of a node started with PRELOAD_LABEL (its idle workers preload sweeper)."""
+    return (node.get("Labels") or {}).get(PRELOAD_LABEL) == "1"
+
+
 def preloaded_idle_workers(logs: Path) -> int:
     """How many worker processes a node started before any job (Ray names their logs ``worker-*-ffffffff-*``) have
     logged the end of their preload, in the node's session log folder ``logs`` (for harnesses and benchmarks that

@@ -14,13 +14,15 @@ Ray's placement alone decides where a trial runs, on every node alike. Nothing h
 its GPU (``CUDA_VISIBLE_DEVICES``) when the trial arrives, before torch first asks CUDA.
 
 Ray runs it in every Python worker the node starts; it does its work only in those started for no runtime_env (the
-ones a Tune trial actor of a launch on a preloading cluster lands in). An error never reaches Ray (a worker whose preload raised would
-die): it is logged, and the trial then imports what is missing itself. No Ray import here beyond what the worker has.
+ones a Tune trial actor of a launch on a preloading cluster lands in). An error never reaches Ray (a worker whose
+preload raised would die): it is logged, and the trial then imports what is missing itself. No Ray import here
+beyond what the worker has.
 
 A preloaded process keeps the code it imported, for as long as the node runs. So until a job takes it (a trial:
 scheduler._trainable sets ``taken``; any job: Ray's current job id), a thread looks at sweeper's files every WATCH_S
-seconds, and once any has changed (an upgrade, a `git pull` on the node) it ends the process: the next launch's trials then run in processes
-that import the new code (and that launch refills the node with such processes as it ends: sweeper/node_refill.py).
+seconds, and once any has changed (an upgrade, a `git pull` on the node) it ends the process: the next launch's
+trials then run in processes that import the new code (and that launch refills the node with such processes as it
+ends: sweeper/node_refill.py).
 """
 from __future__ import annotations
 

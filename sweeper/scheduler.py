@@ -107,7 +107,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
     alive = [n for n in ray.nodes() if n.get("Alive")]
     preloading, job_env = 0, False
     if address:  # first: the GPU probe below is one of the launch's own tasks (local_ray.not_a_trial)
-        preloading = sum(1 for n in alive if (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1")
+        preloading = sum(1 for n in alive if local_ray.preloads(n))
         # a job runtime_env (`ray job submit --runtime-env`, `--working-dir`) reaches every trial actor: Ray then
         # starts processes of that runtime_env for them, never the preloaded ones
         job_env = bool(ray.get_runtime_context().runtime_env)
@@ -167,8 +167,8 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
         nodes = []
         if refill:
             try:
-                nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeID") in taken
-                         and (n.get("Labels") or {}).get(local_ray.PRELOAD_LABEL) == "1"]
+                nodes = [n for n in ray.nodes()
+                         if n.get("Alive") and n.get("NodeID") in taken and local_ray.preloads(n)]
             except Exception as e:  # noqa: BLE001 - Ray going away: leave the nodes as they are
                 say(f"warning: preloaded trial processes not restarted: the nodes could not be listed: {e}")
         ray.shutdown()  # first: the job, and the processes its trials took, end; the new ones serve no job
@@ -288,7 +288,8 @@ def _trainable(config: dict) -> None:
 
             outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
                                    "extra": {**extra, "warm_worker": False}, "token": store.token})
-    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
+    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"],
+                 "error_type": outcome["error_type"],
                  "trial_seconds": outcome["duration_s"]})
 
 
@@ -319,7 +320,8 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
                               store=RemoteStore(actor, config["store"], config.get("token")))
     finally:
         ray.get(actor.release.remote(spec.trial_id))
-    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"], "error_type": outcome["error_type"],
+    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"],
+                 "error_type": outcome["error_type"],
                  "trial_seconds": outcome["duration_s"]})
 
 
