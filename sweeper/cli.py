@@ -1,6 +1,7 @@
 """The `sweep` command. Thin: parsing, printing and exit codes; the work lives in launch / scheduler / results."""
 from __future__ import annotations
 
+import faulthandler
 import functools
 import logging
 import os
@@ -41,6 +42,9 @@ def _handle_errors(fn):
 @click.version_option(package_name="quant-sweeper")
 def main(debug: bool, verbose: bool) -> None:
     """Sweep LLM quantizations (models x precisions x compute dtypes) over Ray; results in Parquet."""
+    # a native crash (a library's segfault, here or on one of the launch's threads) prints every thread's Python
+    # stack on stderr instead of ending the command without a word
+    faulthandler.enable(all_threads=True)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import polars as pl
@@ -97,6 +98,17 @@ def test_debug_shows_the_study_files_own_traceback(tmp_path):
     _one_line_exit_2(r, "ZeroDivisionError", "line 2")
     d = sweep("--debug", "launch", str(s), "--dry-run")
     assert d.returncode != 0 and f'File "{s}", line 2, in helper' in d.stderr, d.stderr
+
+
+def test_a_native_crash_names_where_it_happened(tmp_path):
+    """A segfault in the launching process (here a study file's own; in CI once a library's, with nothing said) prints
+    the Python stack of every thread on stderr."""
+    s = tmp_path / "crash.py"
+    s.write_text("import ctypes\n\n\ndef read_nowhere():\n    return ctypes.string_at(0)\n\n\nread_nowhere()\n")
+    r = sweep("launch", str(s), "--dry-run")
+    assert r.returncode == -signal.SIGSEGV, r.stdout + r.stderr
+    assert "Fatal Python error: Segmentation fault" in r.stderr, r.stderr
+    assert f'File "{s}", line 5 in read_nowhere' in r.stderr, r.stderr
 
 
 def test_dry_run_fresh_lists_every_trial_as_pending(tmp_path, plain_study):
