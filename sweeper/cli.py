@@ -198,14 +198,15 @@ def _launch(study_file, address, results_dir, fresh, gpus_per_trial, max_concurr
                                      store_writer=store_writer)
             except KeyboardInterrupt as e:
                 # the warm workers (and their running trials) and Ray stop side by side: Ctrl-C leaves within seconds,
-                # and a Ray that does not stop in time is left to die with this process
+                # and a Ray that does not stop in time (or nodes not refilled in time: sweeper/node_refill.py) is left
+                # to die with this process
                 closing = None
                 if pool is not None:
                     closing = threading.Thread(target=pool.close, name="sweep-warm-close", kwargs=dict(
                         emit=lambda m: click.echo(m, err=True), keep_logs=L.warm_logs_dir(p.store, pool)))
                     closing.start()
                     pool = None
-                e.ray_stopped = scheduler.disconnect(timeout_s=INTERRUPTED_RAY_STOP_S, refill=False,
+                e.ray_stopped = scheduler.disconnect(timeout_s=INTERRUPTED_RAY_STOP_S,
                                                      emit=lambda m: click.echo(m, err=True))
                 if closing is not None:
                     closing.join()

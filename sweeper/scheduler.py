@@ -147,10 +147,11 @@ def _gpu_memory_bytes() -> float:
     return float(ray.get(probe.remote()))
 
 
-def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = None, refill: bool = True) -> bool:
+def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = None) -> bool:
     """Stop (or leave) Ray; False if it did not stop. Results are already on disk, so a shutdown that hangs is
-    reported and given up on after ``timeout_s`` rather than holding the command open. ``refill``: the preloading
-    nodes of a joined cluster start again the processes this launch's trials took (sweeper/node_refill.py)."""
+    reported and given up on after ``timeout_s`` rather than holding the command open. Within the same time, the
+    preloading nodes of a joined cluster start again the processes this launch's trials took (sweeper/node_refill.py;
+    after Ctrl-C, those that had reported a trial)."""
     import threading
 
     import ray
@@ -158,7 +159,7 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     say = emit or (lambda m: None)
     taken = Counter(node for node, _ in _TRIAL_PROCESSES)
     _TRIAL_PROCESSES.clear()
-    refill = refill and bool(taken) and local_ray.refills_nodes_on_leave()
+    refill = bool(taken) and local_ray.refills_nodes_on_leave()
     local_ray.forget()
     if not ray.is_initialized():
         return True

@@ -6,9 +6,11 @@ namespace: no /tmp, no results folder of the launching machine) included."""
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import time
 
+import polars as pl
 import pytest
 
 from helpers import read_trials, sweep_popen, wait_for, write_study
@@ -131,6 +133,35 @@ def test_the_next_launch_finds_every_node_preloaded_again(preloading_cluster, re
     assert {r["ray_node_id"] for r in rows} == {c.head_node_id, c.worker_node_id}, rows
     for r in rows:  # without the refill, processes Ray started for this launch, which preloaded after it began
         assert r["ray_worker_preloaded_at"] is not None and r["ray_worker_preloaded_at"] < started, (r, started)
+
+
+def test_a_launch_stopped_by_ctrl_c_gives_the_nodes_their_preloaded_processes_back(preloading_cluster, real_model,
+                                                                                  tmp_path):
+    """Ctrl-C ends the launch's job, and with it the preloaded processes its trials took; within the seconds the
+    launch takes to leave, each node is asked to start them again, so the resuming launch finds them."""
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400))
+    began = c.preloaded_counts()
+    results = c.results_root / "interrupted"
+    proc = _launch(c, study, results)
+
+    def nodes_with_rows() -> set:
+        try:
+            return {r["ray_node_id"] for r in read_trials(results).to_dicts()}
+        except Exception:  # noqa: BLE001 - no store yet
+            return set()
+
+    # a trial reported from each node (the processes the refill counts), and the launch still running
+    assert wait_for(lambda: len(nodes_with_rows()) == 2 or proc.poll() is not None, timeout=600)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    at = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - at < 10, (proc.returncode, out[-3000:])
+    assert len(read_trials(results).filter(pl.col("status") == "done")) < 9, "every trial had finished"
+    assert "not restarted" not in out, out[-3000:]
+    # one process a node (one CPU each) started again and preloaded; without the refill none is (the wait times out)
+    c.wait_preloaded(before=began, timeout_s=90)
 
 
 def test_a_code_change_mid_launch_leaves_the_processes_its_trials_took(preloading_cluster, real_model, tmp_path):
