@@ -8,8 +8,10 @@
 #          again (sweeper/node_refill.py), pool, cold
 #   PYTHONPATH=/tmp/site:$PWD bash benchmarks/gpu/node_preload_runs.sh run36 naive  $OUT   # 8 lm_eval runs (one call)
 #   PYTHONPATH=/tmp/site:$PWD bash benchmarks/gpu/node_preload_runs.sh run36 sweeps $OUT   # the sweeps, checked against them
+#   mode sweeps-only: the same sweeps without the naive loop (--skip-naive: walls side by side, no ratio to naive),
+#   for a lease too short for both
 set -uo pipefail
-tag=${1:?run35|run36}; mode=${2:?naive|sweeps}; out=${3:?OUT}
+tag=${1:?run35|run36}; mode=${2:?naive|sweeps|sweeps-only}; out=${3:?OUT}
 export PYTHONUNBUFFERED=1
 ttt=(python3 benchmarks/time_to_table.py --model .gpu/h100/llama-4m --data .gpu/h100/data --work /tmp/ttt)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; git rev-parse HEAD 2>/dev/null
@@ -24,11 +26,12 @@ case $tag in
                "preload2:--ray-head --gpu-node --node-preload") ;;
   *) runs=("preload:--ray-head --gpu-node --node-preload --launches 2" "pool:" "cold:--ray-head --gpu-node") ;;
 esac
+naive=--reuse-naive; [ "$mode" = sweeps-only ] && naive=--skip-naive
 t0=$(date +%s)
 for run in "${runs[@]}"; do
   name=${run%%:*}; args=${run#*:}
   if [ $(( $(date +%s) - t0 )) -gt 400 ]; then echo "skipped $name: out of call time" >> "$out/${tag}_skipped.txt"; continue; fi
   echo "== $name $(date -u +%T)" >> "$out/${tag}_order.txt"
   # shellcheck disable=SC2086
-  "${ttt[@]}" --reuse-naive $args --report "$out/${tag}_$name.json" > "$out/${tag}_$name.log" 2>&1
+  "${ttt[@]}" $naive $args --report "$out/${tag}_$name.json" > "$out/${tag}_$name.log" 2>&1
 done
