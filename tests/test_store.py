@@ -301,6 +301,22 @@ def test_fifo_is_refused_not_waited_on(tmp_path):
     assert "T1" not in ResultsStore(root).trial_status(skip_damaged=True)
 
 
+def test_a_local_file_is_read_into_memory_arrow_owns(tmp_path):
+    """The Parquet reader gets a local file in memory Arrow owns, never through a Python file object: Arrow's pool
+    threads then free no Python bytes, which needs the GIL and aborted `sweep results` (SIGABRT) when a thread did so
+    as the interpreter exited (14 of 80 exits with a FIFO in the folder, 0 after: benchmarks/exit_abort_probe.py)."""
+    store = _store(tmp_path / "res")
+    rel = store.state().trials["T1"].files["metrics"]
+    size = (tmp_path / "res" / rel).stat().st_size
+    before = pa.total_allocated_bytes()
+    reader = store.loc.open_regular(rel)
+    assert pa.total_allocated_bytes() - before >= size, "the file is not in Arrow's memory"
+    assert set(pq.ParquetFile(reader).read(use_threads=True)["trial_id"].to_pylist()) == {"T1"}
+    empty = tmp_path / "res" / "empty"
+    empty.write_bytes(b"")
+    assert store.loc.read_bytes("empty") == b""
+
+
 def test_symlink_out_of_the_folder_is_refused(tmp_path):
     """Defect 7b: symlinks out of the folder were followed (a foreign row counted as done)."""
     root = tmp_path / "res"
