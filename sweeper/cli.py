@@ -1,6 +1,7 @@
 """The `sweep` command. Thin: parsing, printing and exit codes; the work lives in launch / scheduler / results."""
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import logging
@@ -43,8 +44,9 @@ def _handle_errors(fn):
 def main(debug: bool, verbose: bool) -> None:
     """Sweep LLM quantizations (models x precisions x compute dtypes) over Ray; results in Parquet."""
     # a native crash (a library's segfault, here or on one of the launch's threads) prints every thread's Python
-    # stack on stderr instead of ending the command without a word
-    faulthandler.enable(all_threads=True)
+    # stack on stderr instead of ending the command without a word; not where stderr is no file (a notebook)
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        faulthandler.enable(all_threads=True)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -111,6 +111,17 @@ def test_a_native_crash_names_where_it_happened(tmp_path):
     assert f'File "{s}", line 5 in read_nowhere' in r.stderr, r.stderr
 
 
+def test_the_command_runs_where_stderr_is_no_file():
+    """Called from Python whose stderr is no file (a notebook, click's CliRunner), `sweep` runs without the crash
+    report (faulthandler needs a file descriptor) instead of failing on it."""
+    from click.testing import CliRunner
+
+    from sweeper.cli import main
+
+    r = CliRunner().invoke(main, ["status", "/nonexistent-folder-x"])
+    assert r.exit_code == 2 and "/nonexistent-folder-x does not exist" in r.output, (r.output, r.exception)
+
+
 def test_dry_run_fresh_lists_every_trial_as_pending(tmp_path, plain_study):
     res = tmp_path / "r"
     # a folder where the fp32 trial is done
