@@ -7,8 +7,8 @@ Starts `ray start --head --num-cpus=2` with the node settings of cluster.yaml, t
 the processes the node prestarted, the second after the first ended (none left), the third after
 node_refill.refill. Then it refills a node that already has its processes (kept alive 60 s), with a 5 s
 keep-alive, and counts the idle Ray processes as Ray ends the extra ones. Last, it changes the modification time of
-one of sweeper's files (of the copy the node runs), counts the idle processes as they end (sweeper/node_preload.py's watch), and runs a fourth
-job.
+one of sweeper's files (of the copy the node runs), counts the idle processes as they end (sweeper/node_preload.py's
+watch), and runs a fourth job.
 """
 from __future__ import annotations
 

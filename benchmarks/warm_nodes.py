@@ -9,8 +9,7 @@ per node: the trials it ran, how many ran in a process warmed before the trial (
 the driver's "scheduled" event (``_tune/events.jsonl``) -> the row's ``load_started_at`` and of the first trial of
 each process; and the launch's wall time. With --preload, each next launch starts once every node has its preloaded
 processes again (as many as the launch's trials took there: sweeper/node_refill.py), as a user's next launch a while
-later finds them. Arguments after ``--`` go
-to `sweep launch`.
+later finds them. Arguments after ``--`` go to `sweep launch`.
 """
 from __future__ import annotations
 

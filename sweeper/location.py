@@ -32,6 +32,21 @@ def work_dir(location: str) -> Path:
     return Path(base) / hashlib.sha256(location.encode()).hexdigest()[:16]
 
 
+def arrow_reader(data: bytes):
+    """An Arrow reader over a copy of ``data`` in memory Arrow owns: what a location hands the Parquet reader (the
+    callers check the size against the limits first). A reader over Python bytes (the bytes object itself, or a
+    Python file object's reads) makes the Parquet reader's pool threads free them, which needs the GIL: one that did
+    so while the interpreter was exiting aborted the process ("terminate called without an active exception",
+    SIGABRT; `sweep results` with a damaged file: 4 and 2 exits of 80 on the S3 and GCS emulators, 14 of 80 on a
+    folder, none after: benchmarks/exit_abort_probe.py; gdb and a core dump showed arrow::py::PyBuffer's destructor
+    on an Arrow pool thread)."""
+    import pyarrow as pa
+
+    owned = pa.allocate_buffer(len(data))
+    pa.FixedSizeBufferWriter(owned).write(data)
+    return pa.BufferReader(owned)
+
+
 class Local:
     """A results folder on a local (or mounted) file system."""
 
@@ -71,29 +86,18 @@ class Local:
         return st is not None and stat.S_ISDIR(st.st_mode)
 
     def open_regular(self, rel: str):
-        """The whole of ``rel``, read into memory Arrow owns, as an Arrow reader (why: ObjectStore.open_regular; a
-        Python file object made the Parquet reader's pool threads free Python bytes too: `sweep results` on a folder
-        with a damaged file aborted as it exited, benchmarks/exit_abort_probe.py). Refuses links (O_NOFOLLOW) and
-        anything but a regular file without blocking on it (O_NONBLOCK: a FIFO would otherwise wait for a writer
-        forever). Callers open a file only after its size was checked against the limits."""
-        import pyarrow as pa
-
-        fd = os.open(self.root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb", buffering=0) as fh:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(f"{self.root / rel} is not a regular file")
-            os.set_blocking(fd, True)
-            owned = pa.allocate_buffer(st.st_size)
-            view, got = memoryview(owned).cast("B"), 0
-            while got < st.st_size and (n := fh.readinto(view[got:])):
-                got += n
-            if got != st.st_size or fh.read(1):
-                raise OSError(f"{self.root / rel} changed size while it was read")
-        return pa.BufferReader(owned)
+        """The whole of ``rel`` as an Arrow reader over memory Arrow owns (arrow_reader: through a Python file
+        object, `sweep results` on a folder with a damaged file aborted as it exited too)."""
+        return arrow_reader(self.read_bytes(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.open_regular(rel) as fh:
+        """The whole of ``rel``, refusing links (O_NOFOLLOW) and anything but a regular file without blocking on it
+        (O_NONBLOCK: a FIFO would otherwise wait for a writer forever)."""
+        fd = os.open(self.root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{self.root / rel} is not a regular file")
+            os.set_blocking(fd, True)
             return fh.read()
 
     def list(self, rel: str) -> list[str]:
@@ -296,22 +300,10 @@ class ObjectStore:
 
     @_guard
     def open_regular(self, rel: str):
-        """The whole object, read in one request, as a file object: a network failure is then a LocationError
-        here, never a read error inside the Parquet reader that validation would take for a damaged file. Callers
-        open an object only after its size was checked against the limits.
-
-        The bytes are copied into memory Arrow owns. A reader over the Python bytes object itself makes the Parquet
-        reader's pool threads free it, which needs the GIL: one that did so while the interpreter was exiting
-        aborted the process ("terminate called without an active exception", SIGABRT: `sweep results` on a bucket
-        with a damaged object, 4 and 2 exits of 80 on the S3 and GCS emulators, none after:
-        benchmarks/exit_abort_probe.py; a core dump showed arrow::py::PyBuffer's destructor on an Arrow pool
-        thread)."""
-        import pyarrow as pa
-
-        data = self.read_bytes(rel)
-        owned = pa.allocate_buffer(len(data))
-        pa.FixedSizeBufferWriter(owned).write(data)
-        return pa.BufferReader(owned)
+        """The whole object, read in one request, as an Arrow reader (arrow_reader): a network failure is then a
+        LocationError here, never a read error inside the Parquet reader that validation would take for a damaged
+        file. Callers open an object only after its size was checked against the limits."""
+        return arrow_reader(self.read_bytes(rel))
 
     @_guard
     def read_bytes(self, rel: str) -> bytes:

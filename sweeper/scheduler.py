@@ -210,6 +210,14 @@ def _where(node: str) -> dict[str, Any]:
     return {"ray_node_id": node, "ray_pid": os.getpid()}
 
 
+def _report(node: str, outcome: dict[str, Any]) -> None:
+    """A trial's one report to Tune (the driver's progress callback reads it): how it ended, and where it ran."""
+    from ray import tune
+
+    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"],
+                 "error_type": outcome["error_type"], "trial_seconds": outcome["duration_s"]})
+
+
 # this Ray worker's warm worker (sweeper/warm_pool.py), kept for the next trial Tune runs in this process
 _WARM: dict[str, Any] = {}
 
@@ -289,9 +297,7 @@ def _trainable(config: dict) -> None:
 
             outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
                                    "extra": {**extra, "warm_worker": False}, "token": store.token})
-    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"],
-                 "error_type": outcome["error_type"],
-                 "trial_seconds": outcome["duration_s"]})
+    _report(node, outcome)
 
 
 WRITER_NAMESPACE = "sweeper"
@@ -321,9 +327,7 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
                               store=RemoteStore(actor, config["store"], config.get("token")))
     finally:
         ray.get(actor.release.remote(spec.trial_id))
-    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"],
-                 "error_type": outcome["error_type"],
-                 "trial_seconds": outcome["duration_s"]})
+    _report(node, outcome)
 
 
 def _minutes(seconds: float) -> str:
