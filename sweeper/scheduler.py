@@ -223,7 +223,11 @@ _WARM: dict[str, Any] = {}
 
 
 def _warm_worker(descriptor: dict | None, spec: TrialSpec):
-    """The warm worker this process holds, or a free one of this trial's GPU (or CPU) on this machine; None: none."""
+    """The warm worker this process holds, or a free one of this trial's GPU (or CPU) on this machine; None: none.
+
+    A process its node preloaded (the launching node of a preloading cluster: sweeper/node_preload.py) takes only a
+    worker that is ready and free now: it has imported what the trial needs itself, so waiting for a worker's
+    warm-up (2.3-2.8 s for a first trial on the two-node test cluster, docs/performance.md) would only delay it."""
     from .warm_pool import claim
 
     key = f"gpu:{os.environ.get('CUDA_VISIBLE_DEVICES', '')}" if spec.gpu_share else "cpu"
@@ -233,7 +237,8 @@ def _warm_worker(descriptor: dict | None, spec: TrialSpec):
     if held is not None:
         held.close()
         _WARM.clear()
-    worker = claim(descriptor, key)
+    preloaded = getattr(sys.modules.get(local_ray.PRELOAD_MODULE), "preloaded_at", None) is not None
+    worker = claim(descriptor, key, ready_timeout_s=0.0, busy_wait_s=0.0) if preloaded else claim(descriptor, key)
     if worker is not None:
         _WARM["worker"] = worker
     return worker

@@ -265,9 +265,8 @@ def pids_matching(*texts: str) -> list[int]:
     return out
 
 
-def warm_worker_pids(parent: int | None = None) -> list[int]:
-    """Running warm-worker processes (the pool's parent and its workers) of the launch ``parent`` while it lives;
-    all of them with ``parent`` None."""
+def _running_processes() -> dict[int, tuple[int, bytes]]:
+    """Every running process (zombies left out): pid -> (parent pid, command line)."""
     procs = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -275,8 +274,30 @@ def warm_worker_pids(parent: int | None = None) -> list[int]:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if (b"sweeper.warm_worker" in cmd or b"sweeper.warm_pool_parent" in cmd) and stat[0] != "Z":
-            procs[int(pid)] = int(stat[1])
+        if stat[0] != "Z":
+            procs[int(pid)] = (int(stat[1]), cmd)
+    return procs
+
+
+def descendant_pids(parent: int | None, among: dict[int, bytes] | None = None) -> dict[int, bytes]:
+    """Running processes descended from ``parent``, with their command lines; with ``parent`` None, those of
+    ``among`` (pid -> command line) that still run, as the same command."""
+    procs = _running_processes()
+    if parent is None:
+        return {pid: cmd for pid, (_, cmd) in procs.items() if among and among.get(pid) == cmd}
+    out: dict[int, bytes] = {}
+    level = {parent}
+    while level:
+        level = {pid for pid, (ppid, _) in procs.items() if ppid in level and pid not in out}
+        out.update({pid: procs[pid][1] for pid in level})
+    return out
+
+
+def warm_worker_pids(parent: int | None = None) -> list[int]:
+    """Running warm-worker processes (the pool's parent and its workers) of the launch ``parent`` while it lives;
+    all of them with ``parent`` None."""
+    procs = {pid: ppid for pid, (ppid, cmd) in _running_processes().items()
+             if b"sweeper.warm_worker" in cmd or b"sweeper.warm_pool_parent" in cmd}
     if parent is None:
         return list(procs)
     out = [pid for pid, ppid in procs.items() if ppid == parent]

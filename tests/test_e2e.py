@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from helpers import (committed_rows, fast_benchmark, fast_kl, read_metrics, read_trials, sweep, sweep_popen,
-                     warm_worker_pids, write_study)
+                     descendant_pids, warm_worker_pids, write_study)
 
 PRECISIONS = ["fp32", "bf16", "int8", "nf4", "fp4"]
 
@@ -122,13 +122,27 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
     assert first, "no trial finished in time"
     warm = warm_worker_pids(parent=proc.pid)
     assert len(warm) >= 2, f"the launch started no warm workers: {warm}"  # the pool's parent and a worker
+    ray_processes = descendant_pids(proc.pid)  # the private Ray instance (and the warm workers)
+    assert any(b"default_worker.py" in cmd for cmd in ray_processes.values()), ray_processes  # a Tune trial's
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    # its warm workers die with it (they would otherwise keep a GPU's memory): none of them outlives the launch
+    # its warm workers and its Ray instance, trial processes included, die with it (they would otherwise keep a GPU's
+    # memory) within seconds; Ray's two node agents, which run no trial, end on their own a minute later (65 s here)
+    agents = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+    def left(agents_too: bool) -> dict[int, bytes]:
+        return {pid: cmd for pid, cmd in descendant_pids(None, ray_processes).items()
+                if agents_too or not cmd.startswith(agents)}
+
     deadline = time.time() + 30
-    while time.time() < deadline and set(warm) & set(warm_worker_pids()):
+    while time.time() < deadline and (set(warm) & set(warm_worker_pids()) or left(False)):
         time.sleep(0.2)
     assert not set(warm) & set(warm_worker_pids())
+    assert not left(False), left(False)
+    deadline = time.time() + 150
+    while time.time() < deadline and left(True):
+        time.sleep(1)
+    assert not left(True), left(True)
     snapshot = committed_rows(results)
     assert 1 <= len(snapshot) < 5
     r = sweep("launch", str(study_file), "--results", str(results))

@@ -211,36 +211,49 @@ def test_precisions_that_load_onto_one_gpu_are_refused_beyond_one(tmp_path, llam
         trial_gpus_device_map(spec, precisions.get("hqq4"))
 
 
-def test_tune_gives_a_trial_its_whole_gpus_and_only_those(tmp_path):
+@pytest.mark.parametrize("preload", [False, True], ids=["as-ray-comes", "preloaded"])
+def test_tune_gives_a_trial_its_whole_gpus_and_only_those(tmp_path, preload):
     """On a real local Ray with 4 logical GPUs (no GPU needed: Ray assigns ids from its resource table and sets
     CUDA_VISIBLE_DEVICES per trial), the scheduler's request gives a 2-GPU trial two GPUs of one node, visible to it
-    alone, and a fractional trial one."""
+    alone, and a fractional trial one. ``preloaded``: the same in processes that imported torch, transformers and
+    the rest before Ray gave them a GPU, as on a node started by cluster.yaml (sweeper/node_preload.py)."""
     import ray
     from ray import tune
 
+    from sweeper import local_ray
     from sweeper.scheduler import trial_resources
 
     def report_gpus(config):  # defined here: Ray pickles it by value (the workers cannot import this test module)
         import os
+        import sys
 
+        preload = sys.modules.get("sweeper.node_preload")  # read, never imported (importing it runs the preload)
         tune.report({"gpu_ids": ",".join(sorted(str(g) for g in ray.get_gpu_ids())),
-                     "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+                     "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                     "preloaded": getattr(preload, "preloaded_at", None) is not None})
 
     shares = [2.0, 2.0, 0.5]
     # ray.init sets variables in this process's environment (RAY_AUTH_MODE=token among them) that every later
     # subprocess of the test session would inherit: a later `sweep launch --address` then failed to run any trial on a
     # cluster started with auth disabled. Put the environment back afterwards.
     saved_env = dict(os.environ)
-    ray.init(address="local", num_cpus=3, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    kwargs = dict(address="local", num_cpus=3, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    if preload:  # the node's idle workers (one per CPU) preload sweeper, as RAY_preload_python_modules makes them
+        kwargs["_system_config"] = {"preload_python_modules": [local_ray.PRELOAD_MODULE]}
+    ray.init(**kwargs)
+    if preload:  # as a launch treats a cluster whose every node preloads: Tune's actors go into those processes
+        local_ray.joined(preloading=True)
     try:
         tuner = tune.Tuner(
             tune.with_resources(report_gpus, trial_resources),
             param_space={"case": tune.grid_search([{"spec": {"cpus": 1, "gpu_share": s, "i": i}}
                                                    for i, s in enumerate(shares)])},
             run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
-        rows = [(r.config["case"]["spec"]["gpu_share"], r.metrics) for r in tuner.fit()]
+        with local_ray.tune_actors_without_runtime_env():  # as the scheduler runs Tune
+            rows = [(r.config["case"]["spec"]["gpu_share"], r.metrics) for r in tuner.fit()]
     finally:
         ray.shutdown()
+        local_ray.forget()
         os.environ.clear()
         os.environ.update(saved_env)
     assert len(rows) == 3
@@ -248,3 +261,4 @@ def test_tune_gives_a_trial_its_whole_gpus_and_only_those(tmp_path):
         ids = m["gpu_ids"].split(",")
         assert len(ids) == (2 if share == 2.0 else 1), (share, m)
         assert sorted(m["visible"].split(",")) == sorted(ids), m  # the trial sees exactly its GPUs
+        assert m["preloaded"] is preload, m

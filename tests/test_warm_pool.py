@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,6 +85,32 @@ def test_a_warm_worker_runs_trials_for_one_client_at_a_time(tmp_path, tiny_model
     assert rows["trainable_started_at"].to_list()[0] is not None
     # the pool's processes and folder are gone
     assert pool.procs[0].poll() is not None and not _alive(worker.pid) and not pool.folder.exists()
+
+
+def test_a_preloaded_trial_process_takes_only_a_worker_that_is_ready_now(tmp_path, tiny_model, shared_data,
+                                                                        monkeypatch):
+    # on the launching node of a preloading cluster, a Tune trial's process has imported what the trial needs
+    # (sweeper/node_preload.py): it runs the trial itself rather than wait for a warm worker that is still warming up,
+    # and takes one once it is ready. Any other process waits for it (the test above)
+    import types
+
+    from sweeper import local_ray, scheduler
+
+    first, _ = _trials(tiny_model, shared_data)
+    preload = types.ModuleType(local_ray.PRELOAD_MODULE)
+    preload.preloaded_at = time.time()  # as node_preload sets it once its imports are done
+    monkeypatch.setitem(sys.modules, local_ray.PRELOAD_MODULE, preload)
+    with WarmPool.start(["cpu"], [first]) as pool:
+        t0 = time.monotonic()
+        assert scheduler._warm_worker(pool.descriptor, first) is None  # its parent is still importing
+        assert time.monotonic() - t0 < 2.0
+        try:
+            assert _wait(lambda: scheduler._warm_worker(pool.descriptor, first) is not None, timeout=120)
+            assert scheduler._WARM["worker"].ready["forked"] is True
+        finally:
+            held = scheduler._WARM.pop("worker", None)
+            if held is not None:
+                held.close()
 
 
 @pytest.mark.parametrize("fork", ["1", "0"])

@@ -10,6 +10,9 @@
 #   PYTHONPATH=/tmp/site:$PWD bash benchmarks/gpu/node_preload_runs.sh run36 sweeps $OUT   # the sweeps, checked against them
 #   mode sweeps-only: the same sweeps without the naive loop (--skip-naive: walls side by side, no ratio to naive),
 #   for a lease too short for both
+#   run37: the private instance's trials in Ray's idle workers preloaded with sweeper.node_preload
+#          (SWEEPER_PRIVATE_PRELOAD=1, benchmarks/logs/private_preload.patch: "ray") against the socket pool ("pool"),
+#          alternated
 set -uo pipefail
 tag=${1:?run35|run36}; mode=${2:?naive|sweeps|sweeps-only}; out=${3:?OUT}
 export PYTHONUNBUFFERED=1
@@ -21,17 +24,21 @@ if [ "$mode" = naive ]; then
   "${ttt[@]}" --skip-sweep --report "$out/${tag}_naive.json" > "$out/${tag}_naive.log" 2>&1
   exit $?
 fi
-case $tag in
-  run35) runs=("preload:--ray-head --gpu-node --node-preload" "cold:--ray-head --gpu-node" "pool:"
+case $tag:$mode in
+  run37:*) runs=("pool:" "ray:RAY" "pool2:" "ray2:RAY" "pool3:" "ray3:RAY") ;;
+  run35:*) runs=("preload:--ray-head --gpu-node --node-preload" "cold:--ray-head --gpu-node" "pool:"
                "preload2:--ray-head --gpu-node --node-preload") ;;
   *) runs=("preload:--ray-head --gpu-node --node-preload --launches 2" "pool:" "cold:--ray-head --gpu-node") ;;
 esac
 naive=--reuse-naive; [ "$mode" = sweeps-only ] && naive=--skip-naive
+limit=${RUN_S:-400}
 t0=$(date +%s)
 for run in "${runs[@]}"; do
   name=${run%%:*}; args=${run#*:}
-  if [ $(( $(date +%s) - t0 )) -gt 400 ]; then echo "skipped $name: out of call time" >> "$out/${tag}_skipped.txt"; continue; fi
+  if [ $(( $(date +%s) - t0 )) -gt "$limit" ]; then echo "skipped $name: out of call time" >> "$out/${tag}_skipped.txt"; continue; fi
   echo "== $name $(date -u +%T)" >> "$out/${tag}_order.txt"
+  cmd=("${ttt[@]}")
+  if [ "$args" = RAY ]; then cmd=(env SWEEPER_PRIVATE_PRELOAD=1 "${ttt[@]}"); args=; fi
   # shellcheck disable=SC2086
-  "${ttt[@]}" $naive $args --report "$out/${tag}_$name.json" > "$out/${tag}_$name.log" 2>&1
+  "${cmd[@]}" $naive $args --report "$out/${tag}_$name.json" > "$out/${tag}_$name.log" 2>&1
 done
