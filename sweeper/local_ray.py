@@ -93,6 +93,13 @@ def starting(kwargs: dict[str, Any], worker_env: dict[str, str]) -> Iterator[Non
                 os.environ[k] = v
 
 
+def private() -> bool:
+    """Ray is a private instance this process started (one node, this machine; no other node can join it)."""
+    import ray
+
+    return _started is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == _started[0]
+
+
 def forget() -> None:
     """The instance stopped (or a cluster was joined or left): Tune's actors keep their runtime_env from now on."""
     global _started, _joined_preloading, _through_client

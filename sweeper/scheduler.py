@@ -437,11 +437,16 @@ class StoreWriter:
     actor: Any
 
 
-def start_store_writer() -> StoreWriter:
+def start_store_writer() -> StoreWriter | None:
     """Start the StoreWriter as soon as Ray is up, so that its process start (seconds on a busy head: a new process,
     local_ray.not_a_trial) overlaps the launch's checks instead of holding up the first trial off this node;
-    :func:`run_trials` gives it the results location."""
+    :func:`run_trials` gives it the results location. None on a private instance: its one node is this one, where
+    every trial commits to the results itself, so no trial would call it, and the actor would take one of the idle
+    processes Ray started for trials (docs/performance.md, the first Ray-based design of issue 22)."""
     from .remote_store import start_writer
+
+    if local_ray.private():
+        return None
 
     name = f"store-writer-{os.getpid()}-{time.time_ns()}"
     return StoreWriter(name, start_writer(name, WRITER_NAMESPACE))
@@ -464,9 +469,10 @@ def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str
 
     # the launching node is the only writer: trials on other nodes commit through this actor (sweeper/remote_store.py)
     store_writer = store_writer or start_store_writer()
-    name, actor = store_writer.name, store_writer.actor
-    actor.open.remote(store.loc.canonical, store.token)  # its other calls wait for this one
-    writer = {"name": name, "node": ray.get_runtime_context().get_node_id()}
+    writer = None
+    if store_writer is not None:
+        store_writer.actor.open.remote(store.loc.canonical, store.token)  # its other calls wait for this one
+        writer = {"name": store_writer.name, "node": ray.get_runtime_context().get_node_id()}
     try:
         for i, phase in enumerate(phases):
             _run_phase(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}", warm=warm,
@@ -474,7 +480,8 @@ def run_trials(trials: list[TrialSpec], store: ResultsStore, emit: Callable[[str
             _retry_out_of_memory(phase, store, progress, emit, max_concurrent, retries, name=f"phase{i + 1}",
                                  warm=warm, writer=writer)
     finally:
-        ray.kill(actor)
+        if store_writer is not None:
+            ray.kill(store_writer.actor)
     return progress
 
 

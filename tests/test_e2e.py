@@ -124,6 +124,8 @@ def test_resume_after_sigkill_redoes_nothing(study_file, tmp_path):
     assert len(warm) >= 2, f"the launch started no warm workers: {warm}"  # the pool's parent and a worker
     ray_processes = descendant_pids(proc.pid)  # the private Ray instance (and the warm workers)
     assert any(b"default_worker.py" in cmd for cmd in ray_processes.values()), ray_processes  # a Tune trial's
+    # one node, this one: no StoreWriter actor (scheduler.start_store_writer), whose process no trial would call
+    assert not any(cmd.startswith(b"ray::StoreWriterImpl") for cmd in ray_processes.values()), ray_processes
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # its warm workers and its Ray instance, trial processes included, die with it (they would otherwise keep a GPU's
