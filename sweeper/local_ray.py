@@ -183,10 +183,9 @@ def tune_actors_without_runtime_env() -> Iterator[bool]:
 
     wanted = {**default, **{k: os.environ[k] for k in propagate if k in os.environ}}
     ours = ray.get_runtime_context().gcs_address if ray.is_initialized() and not as_is() else None
-    started = _started
     preloading = ours is not None and ours == _joined_preloading
-    inherited = (ours is not None and started is not None and ours == started[0]  # not restarted behind our back
-                 and all(started[1].get(k) == v for k, v in wanted.items()))
+    inherited = (ours is not None and private()  # not restarted behind our back
+                 and all(_started[1].get(k) == v for k, v in wanted.items()))
     if not (preloading or inherited):
         yield False
         return

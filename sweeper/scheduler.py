@@ -237,7 +237,7 @@ def _warm_worker(descriptor: dict | None, spec: TrialSpec):
     if held is not None:
         held.close()
         _WARM.clear()
-    preloaded = getattr(sys.modules.get(local_ray.PRELOAD_MODULE), "preloaded_at", None) is not None
+    preloaded = _preloaded_at() is not None
     worker = claim(descriptor, key, ready_timeout_s=0.0, busy_wait_s=0.0) if preloaded else claim(descriptor, key)
     if worker is not None:
         _WARM["worker"] = worker
@@ -249,9 +249,13 @@ def _process_facts() -> dict[str, Any]:
     (sweeper/node_preload.py) finished in it, None where the node does not preload."""
     from .measure import process_started_at
 
+    return {"ray_worker_started_at": process_started_at(), "ray_worker_preloaded_at": _preloaded_at()}
+
+
+def _preloaded_at() -> float | None:
+    """When this process's node preload (sweeper/node_preload.py) finished in it; None: it did not preload."""
     preload = sys.modules.get(local_ray.PRELOAD_MODULE)  # read, never imported: importing it runs the preload
-    return {"ray_worker_started_at": process_started_at(),
-            "ray_worker_preloaded_at": getattr(preload, "preloaded_at", None)}
+    return getattr(preload, "preloaded_at", None)
 
 
 def _trainable(config: dict) -> None:

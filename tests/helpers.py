@@ -253,16 +253,8 @@ def served_bucket(scheme: str, name: str, monkeypatch, work: Path):
 
 def pids_matching(*texts: str) -> list[int]:
     """Live processes (no zombies) whose command line holds any of ``texts``, from one scan of /proc."""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-            zombie = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, IndexError):
-            continue
-        if not zombie and any(t in cmd for t in texts):
-            out.append(int(pid))
-    return out
+    return [pid for pid, (_, cmd) in _running_processes().items()
+            if any(t in cmd.decode(errors="ignore") for t in texts)]
 
 
 def _running_processes() -> dict[int, tuple[int, bytes]]:
@@ -272,7 +264,7 @@ def _running_processes() -> dict[int, tuple[int, bytes]]:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        except (OSError, IndexError):
             continue
         if stat[0] != "Z":
             procs[int(pid)] = (int(stat[1]), cmd)
