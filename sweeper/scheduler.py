@@ -532,6 +532,36 @@ def trial_resources(config: dict):
     return PlacementGroupFactory([bundle], strategy="STRICT_PACK")
 
 
+# the Ray versions whose Tune keeps, per trial, the actor it is starting (TuneController._trial_to_actor) and, in its
+# actor manager, which of those hold their resources (live_actors), where _fifo_sparing_starting_actors reads them
+SPARING_TESTED_RAY = ("2.60.",)
+
+
+def _fifo_sparing_starting_actors():
+    """Tune's FIFO order, except that a process Tune reuses (reuse_actors: one that just finished a trial) is not given
+    a trial whose own actor already holds its resources and is starting, while another pending trial's does not. Tune's
+    FIFO gives it the first pending trial and removes that trial's actor: where an actor takes longer to start than a
+    trial takes to run (short trials; a node whose processes start cold), the actors starting on the other nodes were
+    removed one after another, and those nodes ran no trial (docs/performance.md, "Tune's actor reuse and a node
+    whose actor is starting"). On other Ray versions: Tune's own FIFO."""
+    import ray
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    class SparingStartingActors(FIFOScheduler):
+        def choose_trial_to_run(self, tune_controller):
+            actors = getattr(tune_controller, "_trial_to_actor", None)
+            manager = getattr(tune_controller, "_actor_manager", None)
+            if isinstance(actors, dict) and manager is not None:
+                starting = set(manager.live_actors)  # resources held: the actor is being created, or runs
+                for trial in tune_controller.get_trials():
+                    if trial.status == Trial.PENDING and actors.get(trial) not in starting:
+                        return trial
+            return super().choose_trial_to_run(tune_controller)
+
+    return SparingStartingActors() if ray.__version__.startswith(SPARING_TESTED_RAY) else FIFOScheduler()
+
+
 def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
                warm: dict | None = None, writer: dict | None = None):
     from ray import tune
@@ -545,6 +575,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
         tune.with_resources(_trainable, trial_resources),
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
+                                    scheduler=_fifo_sparing_starting_actors(),
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=f"{stamp}-{name}", storage_path=str((store.work / "_tune").resolve()), verbose=0,

@@ -15,8 +15,7 @@ import pytest
 
 from helpers import read_trials, sweep_popen, wait_for, write_study
 
-# trials of 2-4 s here: with shorter ones the head's reused process can run every trial before Tune has started one on
-# the worker node
+# trials of 2-4 s here (new_tokens=400), unless a test is about short ones
 STUDY = """
     study = Study(name="preload", models=[{model!r}], precisions=["fp32", "bf16", "fp16", "int8", "nf4", "fp4"],
                   compute_dtypes=["fp32", "bf16"], kl=False, resources=Resources(cpus_per_trial=1),
@@ -104,6 +103,26 @@ def test_a_sweep_survives_the_death_of_a_preloading_worker_node(preloading_clust
     ended = (rows["load_started_at"] + rows["duration_s"]).to_list()
     assert max(ended) > killed_at, "the sweep had finished before the node was killed"
     assert "summary: 9/9 done, 0 failed, 0 pending" in out, out[-2000:]
+
+
+def test_short_trials_run_on_every_node_even_while_an_actor_is_starting_there(preloading_cluster, real_model, tmp_path):
+    """Tune gives a process that just finished a trial the next one (reuse_actors). Its FIFO gave it the first pending
+    trial and removed the actor starting for that trial on the other node; with trials shorter than an actor's start,
+    every next actor there was removed too, and that node ran none (all 12 trials on one node in each of 6 launches
+    on f298acd: benchmarks/logs/warm_nodes_cpu_tune_sparing.txt). scheduler._fifo_sparing_starting_actors leaves a
+    starting actor its trial."""
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=4).replace(  # ~1 s trials
+        '["fp32", "bf16"]', '["fp32", "bf16", "fp16"]'))
+    results = c.results_root / "short"
+    # as many trials at once as Tune sees fit (one a node): Tune asks for an actor for each pending trial at once
+    out, _ = (p := sweep_popen("launch", str(study), "--address", c.address, "--results", str(results),
+                               cwd=study.parent)).communicate(timeout=900)
+    assert p.returncode == 0, out[-4000:]
+    rows = read_trials(results).to_dicts()
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"done"}, rows
+    ran = {node: sum(r["ray_node_id"] == node for r in rows) for node in (c.head_node_id, c.worker_node_id)}
+    assert min(ran.values()) >= 1, ran
 
 
 def test_the_next_launch_finds_every_node_preloaded_again(preloading_cluster, real_model, tmp_path):
