@@ -532,8 +532,9 @@ def trial_resources(config: dict):
     return PlacementGroupFactory([bundle], strategy="STRICT_PACK")
 
 
-# the Ray versions whose Tune keeps, per trial, the actor it is starting (TuneController._trial_to_actor) and, in its
-# actor manager, which of those hold their resources (live_actors), where _fifo_sparing_starting_actors reads them
+# the Ray versions whose Tune keeps, per trial, the actor it is starting (TuneController._trial_to_actor), in its
+# actor manager which of those hold their resources (live_actors), and the processes it may reuse (_actor_cache), where
+# _fifo_sparing_starting_actors reads them
 SPARING_TESTED_RAY = ("2.60.",)
 
 
@@ -543,21 +544,27 @@ def _fifo_sparing_starting_actors():
     FIFO gives it the first pending trial and removes that trial's actor: where an actor takes longer to start than a
     trial takes to run (short trials; a node whose processes start cold), the actors starting on the other nodes were
     removed one after another, and those nodes ran no trial (docs/performance.md, "Tune's actor reuse and a node
-    whose actor is starting"). On other Ray versions: Tune's own FIFO."""
+    whose actor is starting"). Of those trials, one of the reused process's resources comes first (else Tune would
+    give that process another trial of its resources, whatever its actor). Once every pending trial's actor is
+    starting, Tune's own choice: the last trials then go to whichever process is free first. On other Ray versions,
+    or should those attributes not be what this expects: Tune's own FIFO."""
     import ray
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import FIFOScheduler
 
     class SparingStartingActors(FIFOScheduler):
         def choose_trial_to_run(self, tune_controller):
-            actors = getattr(tune_controller, "_trial_to_actor", None)
-            manager = getattr(tune_controller, "_actor_manager", None)
-            if isinstance(actors, dict) and manager is not None:
-                starting = set(manager.live_actors)  # resources held: the actor is being created, or runs
-                for trial in tune_controller.get_trials():
-                    if trial.status == Trial.PENDING and actors.get(trial) not in starting:
-                        return trial
-            return super().choose_trial_to_run(tune_controller)
+            # the controller itself: through Tune's wrapper, these reads would log a warning
+            controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            try:
+                actors, cache = controller._trial_to_actor, controller._actor_cache
+                starting = set(controller._actor_manager.live_actors)  # resources held: being created, or running
+                free = [t for t in controller.get_trials()
+                        if t.status == Trial.PENDING and actors.get(t) not in starting]
+                reusable = [t for t in free if cache.has_cached_object(t.placement_group_factory)]
+            except (AttributeError, TypeError):
+                return super().choose_trial_to_run(tune_controller)
+            return (reusable or free or [None])[0] or super().choose_trial_to_run(tune_controller)
 
     return SparingStartingActors() if ray.__version__.startswith(SPARING_TESTED_RAY) else FIFOScheduler()
 
