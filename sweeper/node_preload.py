@@ -14,7 +14,8 @@ Ray's placement alone decides where a trial runs, on every node alike. Nothing h
 its GPU (``CUDA_VISIBLE_DEVICES``) when the trial arrives, before torch first asks CUDA.
 
 Ray runs it in every Python worker the node starts; it does its work only in those started for no runtime_env (the
-ones a Tune trial actor of a launch on a preloading cluster lands in). An error never reaches Ray (a worker whose
+ones a Tune trial actor of a launch on a preloading cluster lands in), and never outside Ray's workers
+(``default_worker.py``). An error never reaches Ray (a worker whose
 preload raised would die): it is logged, and the trial then imports what is missing itself. No Ray import here
 beyond what the worker has.
 
@@ -41,6 +42,8 @@ CHANGED = "sweeper.node_preload: sweeper's code changed on disk since this proce
 
 def preload() -> None:
     global preloaded_at
+    if not sys.argv[0].endswith("default_worker.py"):  # not a Ray worker process (a test, a tool that imports it)
+        return
     if _runtime_env_hash() != 0:  # a process for some runtime_env: never a trial's (Ray's job supervisor, the
         return                    # launch's own tasks and actors: local_ray.not_a_trial)
     try:

@@ -556,15 +556,19 @@ def _fifo_sparing_starting_actors():
         def choose_trial_to_run(self, tune_controller):
             # the controller itself: through Tune's wrapper, these reads would log a warning
             controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            first_free = None  # a pending trial whose actor does not hold resources yet
             try:
                 actors, cache = controller._trial_to_actor, controller._actor_cache
                 starting = set(controller._actor_manager.live_actors)  # resources held: being created, or running
-                free = [t for t in controller.get_trials()
-                        if t.status == Trial.PENDING and actors.get(t) not in starting]
-                reusable = [t for t in free if cache.has_cached_object(t.placement_group_factory)]
+                for trial in controller.get_trials():  # stops at the first fit: a sweep may hold 100k trials
+                    if trial.status != Trial.PENDING or actors.get(trial) in starting:
+                        continue
+                    if not cache.num_cached_objects or cache.has_cached_object(trial.placement_group_factory):
+                        return trial
+                    first_free = first_free or trial
             except (AttributeError, TypeError):
                 return super().choose_trial_to_run(tune_controller)
-            return (reusable or free or [None])[0] or super().choose_trial_to_run(tune_controller)
+            return first_free or super().choose_trial_to_run(tune_controller)
 
     return SparingStartingActors() if ray.__version__.startswith(SPARING_TESTED_RAY) else FIFOScheduler()
 

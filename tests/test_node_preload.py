@@ -286,15 +286,18 @@ def test_a_preloaded_process_ends_when_sweepers_code_changes_unless_a_trial_took
         proc.communicate()
 
 
-@pytest.mark.parametrize("hash_arg, preloads", [(None, True), ("--runtime-env-hash=0", True),
-                                                ("--runtime-env-hash=-1619862153", False)])
-def test_the_preload_runs_only_in_processes_for_no_runtime_env(hash_arg, preloads):
-    """Ray's worker processes get ``--runtime-env-hash``; one started for a runtime_env (Ray's job supervisor, the
-    launch's own tasks: local_ray.not_a_trial) never runs a trial of a preloading cluster, so it imports nothing."""
+@pytest.mark.parametrize("program, hash_arg, preloads", [
+    ("default_worker.py", None, True), ("default_worker.py", "--runtime-env-hash=0", True),
+    ("default_worker.py", "--runtime-env-hash=-1619862153", False),
+    ("pytest", None, False)])  # an import outside Ray's workers: it once loaded lm-eval and hid hqq in the test process
+def test_the_preload_runs_only_in_processes_for_no_runtime_env(program, hash_arg, preloads):
+    """Ray's worker processes (``default_worker.py``) get ``--runtime-env-hash``; one started for a runtime_env (Ray's
+    job supervisor, the launch's own tasks: local_ray.not_a_trial) never runs a trial of a preloading cluster, so it
+    imports nothing; nor does any process that is not a Ray worker."""
     import subprocess
     import sys
 
-    code = ("import sys; sys.argv = ['default_worker.py'] + sys.argv[1:]; import sweeper.node_preload as p; "
+    code = (f"import sys; sys.argv = [{program!r}] + sys.argv[1:]; import sweeper.node_preload as p; "
             "print(p.preloaded_at is not None, 'torch' in sys.modules, 'lm_eval' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code, *([hash_arg] if hash_arg else [])], capture_output=True,
                        text=True, timeout=300)
