@@ -42,10 +42,10 @@ CHANGED = "sweeper.node_preload: sweeper's code changed on disk since this proce
 
 def preload() -> None:
     global preloaded_at
-    if not sys.argv[0].endswith("default_worker.py"):  # not a Ray worker process (a test, a tool that imports it)
+    # only in a Ray worker (default_worker.py) started for no runtime_env: not in one for some runtime_env (Ray's job
+    # supervisor, the launch's own tasks and actors: local_ray.not_a_trial), nor in a test or tool that imports this
+    if not sys.argv[0].endswith("default_worker.py") or _runtime_env_hash() != 0:
         return
-    if _runtime_env_hash() != 0:  # a process for some runtime_env: never a trial's (Ray's job supervisor, the
-        return                    # launch's own tasks and actors: local_ray.not_a_trial)
     try:
         t0 = time.perf_counter()
         stamp = code_stamp()  # before the imports: a file changed while they run counts as changed
