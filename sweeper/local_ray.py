@@ -37,6 +37,10 @@ WORKER_PRELOAD = ("ray.tune", "sweeper.scheduler")
 PRELOAD_LABEL = "sweeper-preload"
 PRELOAD_MODULE = "sweeper.node_preload"
 PRELOAD_READY = "sweeper.node_preload: ready"  # what a worker logs once its preload is done
+# Ray ends a node's idle processes beyond its soft limit (default: one per CPU), the longest idle first: a preloaded
+# one, whenever a launch's own processes (input check, StoreWriter, the loop's actor under a Ray client) take a node
+# over it. Preloading nodes start with this many more (RAY_num_workers_soft_limit in cluster.yaml's start commands).
+SPARE_PROCESSES = 4
 # Ray prestarts one worker per CPU; each preloading one holds more memory (benchmarks/ray_idle_workers.py --memory)
 # and all import at once while the launch starts: on bigger machines the workers import when their first trial comes
 PRELOAD_MAX_CPUS = 32
@@ -141,10 +145,16 @@ def joined(preloading: bool, client: bool = False) -> None:
     _through_client = client
 
 
-def refills_nodes_on_leave() -> bool:
-    """This process joined, not through a Ray client, a cluster whose every node preloads sweeper (joined): its
-    nodes start again the processes a launch took as it leaves (sweeper/node_refill.py)."""
-    return _joined_preloading is not None and not _through_client
+def cluster_preloads() -> bool:
+    """This process joined a cluster whose every node preloads sweeper (:func:`joined`): its nodes start again the
+    processes a launch took as it leaves (sweeper/node_refill.py)."""
+    return _joined_preloading is not None
+
+
+def joined_through_client() -> bool:
+    """This process joined a cluster through a Ray client (``ray://``): Tune's loop then runs on the cluster
+    (scheduler._fit_on_cluster), and so does the refill (the nodes' raylets are seldom reachable from here)."""
+    return _through_client
 
 
 @contextlib.contextmanager
@@ -167,12 +177,13 @@ def _without_api_server() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tune_actors_without_runtime_env() -> Iterator[bool]:
+def tune_actors_without_runtime_env(cluster_preloads: bool | None = None) -> Iterator[bool]:
     """While Tune runs: its trial actors without the runtime_env Tune gives them, where that changes nothing: on a
     private instance, each value equals the one the instance inherited; on a joined cluster, every node preloads
     sweeper.node_preload (which sets Tune's own variables; the AWS_* ones Tune would copy from this process are then
     the nodes' own, as docs/cluster.md asks). Kept on any other joined cluster, with SWEEPER_RAY_AS_IS=1, or when
-    Tune's internals are not where this expects them. Yields whether it dropped it."""
+    Tune's internals are not where this expects them. Yields whether it dropped it. ``cluster_preloads``: what
+    :func:`cluster_preloads` said in the launch's process, for Tune's loop run on the cluster for a Ray client."""
     try:
         from ray.tune.execution import class_cache
         default, propagate = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
@@ -183,7 +194,7 @@ def tune_actors_without_runtime_env() -> Iterator[bool]:
 
     wanted = {**default, **{k: os.environ[k] for k in propagate if k in os.environ}}
     ours = ray.get_runtime_context().gcs_address if ray.is_initialized() and not as_is() else None
-    preloading = ours is not None and ours == _joined_preloading
+    preloading = ours is not None and (ours == _joined_preloading if cluster_preloads is None else cluster_preloads)
     inherited = (ours is not None and private()  # not restarted behind our back
                  and all(_started[1].get(k) == v for k, v in wanted.items()))
     if not (preloading or inherited):

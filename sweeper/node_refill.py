@@ -11,8 +11,9 @@ Ray's own channel helper (its TLS and token settings). Processes started for no 
 A node gets back as many as the launch's trials took there (one per CPU at most); should it still have its own,
 Ray ends the idle ones beyond one per CPU once KEEP_ALIVE_S has passed. Only on the Ray versions this was tested with
 (TESTED_RAY): elsewhere the launch says it left the nodes as they are. After Ctrl-C too, within the seconds the
-launch takes to leave, for the processes that had reported a trial (one still in its first trial is not known). Not
-through a Ray client (``ray://``: the raylets' addresses are the cluster's own, seldom reachable from there).
+launch takes to leave, for the processes that had reported a trial (one still in its first trial is not known).
+Through a Ray client (``ray://``), where the raylets' addresses are the cluster's own and seldom reachable from the
+launching machine, a task on the cluster asks them before the launch leaves (scheduler._refill_from_cluster).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -100,7 +100,17 @@ def connect(address: str | None = None, num_cpus: int | None = None, verbose: bo
         starting = local_ray.starting(kwargs, WORKER_ENV)  # trials start in Ray's idle, preloaded workers
     try:
         with starting:
-            ray.init(**kwargs)
+            try:
+                ray.init(**kwargs)
+            except ConnectionError as e:
+                # a Ray client server whose per-client server did not come up in time (seen on the first connection
+                # to a freshly started head of the 2-core test machine, ray_client_server.err: FutureTimeoutError);
+                # the next one starts in seconds
+                if not (address or "").startswith("ray://") or "Initialization failure from server" not in str(e):
+                    raise
+                log.warning("the Ray client server at %s did not start a server for this launch; trying once more",
+                            address)
+                ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot connect to the Ray cluster at {kwargs['address']!r}: {str(e).splitlines()[0]}; "
                         "start one with `ray start --head` (or `ray up cluster.yaml`), or omit --address for local Ray") from None
@@ -159,7 +169,8 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     say = emit or (lambda m: None)
     taken = Counter(node for node, _ in _TRIAL_PROCESSES)
     _TRIAL_PROCESSES.clear()
-    refill = bool(taken) and local_ray.refills_nodes_on_leave()
+    refill = bool(taken) and local_ray.cluster_preloads()
+    client = local_ray.joined_through_client()
     local_ray.forget()
     if not ray.is_initialized():
         return True
@@ -172,8 +183,10 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
                          if n.get("Alive") and n.get("NodeID") in taken and local_ray.preloads(n)]
             except Exception as e:  # noqa: BLE001 - Ray going away: leave the nodes as they are
                 say(f"warning: preloaded trial processes not restarted: the nodes could not be listed: {e}")
+        if nodes and client:  # from a process on the cluster, before the client leaves it (node_refill.KEEP_ALIVE_S)
+            _refill_preloading_nodes(nodes, taken, say, on_cluster=True)
         ray.shutdown()  # first: the job, and the processes its trials took, end; the new ones serve no job
-        if nodes:
+        if nodes and not client:
             _refill_preloading_nodes(nodes, taken, say)
 
     t0 = time.perf_counter()
@@ -187,8 +200,10 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     return not worker.is_alive()
 
 
-def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[str], None]) -> None:
-    """The preloading nodes start again the preloaded processes this launch took (sweeper/node_refill.py)."""
+def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[str], None],
+                             on_cluster: bool = False) -> None:
+    """The preloading nodes start again the preloaded processes this launch took (sweeper/node_refill.py); through a
+    Ray client, asked by a task on the cluster (``on_cluster``: :func:`_refill_from_cluster`)."""
     from . import node_refill
 
     why = node_refill.unsupported()
@@ -196,8 +211,31 @@ def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[
         emit(f"note: the nodes' preloaded trial processes are not restarted for the next launch: {why}; its trials "
              "preload as they start")
         return
-    for problem in node_refill.refill(nodes, taken):
+    if on_cluster:
+        import ray
+
+        try:
+            problems = ray.get(ray.remote(num_cpus=0)(_refill_from_cluster).remote(nodes, dict(taken)),
+                               timeout=node_refill.RPC_TIMEOUT_S + 5)
+        except Exception as e:  # noqa: BLE001 - the task could not run: the nodes stay as they are
+            problems = [f"every node: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
+    else:
+        problems = node_refill.refill(nodes, taken)
+    for problem in problems:
         emit(f"warning: preloaded trial processes not restarted on {problem}")
+
+
+def _refill_from_cluster(nodes: list[dict], taken: dict[str, int]) -> list[str]:
+    """node_refill.refill, run by a task on the cluster. Its process (no runtime_env, so that it starts at once: Ctrl-C
+    leaves within seconds) may be one its node preloaded, which then ends with the job too: it counts itself."""
+    import ray
+
+    from . import node_refill
+
+    if _preloaded_at() is not None:
+        node = ray.get_runtime_context().get_node_id()
+        taken = {**taken, node: taken.get(node, 0) + 1}
+    return node_refill.refill(nodes, taken)
 
 
 # (node id, pid) of each Ray process this launch's trials ran in, from their reports: what the nodes start again as
@@ -386,51 +424,64 @@ def _record_event(events_path: Path, event: dict) -> None:
     """One line of the launch's driver-side timeline (_tune/events.jsonl): a phase's Tune start, a trial's start."""
     events_path.parent.mkdir(parents=True, exist_ok=True)
     with open(events_path, "a") as fh:
-        fh.write(json.dumps({**event, "at": time.time()}) + "\n")
+        fh.write(json.dumps({**event, "at": event.get("at", time.time())}) + "\n")
 
 
-def _progress_callback(progress: Progress, emit: Callable[[str], None], events_path: Path,
-                       store: ResultsStore | None = None):
+def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: Path, store: ResultsStore | None,
+                 event: dict[str, Any]) -> None:
+    """One event of a phase's Tune run (:func:`_tune_callback`), in the launch's process: the progress line, the
+    driver-side timeline (_tune/events.jsonl: a phase's start, each trial's start) and the trial processes."""
+    kind, t = event["event"], event.get("trial_id")
+    if kind in ("fit", "scheduled"):  # "scheduled" -> the row's load_started_at is the per-trial overhead
+        _record_event(events_path, event)
+    if kind == "scheduled":
+        progress.running.add(t)
+        progress.began[t] = event["at"]
+        emit(progress.line(f"started {progress.labels[t]}"))
+    elif kind == "result":
+        result = event["result"]
+        if store is not None:
+            store.compact()  # every COMPACT_TAIL trials: later reads open a few files, not one per trial
+        progress.running.discard(t)
+        if result.get("ray_node_id"):
+            _TRIAL_PROCESSES.add((result["ray_node_id"], result["ray_pid"]))
+        status = result.get("status")
+        if status != "skipped" and t in progress.began:
+            progress.durations.append(event["at"] - progress.began[t])
+        if status == "failed":
+            progress.failed.add(t)
+            emit(progress.line(f"FAILED {progress.labels[t]}: {result.get('error', '')}"))
+        else:
+            progress.done.add(t)
+            word = "already done" if status == "skipped" else f"done in {result.get('trial_seconds', 0):.1f}s"
+            emit(progress.line(f"{word}: {progress.labels[t]}"))
+    elif kind == "error":
+        progress.running.discard(t)
+        progress.failed.add(t)
+        emit(progress.line(f"FAILED {progress.labels[t]}: the worker process died (see sweep status)"))
+
+
+_RESULT_KEYS = ("status", "error", "ray_node_id", "ray_pid", "trial_seconds")
+
+
+def _tune_callback(sink: Callable[[dict[str, Any]], None]):
+    """Tune's callback: each trial's start, report and death as an event for ``sink`` (:func:`_apply_event`)."""
     from ray.tune import Callback
 
-    tid = _trial_name
+    def event(kind: str, trial, **more) -> None:
+        sink({"event": kind, "trial_id": _trial_name(trial), "at": time.time(), **more})
 
-    def record(event: str, trial) -> None:
-        # driver-side timestamps: "scheduled" -> the row's load_started_at is the per-trial overhead
-        _record_event(events_path, {"event": event, "trial_id": tid(trial)})
-
-    class ProgressCallback(Callback):
+    class EventCallback(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            record("scheduled", trial)
-            progress.running.add(tid(trial))
-            progress.began[tid(trial)] = time.time()
-            emit(progress.line(f"started {progress.labels[tid(trial)]}"))
+            event("scheduled", trial)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if store is not None:
-                store.compact()  # every COMPACT_TAIL trials: later reads open a few files, not one per trial
-            t = tid(trial)
-            progress.running.discard(t)
-            if result.get("ray_node_id"):
-                _TRIAL_PROCESSES.add((result["ray_node_id"], result["ray_pid"]))
-            status = result.get("status")
-            if status != "skipped" and t in progress.began:
-                progress.durations.append(time.time() - progress.began[t])
-            if status == "failed":
-                progress.failed.add(t)
-                emit(progress.line(f"FAILED {progress.labels[t]}: {result.get('error', '')}"))
-            else:
-                progress.done.add(t)
-                word = "already done" if status == "skipped" else f"done in {result.get('trial_seconds', 0):.1f}s"
-                emit(progress.line(f"{word}: {progress.labels[t]}"))
+            event("result", trial, result={k: result.get(k) for k in _RESULT_KEYS})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            t = tid(trial)
-            progress.running.discard(t)
-            progress.failed.add(t)
-            emit(progress.line(f"FAILED {progress.labels[t]}: the worker process died (see sweep status)"))
+            event("error", trial)
 
-    return ProgressCallback()
+    return EventCallback()
 
 
 @dataclass
@@ -573,42 +624,118 @@ def _fifo_sparing_starting_actors():
     return SparingStartingActors() if ray.__version__.startswith(SPARING_TESTED_RAY) else FIFOScheduler()
 
 
+@dataclass
+class PhaseFit:
+    """One phase's Tune run: what it runs (``param_space``: the trials as ``cases``, and what every trial reads), and
+    how. Plain data, so that a launch through a Ray client can run it on the cluster (:func:`_fit_on_cluster`)."""
+
+    param_space: dict[str, Any]
+    name: str  # the Tune experiment's name
+    phase: str
+    storage_path: str
+    max_concurrent: int | None
+    retries: int
+
+    def run(self, sink: Callable[[dict[str, Any]], None], without_runtime_env) -> list[tuple[str, str]]:
+        """Fit, each trial's events to ``sink``, inside ``without_runtime_env``
+        (local_ray.tune_actors_without_runtime_env); returns (trial id, error) for each Tune trial that ended in an
+        error (its worker died more often than ``retries`` allowed)."""
+        from ray import tune
+
+        space = {**self.param_space, "case": tune.grid_search(self.param_space["cases"])}
+        del space["cases"]
+        tuner = tune.Tuner(
+            tune.with_resources(_trainable, trial_resources),
+            param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=self.max_concurrent, reuse_actors=True,
+                                        scheduler=_fifo_sparing_starting_actors(),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=self.name, storage_path=self.storage_path, verbose=0,
+                                      callbacks=[_tune_callback(sink)],
+                                      failure_config=tune.FailureConfig(max_failures=self.retries)),
+        )
+        with without_runtime_env as dropped:
+            sink({"event": "fit", "phase": self.phase, "actor_runtime_env": not dropped, "at": time.time()})
+            grid = tuner.fit()
+        return [(r.config["case"]["spec"]["trial_id"],
+                 f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:500]}") for r in grid if r.error is not None]
+
+
+# the events of a phase run by a _FitOnCluster actor, until the launch takes them (a deque: appended by Tune's loop,
+# taken by another thread; a module-level function appends, as Tune pickles its callbacks)
+_CLUSTER_EVENTS: deque = deque()
+
+
+class _FitOnCluster:
+    """The Ray actor that runs a phase's Tune loop on the cluster for a launch through a Ray client: Tune would run it
+    in an actor of its own there (Tuner does so under a client), which gives the trial actors Tune's runtime_env and
+    so keeps them out of the nodes' preloaded processes, and whose progress stays on the cluster. Its events wait
+    here until the launch takes them (:meth:`events`, called while :meth:`run` runs: max_concurrency=2)."""
+
+    def where(self) -> tuple[str, int]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def run(self, fit: PhaseFit, cluster_preloads: bool) -> list[tuple[str, str]]:
+        return fit.run(_CLUSTER_EVENTS.append,
+                       local_ray.tune_actors_without_runtime_env(cluster_preloads=cluster_preloads))
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        while _CLUSTER_EVENTS:
+            out.append(_CLUSTER_EVENTS.popleft())
+        return out
+
+
+def _fit_on_cluster(fit: PhaseFit, on_event: Callable[[dict[str, Any]], None]) -> list[tuple[str, str]]:
+    """:meth:`PhaseFit.run` in a :class:`_FitOnCluster` actor on the node of the Ray client's server, its events
+    passed to ``on_event`` here as they come. The actor (no runtime_env, as the trials it starts must have none)
+    takes one of that node's processes: counted with the trials' for the refill (disconnect). Ctrl-C, or any error
+    here, kills it, and with it the trial actors it owns."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_concurrency=2,
+                       scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))(_FitOnCluster).remote()
+    try:
+        _TRIAL_PROCESSES.add(ray.get(actor.where.remote()))
+        future = actor.run.remote(fit, local_ray.cluster_preloads())
+        while True:
+            finished, _ = ray.wait([future], timeout=0.25)
+            for event in ray.get(actor.events.remote()):  # after the wait: a finished run's last events are here
+                on_event(event)
+            if finished:
+                return ray.get(future)
+    finally:
+        ray.kill(actor)
+
+
 def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
                warm: dict | None = None, writer: dict | None = None):
-    from ray import tune
-
     specs = [t.to_dict() for t in trials]
-    param_space = {"case": tune.grid_search([{"spec": s} for s in specs]), "store": store.loc.canonical,
-                   "warm": warm, "token": store.token, "writer": writer}
+    fit = PhaseFit(param_space={"cases": [{"spec": s} for s in specs], "store": store.loc.canonical, "warm": warm,
+                                "token": store.token, "writer": writer},
+                   name=f"{time.strftime('%Y%m%d-%H%M%S')}-{name}", phase=name,
+                   storage_path=str((store.work / "_tune").resolve()), max_concurrent=max_concurrent,
+                   retries=retries)
+    events_path = store.work / "_tune" / "events.jsonl"
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    tuner = tune.Tuner(
-        tune.with_resources(_trainable, trial_resources),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
-                                    scheduler=_fifo_sparing_starting_actors(),
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(
-            name=f"{stamp}-{name}", storage_path=str((store.work / "_tune").resolve()), verbose=0,
-            callbacks=[_progress_callback(progress, emit, store.work / "_tune" / "events.jsonl", store)],
-            failure_config=tune.FailureConfig(max_failures=retries),
-        ),
-    )
-    with local_ray.tune_actors_without_runtime_env() as inherited:
-        _record_event(store.work / "_tune" / "events.jsonl", {"event": "fit", "phase": name,
-                                                               "actor_runtime_env": not inherited})
-        grid = tuner.fit()
+    def on_event(event: dict[str, Any]) -> None:
+        _apply_event(progress, emit, events_path, store, event)
+
+    if local_ray.joined_through_client():
+        errors = _fit_on_cluster(fit, on_event)
+    else:
+        errors = fit.run(on_event, local_ray.tune_actors_without_runtime_env())
     # A trial whose worker died more often than ``retries`` allowed has no row: record it as failed.
     from .runner import config_row
 
     by_id = {t.trial_id: t for t in trials}
-    for result in grid:
-        if result.error is None:
-            continue
-        tid = result.config["case"]["spec"]["trial_id"]
+    for tid, error in errors:
         previous = store.committed(tid)
         if previous is None or previous.status != "done":  # this launch's failure replaces an older one
             row = {**config_row(by_id[tid]), "status": "failed", "error_stage": "worker", "error_type": "WorkerDied",
-                   "error": f"{type(result.error).__name__}: {str(result.error).splitlines()[0][:500]}",
-                   "attempt": (previous.attempt if previous is not None else 0) + 1}
+                   "error": error, "attempt": (previous.attempt if previous is not None else 0) + 1}
             store.write_trial(row, [])

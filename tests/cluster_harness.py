@@ -37,7 +37,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from sweeper.local_ray import PRELOAD_LABEL, PRELOAD_MODULE, preloaded_idle_workers  # as cluster.yaml starts nodes
+from sweeper.local_ray import (PRELOAD_LABEL, PRELOAD_MODULE, SPARE_PROCESSES,  # as cluster.yaml starts nodes
+                               preloaded_idle_workers)
 
 PORT_BASE_ENV = "SWEEPER_HARNESS_PORT_BASE"
 HEAD_RESOURCE = "harness_head"
@@ -191,6 +192,9 @@ class TwoNodeCluster:
         self._procs: list[subprocess.Popen] = []
         # variables for one node only (its raylet, hence its Ray workers): e.g. a bucket's credentials on the head
         self.node_env = {"head": dict(head_env or {}), "worker": dict(worker_env or {})}
+        if preload:  # as cluster.yaml: room for a launch's own processes beside the preloaded ones
+            for name, cpus in (("head", head_cpus), ("worker", worker_cpus)):
+                self.node_env[name].setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_PROCESSES))
         # preload: both nodes started as cluster.yaml starts them, with idle workers that preload sweeper
         # (sweeper/node_preload.py) and the label that tells a launch so
         self.preload = preload
@@ -198,6 +202,11 @@ class TwoNodeCluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.base_port}"
+
+    @property
+    def client_address(self) -> str:
+        """The head's Ray client server (``ray://``), as a launch from outside the cluster joins it."""
+        return f"ray://127.0.0.1:{self.base_port + 8}"
 
     def _ports(self, offset: int) -> list[str]:
         b = self.base_port + offset
@@ -234,7 +243,8 @@ class TwoNodeCluster:
                   *([f"--labels={PRELOAD_LABEL}=1"] if self.preload else [])]
         head = [ray, "start", "--head", f"--port={self.base_port}", f"--temp-dir={self.state_dir / 'ray'}",
                 f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--resources={json.dumps({HEAD_RESOURCE: 1000})}",
-                "--include-dashboard=false", f"--dashboard-port={self.base_port + 7}", *self._ports(0),
+                "--include-dashboard=false", f"--dashboard-port={self.base_port + 7}",
+                f"--ray-client-server-port={self.base_port + 8}", *self._ports(0),
                 f"--min-worker-port={self.base_port + 20}", f"--max-worker-port={self.base_port + 59}", *common]
         worker = [ray, "start", f"--address={self.address}", f"--node-ip-address={WORKER_IP}",
                   f"--temp-dir=/tmp/swh-{self.base_port}-worker", f"--num-cpus={self.worker_cpus}",

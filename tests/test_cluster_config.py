@@ -28,7 +28,7 @@ def test_cluster_config_passes_rays_validation(name):
 def test_every_node_starts_with_preloaded_idle_workers_and_says_so(name):
     """Each `ray start` of the config sets Ray's two settings for sweeper.node_preload and the label the launch reads
     (sweeper/local_ray.py): without them a node's trials start in new processes."""
-    from sweeper.local_ray import PRELOAD_LABEL, PRELOAD_MODULE
+    from sweeper.local_ray import PRELOAD_LABEL, PRELOAD_MODULE, SPARE_PROCESSES
 
     config = yaml.safe_load((REPO / name).read_text())
     starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
@@ -37,4 +37,6 @@ def test_every_node_starts_with_preloaded_idle_workers_and_says_so(name):
     for command in starts:
         assert f"RAY_preload_python_modules={PRELOAD_MODULE} " in command, command
         assert "RAY_enable_worker_prestart=1 " in command, command
+        # room for the launch's own processes beside the preloaded ones (local_ray.SPARE_PROCESSES)
+        assert f"RAY_num_workers_soft_limit=$(( $(nproc) + {SPARE_PROCESSES} )) " in command, command
         assert f"--labels={PRELOAD_LABEL}=1" in command, command

@@ -184,6 +184,72 @@ def test_a_launch_stopped_by_ctrl_c_gives_the_nodes_their_preloaded_processes_ba
     c.wait_preloaded(before=began, timeout_s=90)
 
 
+def test_a_launch_through_a_ray_client_runs_its_trials_in_the_preloaded_processes_too(preloading_cluster, real_model,
+                                                                                      tmp_path):
+    """Through a Ray client (``ray://``), Tune runs its loop in an actor on the cluster, which gave the trial actors
+    Tune's runtime_env there: they ran in new processes, none in those the nodes preloaded, and no progress line
+    reached the launch. sweeper runs that loop on the cluster itself (scheduler._fit_on_cluster): the trials run in
+    the preloaded processes, the progress comes back, and the nodes get their processes back as the launch leaves."""
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400).replace(
+        '"int8", "nf4", "fp4"]', '"int8"]').replace('["fp32", "bf16"]', '["fp32"]'))
+    began = c.preloaded_counts()
+    results = c.results_root / "client"
+    started = time.time()
+    out, _ = (p := sweep_popen("launch", str(study), "--address", c.client_address, "--results", str(results),
+                               "--max-concurrent", "2", cwd=study.parent)).communicate(timeout=900)
+    assert p.returncode == 0, out[-4000:]
+    assert "every node preloads trial processes (2 of 2)" in out and "not restarted" not in out, out[-3000:]
+    assert out.count("done in ") == 4, out[-3000:]  # each trial's progress line, from the loop on the cluster
+    rows = read_trials(results).to_dicts()
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}, rows
+    # every trial in a process its node preloaded; on the worker node, the one it preloaded before the launch (the
+    # head's, one CPU here, runs the loop's actor, so its trials take a process preloaded since)
+    assert all(r["ray_worker_preloaded_at"] is not None for r in rows), rows
+    facts = [("worker" if r["ray_node_id"] == c.worker_node_id else "head", r["ray_worker_started_at"] - started,
+              r["ray_worker_preloaded_at"] - started, r["load_started_at"] - started) for r in rows]
+    worker = [f for f in facts if f[0] == "worker"]
+    assert worker and all(preloaded < 0 for _, _, preloaded, _ in worker), facts
+    fits = [json.loads(line) for line in (results / "_tune" / "events.jsonl").read_text().splitlines()
+            if '"fit"' in line]
+    assert fits and not any(f["actor_runtime_env"] for f in fits), fits
+    c.wait_preloaded(before=began, timeout_s=90)  # refilled: one process a node (one CPU each) started again
+
+
+def test_ctrl_c_through_a_ray_client_stops_the_trials_on_the_cluster(preloading_cluster, real_model, tmp_path):
+    """Ctrl-C of a launch through a Ray client: the launch leaves within seconds, and the trial loop it runs on the
+    cluster, with the trial actors it owns, ends with it: no trial goes on to finish, no actor of the launch lives on
+    (the client's server would otherwise keep the job for its reconnect grace period)."""
+    import subprocess
+    import sys
+
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400))
+    results = c.results_root / "client-interrupted"
+    proc = sweep_popen("launch", str(study), "--address", c.client_address, "--results", str(results),
+                       "--max-concurrent", "2", cwd=study.parent)
+
+    def done() -> int:
+        try:
+            return len(read_trials(results).filter(pl.col("status") == "done"))
+        except Exception:  # noqa: BLE001 - no store yet
+            return 0
+
+    assert wait_for(lambda: done() >= 1 or proc.poll() is not None, timeout=600)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    at = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - at < 10, (proc.returncode, out[-3000:])
+    stopped = done()
+    time.sleep(8)  # trials of 2-4 s: running ones would have finished by now
+    assert done() == stopped < 9, (stopped, done())
+    code = ("import ray; from ray._private.state import actors; ray.init(address=%r, logging_level='ERROR'); "
+            "print([a['ActorClassName'] for a in actors().values() if a['State'] != 'DEAD'])" % c.address)
+    alive = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert alive.stdout.strip().splitlines()[-1] == "[]", (alive.stdout, alive.stderr[-2000:])
+
+
 def test_a_code_change_mid_launch_leaves_the_processes_its_trials_took(preloading_cluster, real_model, tmp_path):
     """node_preload ends an idle preloaded process once sweeper's files change; the ones a launch's trials took stay
     until the launch ends, so its trials run on (each once, in the process the node preloaded)."""
