@@ -9,11 +9,12 @@ Ray's raylet can start more (``NodeManagerService.PrestartWorkers``: how many, f
 Ray 2.60's Python API does not expose it, so this calls it over gRPC as `ray memory` calls its raylets, through
 Ray's own channel helper (its TLS and token settings). Processes started for no job serve whichever job comes next.
 A node gets back as many as the launch's trials took there (one per CPU at most); should it still have its own,
-Ray ends the idle ones beyond one per CPU once KEEP_ALIVE_S has passed. Only on the Ray versions this was tested with
-(TESTED_RAY): elsewhere the launch says it left the nodes as they are. After Ctrl-C too, within the seconds the
-launch takes to leave, for the processes that had reported a trial (one still in its first trial is not known).
+Ray ends the idle ones beyond its soft limit (CPUs + local_ray.SPARE_PROCESSES on the configs' nodes) once
+KEEP_ALIVE_S has passed. Only on the Ray versions this was tested with (TESTED_RAY): elsewhere the launch says it
+left the nodes as they are. After Ctrl-C too, within the seconds the launch takes to leave, for the processes that had
+reported a trial (one still in its first trial is not known).
 Through a Ray client (``ray://``), where the raylets' addresses are the cluster's own and seldom reachable from the
-launching machine, a task on the cluster asks them before the launch leaves (scheduler._refill_from_cluster).
+launching machine, a task on the cluster asks them before the launch leaves (scheduler.disconnect).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 
 TESTED_RAY = ("2.60.",)
 # long enough that a refilled process outlives the end of the job that asked for it (Ray trims idle processes beyond
-# one per CPU, and the job's own ones still count until they are ended)
+# its soft limit, and the job's own ones still count until they are ended)
 KEEP_ALIVE_S = 60
 RPC_TIMEOUT_S = 5.0  # for all nodes at once
 

@@ -171,9 +171,12 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     _TRIAL_PROCESSES.clear()
     refill = bool(taken) and local_ray.cluster_preloads()
     client = local_ray.joined_through_client()
+    task_options = local_ray.not_a_trial()  # read before forget()
     local_ray.forget()
     if not ray.is_initialized():
         return True
+
+    t0 = time.perf_counter()
 
     def leave() -> None:
         nodes = []
@@ -184,12 +187,12 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
             except Exception as e:  # noqa: BLE001 - Ray going away: leave the nodes as they are
                 say(f"warning: preloaded trial processes not restarted: the nodes could not be listed: {e}")
         if nodes and client:  # from a process on the cluster, before the client leaves it (node_refill.KEEP_ALIVE_S)
-            _refill_preloading_nodes(nodes, taken, say, on_cluster=True)
+            _refill_preloading_nodes(nodes, taken, say, on_cluster=task_options,
+                                     wait_s=max(0.5, timeout_s - (time.perf_counter() - t0) - 1.0))
         ray.shutdown()  # first: the job, and the processes its trials took, end; the new ones serve no job
         if nodes and not client:
             _refill_preloading_nodes(nodes, taken, say)
 
-    t0 = time.perf_counter()
     worker = threading.Thread(target=leave, name="ray-shutdown", daemon=True)
     worker.start()
     worker.join(timeout_s)
@@ -201,9 +204,10 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
 
 
 def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[str], None],
-                             on_cluster: bool = False) -> None:
+                             on_cluster: dict[str, Any] | None = None, wait_s: float = 10.0) -> None:
     """The preloading nodes start again the preloaded processes this launch took (sweeper/node_refill.py); through a
-    Ray client, asked by a task on the cluster (``on_cluster``: :func:`_refill_from_cluster`)."""
+    Ray client, asked by a task on the cluster (``on_cluster``: its options, local_ray.not_a_trial, so that it takes
+    none of the preloaded processes; waited for ``wait_s`` at most)."""
     from . import node_refill
 
     why = node_refill.unsupported()
@@ -211,31 +215,18 @@ def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[
         emit(f"note: the nodes' preloaded trial processes are not restarted for the next launch: {why}; its trials "
              "preload as they start")
         return
-    if on_cluster:
+    if on_cluster is not None:
         import ray
 
         try:
-            problems = ray.get(ray.remote(num_cpus=0)(_refill_from_cluster).remote(nodes, dict(taken)),
-                               timeout=node_refill.RPC_TIMEOUT_S + 5)
+            ask = ray.remote(num_cpus=0, max_retries=0, **on_cluster)(node_refill.refill)
+            problems = ray.get(ask.remote(nodes, dict(taken)), timeout=min(wait_s, node_refill.RPC_TIMEOUT_S + 5))
         except Exception as e:  # noqa: BLE001 - the task could not run: the nodes stay as they are
             problems = [f"every node: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
     else:
         problems = node_refill.refill(nodes, taken)
     for problem in problems:
         emit(f"warning: preloaded trial processes not restarted on {problem}")
-
-
-def _refill_from_cluster(nodes: list[dict], taken: dict[str, int]) -> list[str]:
-    """node_refill.refill, run by a task on the cluster. Its process (no runtime_env, so that it starts at once: Ctrl-C
-    leaves within seconds) may be one its node preloaded, which then ends with the job too: it counts itself."""
-    import ray
-
-    from . import node_refill
-
-    if _preloaded_at() is not None:
-        node = ray.get_runtime_context().get_node_id()
-        taken = {**taken, node: taken.get(node, 0) + 1}
-    return node_refill.refill(nodes, taken)
 
 
 # (node id, pid) of each Ray process this launch's trials ran in, from their reports: what the nodes start again as
@@ -434,9 +425,9 @@ def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: P
     kind, t = event["event"], event.get("trial_id")
     if kind in ("fit", "scheduled"):  # "scheduled" -> the row's load_started_at is the per-trial overhead
         _record_event(events_path, event)
-    if kind == "scheduled":
+    if kind == "scheduled":  # the progress estimate reads this process's clock (the event's may be a node's)
         progress.running.add(t)
-        progress.began[t] = event["at"]
+        progress.began[t] = time.time()
         emit(progress.line(f"started {progress.labels[t]}"))
     elif kind == "result":
         result = event["result"]
@@ -447,7 +438,7 @@ def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: P
             _TRIAL_PROCESSES.add((result["ray_node_id"], result["ray_pid"]))
         status = result.get("status")
         if status != "skipped" and t in progress.began:
-            progress.durations.append(event["at"] - progress.began[t])
+            progress.durations.append(time.time() - progress.began[t])
         if status == "failed":
             progress.failed.add(t)
             emit(progress.line(f"FAILED {progress.labels[t]}: {result.get('error', '')}"))
@@ -657,12 +648,15 @@ class PhaseFit:
         with without_runtime_env as dropped:
             sink({"event": "fit", "phase": self.phase, "actor_runtime_env": not dropped, "at": time.time()})
             grid = tuner.fit()
-        return [(r.config["case"]["spec"]["trial_id"],
-                 f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:500]}") for r in grid if r.error is not None]
+        # by its folder's name (_trial_name): a trial whose process died before it reported has no config in its
+        # result
+        return [(Path(r.path).name, f"{type(r.error).__name__}: {str(r.error).splitlines()[0][:500]}")
+                for r in grid if r.error is not None]
 
 
 # the events of a phase run by a _FitOnCluster actor, until the launch takes them (a deque: appended by Tune's loop,
-# taken by another thread; a module-level function appends, as Tune pickles its callbacks)
+# taken by another thread; not the actor's own state, which holds a lock: Tune pickles its callbacks, and the sink
+# with them, into its experiment state, while calling the live ones)
 _CLUSTER_EVENTS: deque = deque()
 
 
@@ -701,13 +695,19 @@ def _fit_on_cluster(fit: PhaseFit, on_event: Callable[[dict[str, Any]], None]) -
                        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))(_FitOnCluster).remote()
     try:
         _TRIAL_PROCESSES.add(ray.get(actor.where.remote()))
-        future = actor.run.remote(fit, local_ray.cluster_preloads())
+        future = actor.run.remote(fit, local_ray.cluster_preloads() and not local_ray.as_is())
         while True:
             finished, _ = ray.wait([future], timeout=0.25)
             for event in ray.get(actor.events.remote()):  # after the wait: a finished run's last events are here
                 on_event(event)
             if finished:
                 return ray.get(future)
+    except KeyboardInterrupt:  # the processes of trials that reported meanwhile, for the refill; nothing else
+        with contextlib.suppress(Exception):
+            for event in ray.get(actor.events.remote(), timeout=1.0):
+                if event["event"] == "result" and event["result"].get("ray_node_id"):
+                    _TRIAL_PROCESSES.add((event["result"]["ray_node_id"], event["result"]["ray_pid"]))
+        raise
     finally:
         ray.kill(actor)
 

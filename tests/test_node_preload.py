@@ -218,8 +218,8 @@ def test_a_launch_through_a_ray_client_runs_its_trials_in_the_preloaded_processe
 
 def test_ctrl_c_through_a_ray_client_stops_the_trials_on_the_cluster(preloading_cluster, real_model, tmp_path):
     """Ctrl-C of a launch through a Ray client: the launch leaves within seconds, and the trial loop it runs on the
-    cluster, with the trial actors it owns, ends with it: no trial goes on to finish, no actor of the launch lives on
-    (the client's server would otherwise keep the job for its reconnect grace period)."""
+    cluster, with the trial actors it owns, ends with it: no trial goes on to finish, no actor of the launch lives
+    on."""
     import subprocess
     import sys
 
