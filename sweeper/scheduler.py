@@ -415,10 +415,10 @@ def _record_event(events_path: Path, event: dict) -> None:
     """One line of the launch's driver-side timeline (_tune/events.jsonl): a phase's Tune start, a trial's start."""
     events_path.parent.mkdir(parents=True, exist_ok=True)
     with open(events_path, "a") as fh:
-        fh.write(json.dumps({**event, "at": event.get("at", time.time())}) + "\n")
+        fh.write(json.dumps(event) + "\n")  # every event carries its own time, "at"
 
 
-def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: Path, store: ResultsStore | None,
+def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: Path, store: ResultsStore,
                  event: dict[str, Any]) -> None:
     """One event of a phase's Tune run (:func:`_tune_callback`), in the launch's process: the progress line, the
     driver-side timeline (_tune/events.jsonl: a phase's start, each trial's start) and the trial processes."""
@@ -431,11 +431,9 @@ def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: P
         emit(progress.line(f"started {progress.labels[t]}"))
     elif kind == "result":
         result = event["result"]
-        if store is not None:
-            store.compact()  # every COMPACT_TAIL trials: later reads open a few files, not one per trial
+        store.compact()  # every COMPACT_TAIL trials: later reads open a few files, not one per trial
         progress.running.discard(t)
-        if result.get("ray_node_id"):
-            _TRIAL_PROCESSES.add((result["ray_node_id"], result["ray_pid"]))
+        _note_trial_process(event)
         status = result.get("status")
         if status != "skipped" and t in progress.began:
             progress.durations.append(time.time() - progress.began[t])
@@ -450,6 +448,13 @@ def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: P
         progress.running.discard(t)
         progress.failed.add(t)
         emit(progress.line(f"FAILED {progress.labels[t]}: the worker process died (see sweep status)"))
+
+
+def _note_trial_process(event: dict[str, Any]) -> None:
+    """The Ray process a trial's report came from, for the refill (_TRIAL_PROCESSES)."""
+    result = event.get("result") or {}
+    if event["event"] == "result" and result.get("ray_node_id"):
+        _TRIAL_PROCESSES.add((result["ray_node_id"], result["ray_pid"]))
 
 
 _RESULT_KEYS = ("status", "error", "ray_node_id", "ray_pid", "trial_seconds")
@@ -705,8 +710,7 @@ def _fit_on_cluster(fit: PhaseFit, on_event: Callable[[dict[str, Any]], None]) -
     except KeyboardInterrupt:  # the processes of trials that reported meanwhile, for the refill; nothing else
         with contextlib.suppress(Exception):
             for event in ray.get(actor.events.remote(), timeout=1.0):
-                if event["event"] == "result" and event["result"].get("ray_node_id"):
-                    _TRIAL_PROCESSES.add((event["result"]["ray_node_id"], event["result"]["ray_pid"]))
+                _note_trial_process(event)
         raise
     finally:
         ray.kill(actor)
