@@ -14,8 +14,9 @@
 #          (SWEEPER_PRIVATE_PRELOAD=1, benchmarks/logs/private_preload.patch: "ray") against the socket pool ("pool"),
 #          alternated
 #   run38: the current code's pool against the naive loop (issue 22's check), and run37's "ray" between its launches
+#   run39: the current code's pool three times against the naive loop, on an H100 (issue 22's check on its own host)
 set -uo pipefail
-tag=${1:?run35|run36|run37|run38}; mode=${2:?naive|sweeps|sweeps-only}; out=${3:?OUT}
+tag=${1:?run35|run36|run37|run38|run39}; mode=${2:?naive|sweeps|sweeps-only}; out=${3:?OUT}
 export PYTHONUNBUFFERED=1
 ttt=(python3 benchmarks/time_to_table.py --model .gpu/h100/llama-4m --data .gpu/h100/data --work /tmp/ttt)
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; git rev-parse HEAD 2>/dev/null
@@ -28,6 +29,7 @@ fi
 case $tag:$mode in
   run37:*) runs=("pool:" "ray:RAY" "pool2:" "ray2:RAY" "pool3:" "ray3:RAY") ;;
   run38:*) runs=("pool:" "ray:RAY" "pool2:" "ray2:RAY") ;;
+  run39:*) runs=("pool:" "pool2:" "pool3:") ;;
   run35:*) runs=("preload:--ray-head --gpu-node --node-preload" "cold:--ray-head --gpu-node" "pool:"
                "preload2:--ray-head --gpu-node --node-preload") ;;
   *) runs=("preload:--ray-head --gpu-node --node-preload --launches 2" "pool:" "cold:--ray-head --gpu-node") ;;
