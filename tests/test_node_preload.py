@@ -181,7 +181,10 @@ def test_a_launch_stopped_by_ctrl_c_gives_the_nodes_their_preloaded_processes_ba
     assert len(read_trials(results).filter(pl.col("status") == "done")) < 9, "every trial had finished"
     assert "not restarted" not in out, out[-3000:]
     # one process a node (one CPU each) started again and preloaded; without the refill none is (the wait times out)
-    c.wait_preloaded(before=began, timeout_s=90)
+    try:
+        c.wait_preloaded(before=began, timeout_s=90)
+    except RuntimeError as e:  # with the launch's last lines: whether Ray stopped in time to ask for the refill
+        raise AssertionError(f"{e}; the launch said:\n{out[-2000:]}") from e
 
 
 def test_a_launch_through_a_ray_client_runs_its_trials_in_the_preloaded_processes_too(preloading_cluster, real_model,
