@@ -160,16 +160,14 @@ def _gpu_memory_bytes() -> float:
 def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = None) -> bool:
     """Stop (or leave) Ray; False if it did not stop. Results are already on disk, so a shutdown that hangs is
     reported and given up on after ``timeout_s`` rather than holding the command open. Within the same time, the
-    preloading nodes of a joined cluster start again the processes this launch's trials took (sweeper/node_refill.py;
-    after Ctrl-C, those that had reported a trial)."""
+    preloading nodes of a joined cluster start again the processes this launch's actors took (sweeper/node_refill.py;
+    after Ctrl-C too)."""
     import threading
 
     import ray
 
     say = emit or (lambda m: None)
-    taken = Counter(node for node, _ in _TRIAL_PROCESSES)
-    _TRIAL_PROCESSES.clear()
-    refill = bool(taken) and local_ray.cluster_preloads()
+    refill = local_ray.cluster_preloads()
     client = local_ray.joined_through_client()
     task_options = local_ray.not_a_trial()  # read before forget()
     local_ray.forget()
@@ -179,17 +177,11 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     t0 = time.perf_counter()
 
     def leave() -> None:
-        nodes = []
-        if refill:
-            try:
-                nodes = [n for n in ray.nodes()
-                         if n.get("Alive") and n.get("NodeID") in taken and local_ray.preloads(n)]
-            except Exception as e:  # noqa: BLE001 - Ray going away: leave the nodes as they are
-                say(f"warning: preloaded trial processes not restarted: the nodes could not be listed: {e}")
-        if nodes and client:  # from a process on the cluster, before the client leaves it (node_refill.KEEP_ALIVE_S)
+        nodes, taken = _nodes_to_refill(say, client) if refill else ([], None)
+        if nodes and client:  # from a task of this job on the cluster, before the client leaves it
             _refill_preloading_nodes(nodes, taken, say, on_cluster=task_options,
                                      wait_s=max(0.5, timeout_s - (time.perf_counter() - t0) - 1.0))
-        ray.shutdown()  # first: the job, and the processes its trials took, end; the new ones serve no job
+        ray.shutdown()  # first: the job, and the processes its actors took, end; the new ones serve no job
         if nodes and not client:
             _refill_preloading_nodes(nodes, taken, say)
 
@@ -203,24 +195,42 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
     return not worker.is_alive()
 
 
-def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[str], None],
-                             on_cluster: dict[str, Any] | None = None, wait_s: float = 10.0) -> None:
-    """The preloading nodes start again the preloaded processes this launch took (sweeper/node_refill.py); through a
-    Ray client, asked by a task on the cluster (``on_cluster``: its options, local_ray.not_a_trial, so that it takes
-    none of the preloaded processes; waited for ``wait_s`` at most)."""
+def _nodes_to_refill(emit: Callable[[str], None], client: bool) -> tuple[list[dict], Counter | None]:
+    """The live preloading nodes this launch's actors took processes from, and how many on each
+    (node_refill.processes_taken, read while this process is still connected); through a Ray client, every live
+    preloading node, and None: the task on the cluster reads them. ([], None) where this Ray cannot refill (said)."""
+    import ray
+
     from . import node_refill
 
     why = node_refill.unsupported()
     if why:
         emit(f"note: the nodes' preloaded trial processes are not restarted for the next launch: {why}; its trials "
              "preload as they start")
-        return
+        return [], None
+    try:
+        taken = None if client else node_refill.processes_taken()
+        nodes = [n for n in ray.nodes() if n.get("Alive") and local_ray.preloads(n)
+                 and (taken is None or n.get("NodeID") in taken)]
+    except Exception as e:  # noqa: BLE001 - Ray going away: leave the nodes as they are
+        emit(f"warning: preloaded trial processes not restarted: the nodes could not be listed: {e}")
+        return [], None
+    return nodes, taken
+
+
+def _refill_preloading_nodes(nodes: list[dict], taken: Counter | None, emit: Callable[[str], None],
+                             on_cluster: dict[str, Any] | None = None, wait_s: float = 10.0) -> None:
+    """The preloading nodes start again the preloaded processes this launch took (sweeper/node_refill.py); through a
+    Ray client, asked by a task of this job on the cluster, which counts them there (``on_cluster``: its options,
+    local_ray.not_a_trial, so that it takes none of the preloaded processes; waited for ``wait_s`` at most)."""
+    from . import node_refill
+
     if on_cluster is not None:
         import ray
 
         try:
-            ask = ray.remote(num_cpus=0, max_retries=0, **on_cluster)(node_refill.refill)
-            problems = ray.get(ask.remote(nodes, dict(taken)), timeout=min(wait_s, node_refill.RPC_TIMEOUT_S + 5))
+            ask = ray.remote(num_cpus=0, max_retries=0, **on_cluster)(node_refill.refill_what_this_job_took)
+            problems = ray.get(ask.remote(nodes), timeout=min(wait_s, node_refill.RPC_TIMEOUT_S + 5))
         except Exception as e:  # noqa: BLE001 - the task could not run: the nodes stay as they are
             problems = [f"every node: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
     else:
@@ -229,21 +239,11 @@ def _refill_preloading_nodes(nodes: list[dict], taken: Counter, emit: Callable[[
         emit(f"warning: preloaded trial processes not restarted on {problem}")
 
 
-# (node id, pid) of each Ray process this launch's trials ran in, from their reports: what the nodes start again as
-# the launch leaves (disconnect)
-_TRIAL_PROCESSES: set[tuple[str, int]] = set()
-
-
-def _where(node: str) -> dict[str, Any]:
-    """What a trial's report says of the process it ran in (for _TRIAL_PROCESSES)."""
-    return {"ray_node_id": node, "ray_pid": os.getpid()}
-
-
-def _report(node: str, outcome: dict[str, Any]) -> None:
-    """A trial's one report to Tune (the driver's progress callback reads it): how it ended, and where it ran."""
+def _report(outcome: dict[str, Any]) -> None:
+    """A trial's one report to Tune (the driver's progress callback reads it): how it ended."""
     from ray import tune
 
-    tune.report({**_where(node), "status": outcome["status"], "error": outcome["error"],
+    tune.report({"status": outcome["status"], "error": outcome["error"],
                  "error_type": outcome["error_type"], "trial_seconds": outcome["duration_s"]})
 
 
@@ -318,7 +318,7 @@ def _trainable(config: dict) -> None:
     with claim:
         previous = store.committed(spec.trial_id)
         if previous is not None and previous.status == "done":
-            tune.report({"status": "skipped", **_where(node)})
+            tune.report({"status": "skipped"})
             return
         attempt = (previous.attempt if previous is not None else 0) + 1
         extra = {"ray_node_id": node, "trainable_started_at": entered, **_process_facts()}
@@ -335,7 +335,7 @@ def _trainable(config: dict) -> None:
 
             outcome = run_request({"spec": spec.to_dict(), "store": str(store.root), "attempt": attempt,
                                    "extra": {**extra, "warm_worker": False}, "token": store.token})
-    _report(node, outcome)
+    _report(outcome)
 
 
 WRITER_NAMESPACE = "sweeper"
@@ -356,7 +356,7 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
     try:
         previous = ray.get(actor.claim.remote(spec.trial_id))
         if previous is not None and previous[0] == "done":
-            tune.report({"status": "skipped", **_where(node)})
+            tune.report({"status": "skipped"})
             return
         attempt = (previous[1] if previous is not None else 0) + 1
         extra = {"ray_node_id": node, "trainable_started_at": entered, **_process_facts(), "warm_worker": False}
@@ -365,7 +365,7 @@ def _remote_trainable(config: dict, spec: TrialSpec, writer: dict, node: str, en
                               store=RemoteStore(actor, config["store"], config.get("token")))
     finally:
         ray.get(actor.release.remote(spec.trial_id))
-    _report(node, outcome)
+    _report(outcome)
 
 
 def _minutes(seconds: float) -> str:
@@ -433,7 +433,6 @@ def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: P
         result = event["result"]
         store.compact()  # every COMPACT_TAIL trials: later reads open a few files, not one per trial
         progress.running.discard(t)
-        _note_trial_process(event)
         status = result.get("status")
         if status != "skipped" and t in progress.began:
             progress.durations.append(time.time() - progress.began[t])
@@ -450,14 +449,7 @@ def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: P
         emit(progress.line(f"FAILED {progress.labels[t]}: the worker process died (see sweep status)"))
 
 
-def _note_trial_process(event: dict[str, Any]) -> None:
-    """The Ray process a trial's report came from, for the refill (_TRIAL_PROCESSES)."""
-    result = event.get("result") or {}
-    if event["event"] == "result" and result.get("ray_node_id"):
-        _TRIAL_PROCESSES.add((result["ray_node_id"], result["ray_pid"]))
-
-
-_RESULT_KEYS = ("status", "error", "ray_node_id", "ray_pid", "trial_seconds")
+_RESULT_KEYS = ("status", "error", "trial_seconds")
 
 
 def _tune_callback(sink: Callable[[dict[str, Any]], None]):
@@ -671,11 +663,6 @@ class _FitOnCluster:
     so keeps them out of the nodes' preloaded processes, and whose progress stays on the cluster. Its events wait
     here until the launch takes them (:meth:`events`, called while :meth:`run` runs: max_concurrency=2)."""
 
-    def where(self) -> tuple[str, int]:
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), os.getpid()
-
     def run(self, fit: PhaseFit, cluster_preloads: bool) -> list[tuple[str, str]]:
         return fit.run(_CLUSTER_EVENTS.append,
                        local_ray.tune_actors_without_runtime_env(cluster_preloads=cluster_preloads))
@@ -690,8 +677,8 @@ class _FitOnCluster:
 def _fit_on_cluster(fit: PhaseFit, on_event: Callable[[dict[str, Any]], None]) -> list[tuple[str, str]]:
     """:meth:`PhaseFit.run` in a :class:`_FitOnCluster` actor on the node of the Ray client's server, its events
     passed to ``on_event`` here as they come. The actor (no runtime_env, as the trials it starts must have none)
-    takes one of that node's processes: counted with the trials' for the refill (disconnect). Ctrl-C, or any error
-    here, kills it, and with it the trial actors it owns."""
+    takes one of that node's processes: counted with the trials' for the refill (node_refill.processes_taken).
+    Ctrl-C, or any error here, kills it, and with it the trial actors it owns."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -699,7 +686,6 @@ def _fit_on_cluster(fit: PhaseFit, on_event: Callable[[dict[str, Any]], None]) -
     actor = ray.remote(num_cpus=0, max_concurrency=2,
                        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))(_FitOnCluster).remote()
     try:
-        _TRIAL_PROCESSES.add(ray.get(actor.where.remote()))
         future = actor.run.remote(fit, local_ray.cluster_preloads() and not local_ray.as_is())
         while True:
             finished, _ = ray.wait([future], timeout=0.25)
@@ -707,11 +693,6 @@ def _fit_on_cluster(fit: PhaseFit, on_event: Callable[[dict[str, Any]], None]) -
                 on_event(event)
             if finished:
                 return ray.get(future)
-    except KeyboardInterrupt:  # the processes of trials that reported meanwhile, for the refill; nothing else
-        with contextlib.suppress(Exception):
-            for event in ray.get(actor.events.remote(), timeout=1.0):
-                _note_trial_process(event)
-        raise
     finally:
         ray.kill(actor)
 

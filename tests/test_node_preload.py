@@ -187,6 +187,43 @@ def test_a_launch_stopped_by_ctrl_c_gives_the_nodes_their_preloaded_processes_ba
         raise AssertionError(f"{e}; the launch said:\n{out[-2000:]}") from e
 
 
+def test_a_launch_stopped_by_ctrl_c_before_any_trial_reported_gives_the_nodes_their_processes_back(
+        preloading_cluster, real_model, tmp_path):
+    """The common Ctrl-C, in the sweep's first trials: none has reported, yet each node's preloaded process went to
+    one of them and ends with the launch's job. The launch reads which processes its actors took from Ray's actor
+    table (node_refill.processes_taken), so both nodes are asked to start theirs again; counted from the trials'
+    reports, as before, neither was."""
+    c = preloading_cluster
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=4000))
+    began = c.preloaded_counts()
+    results = c.results_root / "early"
+    proc = _launch(c, study, results)
+
+    def started() -> int:
+        try:
+            return len(_scheduled(results))
+        except OSError:
+            return 0
+
+    assert wait_for(lambda: started() >= 2 or proc.poll() is not None, timeout=600)
+    time.sleep(2.0)  # both trials in their processes, loading or decoding 4000 tokens
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    try:
+        rows_before = read_trials(results).height
+    except Exception:  # noqa: BLE001 - no trial committed yet
+        rows_before = 0
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, out[-3000:])
+    assert rows_before == 0 and "done in " not in out, ("a trial had reported: not the case this test is about",
+                                                        out[-3000:])
+    assert "not restarted" not in out, out[-3000:]
+    try:
+        c.wait_preloaded(before=began, timeout_s=90)
+    except RuntimeError as e:
+        raise AssertionError(f"{e}; the launch said:\n{out[-2000:]}") from e
+
+
 def test_a_launch_through_a_ray_client_runs_its_trials_in_the_preloaded_processes_too(preloading_cluster, real_model,
                                                                                       tmp_path):
     """Through a Ray client (``ray://``), Tune runs its loop in an actor on the cluster, which gave the trial actors
@@ -309,6 +346,36 @@ def test_a_node_that_cannot_be_asked_to_refill_is_named_not_raised():
     problems = node_refill.refill(nodes, {"ab12cd34ef": 1, "no-cpus": 1})
     assert len(problems) == 1 and problems[0].startswith("node 127.0.0.1 (ab12cd34)"), problems
     assert time.monotonic() - t0 < node_refill.RPC_TIMEOUT_S + 5
+
+
+def test_what_the_refill_counts_is_read_from_rays_actor_table_ended_actors_included():
+    """The processes a launch took: one per actor of its job that ran without a runtime_env (Tune's trial actors),
+    by node, ended ones included (a Ctrl-C's trials); not the launch's own actors (a runtime_env: they take no
+    preloaded process), nor an actor never placed (no process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, ray
+        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        from sweeper import node_refill
+
+        @ray.remote(num_cpus=0)
+        class A:
+            def pid(self):
+                return os.getpid()
+
+        trials = [A.remote() for _ in range(2)]
+        own = A.options(runtime_env={"env_vars": {"SWEEPER_NOT_A_TRIAL": "1"}})  # as local_ray.not_a_trial's
+        ray.get([a.pid.remote() for a in [*trials, own.remote()]])
+        ray.kill(trials[0])
+        never = A.options(num_cpus=64).remote()  # no node has 64 CPUs
+        here = ray.get_runtime_context().get_node_id()
+        print(node_refill.unsupported(), dict(node_refill.processes_taken()) == {here: 2})
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip().splitlines()[-1:] == ["None True"], (run.stdout, run.stderr[-3000:])
 
 
 @pytest.mark.parametrize("taken", [False, True])
