@@ -155,72 +155,52 @@ def test_the_next_launch_finds_every_node_preloaded_again(preloading_cluster, re
         assert r["ray_worker_preloaded_at"] is not None and r["ray_worker_preloaded_at"] < started, (r, started)
 
 
-def test_a_launch_stopped_by_ctrl_c_gives_the_nodes_their_preloaded_processes_back(preloading_cluster, real_model,
-                                                                                  tmp_path):
+@pytest.mark.parametrize("reported", [True, False], ids=["after-each-node-reported", "before-any-trial-reported"])
+def test_a_launch_stopped_by_ctrl_c_gives_the_nodes_their_preloaded_processes_back(reported, preloading_cluster,
+                                                                                  real_model, tmp_path):
     """Ctrl-C ends the launch's job, and with it the preloaded processes its trials took; within the seconds the
-    launch takes to leave, each node is asked to start them again, so the resuming launch finds them."""
+    launch takes to leave, each node is asked to start them again, so the resuming launch finds them. Also for the
+    common Ctrl-C, in the sweep's first trials, before any has reported: the launch reads which processes its actors
+    took from Ray's actor table (node_refill.processes_taken); counted from the trials' reports, as before 058e5d1,
+    neither node was refilled."""
     c = preloading_cluster
-    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=400))
+    tokens = 400 if reported else 4000
+    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=tokens))
     began = c.preloaded_counts()
     results = c.results_root / "interrupted"
     proc = _launch(c, study, results)
 
-    def nodes_with_rows() -> set:
+    def rows() -> list[dict]:
         try:
-            return {r["ray_node_id"] for r in read_trials(results).to_dicts()}
+            return read_trials(results).to_dicts()
         except Exception:  # noqa: BLE001 - no store yet
-            return set()
+            return []
 
-    # a trial reported from each node (the processes the refill counts), and the launch still running
-    assert wait_for(lambda: len(nodes_with_rows()) == 2 or proc.poll() is not None, timeout=600)
+    def started() -> int:
+        try:
+            return len(_scheduled(results))
+        except OSError:  # no events yet
+            return 0
+
+    if reported:  # a trial reported from each node, and the launch still running
+        assert wait_for(lambda: len({r["ray_node_id"] for r in rows()}) == 2 or proc.poll() is not None, timeout=600)
+    else:  # a trial started on each node; at 4000 tokens, none reports for a while
+        assert wait_for(lambda: started() >= 2 or proc.poll() is not None, timeout=600)
+        time.sleep(2.0)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    reported_before = len(rows())
     at = time.time()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and time.time() - at < 10, (proc.returncode, out[-3000:])
-    assert len(read_trials(results).filter(pl.col("status") == "done")) < 9, "every trial had finished"
+    assert sum(r["status"] == "done" for r in rows()) < 9, "every trial had finished"
+    if not reported:
+        assert reported_before == 0 and "done in " not in out, ("a trial had reported", out[-3000:])
     assert "not restarted" not in out, out[-3000:]
     # one process a node (one CPU each) started again and preloaded; without the refill none is (the wait times out)
     try:
         c.wait_preloaded(before=began, timeout_s=90)
     except RuntimeError as e:  # with the launch's last lines: whether Ray stopped in time to ask for the refill
-        raise AssertionError(f"{e}; the launch said:\n{out[-2000:]}") from e
-
-
-def test_a_launch_stopped_by_ctrl_c_before_any_trial_reported_gives_the_nodes_their_processes_back(
-        preloading_cluster, real_model, tmp_path):
-    """The common Ctrl-C, in the sweep's first trials: none has reported, yet each node's preloaded process went to
-    one of them and ends with the launch's job. The launch reads which processes its actors took from Ray's actor
-    table (node_refill.processes_taken), so both nodes are asked to start theirs again; counted from the trials'
-    reports, as before, neither was."""
-    c = preloading_cluster
-    study = write_study(tmp_path / "study.py", STUDY.format(model=str(real_model), new_tokens=4000))
-    began = c.preloaded_counts()
-    results = c.results_root / "early"
-    proc = _launch(c, study, results)
-
-    def started() -> int:
-        try:
-            return len(_scheduled(results))
-        except OSError:
-            return 0
-
-    assert wait_for(lambda: started() >= 2 or proc.poll() is not None, timeout=600)
-    time.sleep(2.0)  # both trials in their processes, loading or decoding 4000 tokens
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    try:
-        rows_before = read_trials(results).height
-    except Exception:  # noqa: BLE001 - no trial committed yet
-        rows_before = 0
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (proc.returncode, out[-3000:])
-    assert rows_before == 0 and "done in " not in out, ("a trial had reported: not the case this test is about",
-                                                        out[-3000:])
-    assert "not restarted" not in out, out[-3000:]
-    try:
-        c.wait_preloaded(before=began, timeout_s=90)
-    except RuntimeError as e:
         raise AssertionError(f"{e}; the launch said:\n{out[-2000:]}") from e
 
 
