@@ -166,8 +166,10 @@ def disconnect(timeout_s: float = 60.0, emit: Callable[[str], None] | None = Non
 
     import ray
 
+    global _trials_started
     say = emit or (lambda m: None)
-    refill = local_ray.cluster_preloads()
+    refill = _trials_started and local_ray.cluster_preloads()  # a launch that ran no trial took no process
+    _trials_started = False
     client = local_ray.joined_through_client()
     task_options = local_ray.not_a_trial()  # read before forget()
     local_ray.forget()
@@ -213,7 +215,7 @@ def _nodes_to_refill(emit: Callable[[str], None], client: bool) -> tuple[list[di
         nodes = [n for n in ray.nodes() if n.get("Alive") and local_ray.preloads(n)
                  and (taken is None or n.get("NodeID") in taken)]
     except Exception as e:  # noqa: BLE001 - Ray going away: leave the nodes as they are
-        emit(f"warning: preloaded trial processes not restarted: the nodes could not be listed: {e}")
+        emit(f"warning: preloaded trial processes not restarted: the nodes could not be read: {e}")
         return [], None
     return nodes, taken
 
@@ -421,7 +423,7 @@ def _record_event(events_path: Path, event: dict) -> None:
 def _apply_event(progress: Progress, emit: Callable[[str], None], events_path: Path, store: ResultsStore,
                  event: dict[str, Any]) -> None:
     """One event of a phase's Tune run (:func:`_tune_callback`), in the launch's process: the progress line, the
-    driver-side timeline (_tune/events.jsonl: a phase's start, each trial's start) and the trial processes."""
+    driver-side timeline (_tune/events.jsonl: a phase's start, each trial's start)."""
     kind, t = event["event"], event.get("trial_id")
     if kind in ("fit", "scheduled"):  # "scheduled" -> the row's load_started_at is the per-trial overhead
         _record_event(events_path, event)
@@ -697,8 +699,13 @@ def _fit_on_cluster(fit: PhaseFit, on_event: Callable[[dict[str, Any]], None]) -
         ray.kill(actor)
 
 
+# a phase's Tune run began since Ray was joined: disconnect then refills the nodes
+_trials_started = False
+
+
 def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress, emit, max_concurrent, retries, name,
                warm: dict | None = None, writer: dict | None = None):
+    global _trials_started
     specs = [t.to_dict() for t in trials]
     fit = PhaseFit(param_space={"cases": [{"spec": s} for s in specs], "store": store.loc.canonical, "warm": warm,
                                 "token": store.token, "writer": writer},
@@ -710,6 +717,7 @@ def _run_phase(trials: list[TrialSpec], store: ResultsStore, progress: Progress,
     def on_event(event: dict[str, Any]) -> None:
         _apply_event(progress, emit, events_path, store, event)
 
+    _trials_started = True
     if local_ray.joined_through_client():
         errors = _fit_on_cluster(fit, on_event)
     else:

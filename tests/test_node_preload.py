@@ -337,7 +337,7 @@ def test_what_the_refill_counts_is_read_from_rays_actor_table_ended_actors_inclu
     import textwrap
 
     code = textwrap.dedent("""
-        import os, ray
+        import os, time, ray
         ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         from sweeper import node_refill
 
@@ -351,11 +351,20 @@ def test_what_the_refill_counts_is_read_from_rays_actor_table_ended_actors_inclu
         ray.get([a.pid.remote() for a in [*trials, own.remote()]])
         ray.kill(trials[0])
         never = A.options(num_cpus=64).remote()  # no node has 64 CPUs
+
+        def state(actor):
+            return ray._private.state.actors(actor._actor_id.hex()).get("State")
+
+        deadline = time.monotonic() + 60
+        while (state(trials[0]), state(never)) != ("DEAD", "PENDING_CREATION") and time.monotonic() < deadline:
+            time.sleep(0.1)
         here = ray.get_runtime_context().get_node_id()
-        print(node_refill.unsupported(), dict(node_refill.processes_taken()) == {here: 2})
+        print(state(trials[0]), state(never), node_refill.unsupported(),
+              dict(node_refill.processes_taken()) == {here: 2})
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.stdout.strip().splitlines()[-1:] == ["None True"], (run.stdout, run.stderr[-3000:])
+    assert run.stdout.strip().splitlines()[-1:] == ["DEAD PENDING_CREATION None True"], (run.stdout,
+                                                                                       run.stderr[-3000:])
 
 
 @pytest.mark.parametrize("taken", [False, True])
